@@ -1,0 +1,16 @@
+"""megatron-trt-ext: export live Megatron-Core models to TensorRT-LLM and Hugging Face checkpoints.
+
+Public API::
+
+    from megatron_trt_ext import ExportConfig, Exporter, attach
+"""
+
+from .config import ExportConfig
+from .errors import ConfigError, ExportError, MegatronTrtExtError, UnsupportedModelError
+from .exporter import Exporter, ExportResult, __version__
+from .hook import ExportHandle, attach
+
+__all__ = [
+    "ExportConfig", "Exporter", "ExportResult", "ExportHandle", "attach",
+    "ConfigError", "ExportError", "MegatronTrtExtError", "UnsupportedModelError", "__version__",
+]

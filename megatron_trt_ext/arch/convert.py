@@ -1,0 +1,63 @@
+"""The family-agnostic engine: a stream of Megatron (name, tensor) -> a stream of HF (name, tensor).
+
+Nothing here branches on a family; the family's table says everything.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from ..errors import ExportError
+from .spec import ArchSpec, Context
+
+
+def canonical_name(spec: ArchSpec, name: str) -> str:
+    """Map alternative Megatron spellings (local-spec norms) to the table's canonical ones."""
+    for canonical, alternatives in spec.aliases.items():
+        for alt in alternatives:
+            if name.endswith("." + alt):
+                return name[: -len(alt)] + canonical
+    return name
+
+
+def find_transform(spec: ArchSpec, name: str):
+    for transform in spec.mappings:
+        groups = transform.matches(name)
+        if groups is not None:
+            return transform, groups
+    return None, None
+
+
+def expected_sources(spec: ArchSpec, info) -> list:
+    """Every Megatron name the model must provide for this family."""
+    names = []
+    for transform in spec.mappings:
+        if not transform.is_required(info):
+            continue
+        if "{L}" in transform.src:
+            names.extend(transform.src.replace("{L}", str(i)) for i in range(info.num_layers))
+        else:
+            names.append(transform.src)
+    return names
+
+
+def check_sources(spec: ArchSpec, info, names: Iterable[str]) -> None:
+    """Fail before any work if a source tensor is unmapped or a required one is missing."""
+    names = [canonical_name(spec, n) for n in names]
+    unmapped = [n for n in names if find_transform(spec, n)[0] is None]
+    missing = sorted(set(expected_sources(spec, info)) - set(names))
+    if unmapped or missing:
+        raise ExportError(
+            f"family {spec.name!r}: the model's tensors do not match the family table. "
+            f"Unmapped tensors: {unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}; "
+            f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}. "
+            "This model variant is not supported; pass family= explicitly or report the layout.")
+
+
+def megatron_to_hf(spec: ArchSpec, ctx: Context, stream: Iterable) -> Iterator[tuple]:
+    """Convert a stream of full Megatron tensors to HF-named tensors, one source at a time."""
+    for name, tensor in stream:
+        transform, groups = find_transform(spec, canonical_name(spec, name))
+        if transform is None:
+            raise ExportError(f"family {spec.name!r}: no mapping for Megatron tensor {name!r}")
+        yield from transform.apply(tensor, groups, ctx)

@@ -1,0 +1,107 @@
+"""GPT family: LayerNorm with bias, learned absolute positions, GeLU MLP, biases everywhere.
+
+HF class: ``GPT2LMHeadModel``. It is the transformers class with exactly these semantics
+(pre-LN blocks, learned positions, one fused QKV, 4 biased linears, exact or tanh GeLU through
+``activation_function``); it stores linears as Conv1D, i.e. transposed ([in, out]), which the
+table below handles with ``transpose=True``. It has no GQA, hence ``attention_kind: mha``.
+"""
+
+from .spec import ArchSpec, Drop, FusedQKV, Rename, Vocab
+
+P = "decoder.layers.{L}"
+H = "transformer.h.{L}"
+
+MAPPINGS = (
+    Vocab("embedding.word_embeddings.weight", dst="transformer.wte.weight"),
+    Rename("embedding.position_embeddings.weight", dst="transformer.wpe.weight"),
+    Rename(f"{P}.self_attention.linear_qkv.layer_norm_weight", dst=f"{H}.ln_1.weight"),
+    Rename(f"{P}.self_attention.linear_qkv.layer_norm_bias", dst=f"{H}.ln_1.bias"),
+    FusedQKV(f"{P}.self_attention.linear_qkv.weight", dst=f"{H}.attn.c_attn.weight", transpose=True),
+    FusedQKV(f"{P}.self_attention.linear_qkv.bias", dst=f"{H}.attn.c_attn.bias"),
+    Rename(f"{P}.self_attention.linear_proj.weight", dst=f"{H}.attn.c_proj.weight", transpose=True),
+    Rename(f"{P}.self_attention.linear_proj.bias", dst=f"{H}.attn.c_proj.bias"),
+    Rename(f"{P}.mlp.linear_fc1.layer_norm_weight", dst=f"{H}.ln_2.weight"),
+    Rename(f"{P}.mlp.linear_fc1.layer_norm_bias", dst=f"{H}.ln_2.bias"),
+    Rename(f"{P}.mlp.linear_fc1.weight", dst=f"{H}.mlp.c_fc.weight", transpose=True),
+    Rename(f"{P}.mlp.linear_fc1.bias", dst=f"{H}.mlp.c_fc.bias"),
+    Rename(f"{P}.mlp.linear_fc2.weight", dst=f"{H}.mlp.c_proj.weight", transpose=True),
+    Rename(f"{P}.mlp.linear_fc2.bias", dst=f"{H}.mlp.c_proj.bias"),
+    Rename("decoder.final_layernorm.weight", dst="transformer.ln_f.weight"),
+    Rename("decoder.final_layernorm.bias", dst="transformer.ln_f.bias"),
+    Vocab("output_layer.weight", dst="lm_head.weight", required="!tied_embeddings"),
+)
+
+ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),
+    "self_attention.linear_qkv.layer_norm_bias": ("input_layernorm.bias",),
+    "mlp.linear_fc1.layer_norm_weight": ("pre_mlp_layernorm.weight",),
+    "mlp.linear_fc1.layer_norm_bias": ("pre_mlp_layernorm.bias",),
+}
+
+_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+
+
+def hf_config(info, ctx, dtype: str) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": ctx.vocab_size,
+        "n_embd": info.hidden_size,
+        "n_layer": info.num_layers,
+        "n_head": info.num_attention_heads,
+        "n_inner": info.ffn_hidden_size,
+        "n_positions": info.max_position_embeddings,
+        "activation_function": _HF_ACT[info.activation],
+        "layer_norm_epsilon": info.norm_epsilon,
+        "tie_word_embeddings": info.tied_embeddings,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
+    }
+
+
+def trtllm(info) -> dict:
+    return {"layout": "gpt", "architecture": "GPTForCausalLM",
+            "config": {"position_embedding_type": "learned_absolute", "bias": True,
+                       "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu"}[info.activation],
+                       "gpt_variant": "gpt2", "rotary_pct": 0.0}}
+
+
+def _check(info):
+    if info.head_dim * info.num_attention_heads != info.hidden_size:
+        return ("kv_channels", info.head_dim, "GPT-2 layout needs kv_channels == hidden_size / num_attention_heads")
+    return None
+
+
+GPT = ArchSpec(
+    name="gpt",
+    requires={
+        "model_class": {"GPTModel"},
+        "layer_module": {"TransformerLayer"},
+        "attention_module": {"SelfAttention"},
+        "normalization": {"LayerNorm"},
+        "activation": set(_HF_ACT),
+        "position_embedding": {"learned_absolute"},
+        "attention_kind": {"mha"},
+        "linear_bias": {True},
+        "multi_latent_attention": {False},
+        "moe": {False},
+        "qk_layernorm": {False},
+        "layernorm_zero_centered_gamma": {False},
+        "residual_post_layernorm": {False},
+        "multi_token_prediction": {False},
+        "heterogeneous_layers": {False},
+        "query_key_layer_scaling": {False},
+        "softmax_scale": {False},
+        "attention_window": {False},
+    },
+    mappings=MAPPINGS,
+    aliases=ALIASES,
+    hf_config=hf_config,
+    trtllm=trtllm,
+    checks=(_check,),
+)

@@ -1,0 +1,171 @@
+"""Transform kinds and the `ArchSpec` record that a family file fills in.
+
+A family is a table: Megatron global names (``{L}`` stands for the global layer number) mapped
+to Hugging Face names by small named transforms. The conversion engine in `arch.convert` never
+asks which family it runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .. import layouts
+
+
+@dataclass(frozen=True)
+class Context:
+    """Facts a transform may need: the model's shape and the export vocabulary size."""
+
+    info: "object"  # ModelInfo (kept untyped to avoid an import cycle)
+    vocab_size: int
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Base: ``src`` is a Megatron name template; ``required`` names a ModelInfo predicate.
+
+    ``required`` is ``None`` (always present), ``"attr"`` (present iff ``info.attr``) or
+    ``"!attr"`` (present iff not ``info.attr``).
+    """
+
+    src: str
+
+    def matches(self, name: str) -> Optional[dict]:
+        m = _pattern(self.src).match(name)
+        return m.groupdict() if m else None
+
+    def is_required(self, info) -> bool:
+        req = getattr(self, "required", None)
+        if req is None:
+            return True
+        negate = req.startswith("!")
+        value = bool(getattr(info, req.lstrip("!")))
+        return value != negate
+
+    def apply(self, tensor: torch.Tensor, groups: dict, ctx: Context) -> Iterator[tuple]:
+        raise NotImplementedError
+
+
+def _fill(template: str, groups: dict) -> str:
+    return template.replace("{L}", groups.get("L") or "")
+
+
+@dataclass(frozen=True)
+class Rename(Transform):
+    """One tensor to one tensor. ``transpose`` for Conv1D-style targets ([in, out])."""
+
+    dst: str = ""
+    transpose: bool = False
+    required: Optional[str] = None
+
+    def apply(self, tensor, groups, ctx):
+        yield _fill(self.dst, groups), (tensor.t() if self.transpose else tensor)
+
+
+@dataclass(frozen=True)
+class Vocab(Transform):
+    """Vocab-parallel table ([V_pad, H]): trim Megatron's padding rows to the real vocabulary."""
+
+    dst: str = ""
+    required: Optional[str] = None
+
+    def apply(self, tensor, groups, ctx):
+        yield _fill(self.dst, groups), layouts.trim_rows(tensor, ctx.vocab_size)
+
+
+@dataclass(frozen=True)
+class QKV(Transform):
+    """Megatron per-group interleaved QKV -> separate q, k, v projections."""
+
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    required: Optional[str] = None
+
+    def apply(self, tensor, groups, ctx):
+        info = ctx.info
+        q, k, v = layouts.qkv_interleaved_to_split(
+            tensor, info.num_attention_heads, info.num_query_groups, info.head_dim)
+        yield _fill(self.q, groups), q
+        yield _fill(self.k, groups), k
+        yield _fill(self.v, groups), v
+
+
+@dataclass(frozen=True)
+class FusedQKV(Transform):
+    """Megatron interleaved QKV -> one fused [Q|K|V] tensor (GPT-2's c_attn), optionally transposed."""
+
+    dst: str = ""
+    transpose: bool = False
+    required: Optional[str] = None
+
+    def apply(self, tensor, groups, ctx):
+        info = ctx.info
+        fused = torch.cat(layouts.qkv_interleaved_to_split(
+            tensor, info.num_attention_heads, info.num_query_groups, info.head_dim), dim=0)
+        yield _fill(self.dst, groups), (fused.t() if self.transpose else fused)
+
+
+@dataclass(frozen=True)
+class GatedMLP(Transform):
+    """Gated fc1 [gate; up] -> gate_proj (the activated half) and up_proj."""
+
+    gate: str = ""
+    up: str = ""
+    required: Optional[str] = None
+
+    def apply(self, tensor, groups, ctx):
+        gate, up = layouts.gated_to_gate_up(tensor)
+        yield _fill(self.gate, groups), gate
+        yield _fill(self.up, groups), up
+
+
+@dataclass(frozen=True)
+class Drop(Transform):
+    """Intentionally not exported."""
+
+    required: Optional[str] = "never"
+
+    def is_required(self, info) -> bool:
+        return False
+
+    def apply(self, tensor, groups, ctx):
+        return iter(())
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture family, as data.
+
+    Args:
+        name: family name (``ExportConfig.family``).
+        requires: feature -> allowed values; a model matches when every feature is allowed.
+        mappings: the transforms, Megatron name -> HF names.
+        aliases: other Megatron spellings (local-spec norms ...) -> the canonical (TE) spelling.
+        hf_config: builds the HF ``config.json`` dict from (ModelInfo, Context, torch dtype name).
+        trtllm: builds the TensorRT-LLM family description (see `formats.trtllm`).
+    """
+
+    name: str
+    requires: dict
+    mappings: tuple
+    hf_config: Callable
+    trtllm: Callable
+    aliases: dict = field(default_factory=dict)
+    checks: tuple = ()
+
+    def mismatches(self, features: dict) -> list:
+        out = []
+        for feature, allowed in self.requires.items():
+            value = features.get(feature)
+            if value not in allowed:
+                out.append((feature, value, sorted(map(str, allowed))))
+        return out

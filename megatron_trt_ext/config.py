@@ -1,0 +1,180 @@
+"""Export options: the `ExportConfig` dataclass, recipe files and validation.
+
+Everything that can be checked without the model is checked here, at construction, so a bad value
+fails when the job starts and not at the first checkpoint hours later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+FORMATS = ("hf", "trtllm_checkpoint")
+DTYPES = ("bfloat16", "float16", "float32")
+FAMILIES = ("auto", "llama", "gpt")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any, what: str) -> int:
+    """Parse a byte size given as an int or a string such as "2GB", "500MiB"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size such as 2GB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and _SIZE_RE.match(value):
+        number, unit, binary = _SIZE_RE.match(value).groups()
+        base = 1024 if binary else 1000
+        size = int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    else:
+        raise ConfigError(f"{what}: expected a size such as 2GB or a number of bytes, got {value!r}")
+    if size <= 0:
+        raise ConfigError(f"{what}: must be positive, got {value!r}")
+    return size
+
+
+@dataclass
+class ExportConfig:
+    """What to export, where and how often.
+
+    Args:
+        output_dir: root directory; each export goes to ``<output_dir>/iter_XXXXXXX``.
+        formats: any of ``"hf"`` (Hugging Face / ModelOpt unified layout) and
+            ``"trtllm_checkpoint"`` (TensorRT-LLM checkpoint: config.json + rank{N}.safetensors).
+        dtype: dtype of the written weights (conversion happens at write time; the live model is
+            never modified).
+        inference_tp, inference_pp: tensor and pipeline parallel sizes of the TensorRT-LLM
+            checkpoint, independent of the training layout.
+        vocab_size: the tokenizer's real vocabulary size; Megatron pads the embedding table and
+            the padding rows are trimmed on export. ``None`` exports the padded size (warned once).
+        every_n_saves: export at every Nth checkpoint save seen by the hook.
+        family: ``"auto"`` detects the architecture family from the model's config.
+        max_shard_size: largest Hugging Face safetensors shard (e.g. ``"5GB"``).
+        tokenizer_dir: optional directory whose tokenizer files are copied into the HF export.
+        strict: when an export triggered by the hook fails, raise into training instead of
+            logging the failure and going on.
+    """
+
+    output_dir: str = "exports"
+    formats: list = field(default_factory=lambda: ["hf", "trtllm_checkpoint"])
+    dtype: str = "bfloat16"
+    inference_tp: int = 1
+    inference_pp: int = 1
+    vocab_size: Optional[int] = None
+    every_n_saves: int = 1
+    family: str = "auto"
+    max_shard_size: Any = "5GB"
+    tokenizer_dir: Optional[str] = None
+    strict: bool = False
+    recipe: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the field and the fix."""
+        source = f" (from {self.recipe})" if self.recipe else ""
+        hints = typing.get_type_hints(ExportConfig)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name], source)
+        if isinstance(self.formats, str):
+            self.formats = [self.formats]
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ConfigError(
+                f"formats{source}: unknown format(s) {unknown or self.formats}; "
+                f"choose one or more of {list(FORMATS)}")
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"formats{source}: {self.formats} names a format twice")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype{source}: unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family{source}: unknown family {self.family!r}; choose one of {list(FAMILIES)}")
+        for name in ("inference_tp", "inference_pp", "every_n_saves"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}{source}: must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"vocab_size{source}: must be a positive token count, got {self.vocab_size}")
+        self.max_shard_size_bytes = parse_size(self.max_shard_size, f"max_shard_size{source}")
+        self.output_dir = os.fspath(self.output_dir)
+        if not self.output_dir:
+            raise ConfigError(f"output_dir{source}: must not be empty")
+        if self.tokenizer_dir is not None and not Path(self.tokenizer_dir).is_dir():
+            raise ConfigError(f"tokenizer_dir{source}: {self.tokenizer_dir!r} is not a directory")
+
+    def check_output_dir_writable(self) -> Path:
+        """Create ``output_dir`` if needed and prove that files can be written there."""
+        root = Path(self.output_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"output_dir: cannot write to {str(root)!r} ({exc.strerror or exc}); "
+                "choose a writable directory or fix its permissions") from exc
+        return root
+
+    # ------------------------------------------------------------------ recipes
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "ExportConfig":
+        """Load a recipe file (YAML, parsed with ``safe_load``); keyword arguments override it."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"recipe {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {str(path)!r}: not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r}: the top level must be a mapping of option: value")
+        return cls.from_dict(data, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>", **overrides: Any) -> "ExportConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"recipe"}
+        for key in list(data) + list(overrides):
+            if key not in known:
+                close = [k for k in known if k.split("_")[0] == str(key).split("_")[0]]
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"{source}: unknown option {key!r}{hint}; valid options are {sorted(known)}")
+        merged = {**data, **overrides}
+        return cls(**merged, recipe=source)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_type(name: str, value: Any, hint: Any, source: str) -> None:
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin is typing.Union else (hint,)
+    if value is None and type(None) in allowed:
+        return
+    for t in allowed:
+        if t is Any:
+            return
+        base = typing.get_origin(t) or t
+        if base is list and isinstance(value, (list, tuple, str)):
+            return
+        if base is bool and isinstance(value, bool):
+            return
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if base is str and isinstance(value, (str, os.PathLike)):
+            return
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{name}{source}: expected {names}, got {type(value).__name__} {value!r}")

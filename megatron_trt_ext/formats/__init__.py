@@ -1,0 +1,1 @@
+"""Output formats: file layouts and atomicity. No knowledge of Megatron here."""

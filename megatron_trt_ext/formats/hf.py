@@ -1,0 +1,67 @@
+"""Hugging Face checkpoint layout: config.json, safetensors shards (+ index), generation_config.json."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .files import FileSet, write_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def plan_shards(specs: list, max_shard_bytes: int) -> dict:
+    """Assign tensors (in stream order) to shards of at most ``max_shard_bytes`` (one tensor may exceed)."""
+    shards: list = [[]]
+    size = 0
+    for name, dtype, shape in specs:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dtype, shape))
+        size += nbytes
+    if len(shards) == 1:
+        return {"model.safetensors": shards[0]}
+    n = len(shards)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": s for i, s in enumerate(shards)}
+
+
+class HFWriter:
+    """Writes one HF checkpoint directory from a stream of HF-named tensors."""
+
+    def __init__(self, directory: Path, specs: list, max_shard_bytes: int, config: dict):
+        self.directory = Path(directory)
+        self.config = config
+        self.files = plan_shards(specs, max_shard_bytes)
+        self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"})
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.fileset.write(name, tensor)
+
+    def close(self, tokenizer_dir: str | None = None) -> dict:
+        checksums = self.fileset.close()
+        if len(self.files) > 1:
+            weight_map = {name: fname for fname, specs in self.files.items() for name, _, _ in specs}
+            total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                        for specs in self.files.values() for _, dtype, shape in specs)
+            write_json(self.directory / "model.safetensors.index.json",
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(self.directory / "config.json", self.config)
+        generation = {"_from_model_config": True, "do_sample": False}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if self.config.get(key) is not None:
+                generation[key] = self.config[key]
+        write_json(self.directory / "generation_config.json", generation)
+        if tokenizer_dir:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.is_file():
+                    shutil.copy2(src, self.directory / fname)
+        return checksums
+
+    def abort(self) -> None:
+        self.fileset.abort()

@@ -1,0 +1,120 @@
+"""`attach`: export at every Nth ``megatron.core.dist_checkpointing.save``.
+
+The save itself is untouched: the wrapper calls the original save, and only after it returns asks
+the exporter (which counts saves) whether this one should export. All active handles share one
+wrapper, installed with the first attach and removed with the last detach, so handles can be
+detached in any order.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ExportConfig
+from .errors import ConfigError
+from .exporter import Exporter, ExportResult
+
+logger = logging.getLogger("megatron_trt_ext")
+
+_ITER_RE = re.compile(r"iter_(\d+)")
+_active: list = []
+_original_save = None
+
+
+def iteration_from_path(checkpoint_dir: Any) -> Optional[int]:
+    """The iteration in a Megatron checkpoint path (``.../iter_0000100``), or None."""
+    if checkpoint_dir is None:
+        return None
+    for part in reversed(Path(str(checkpoint_dir)).parts):
+        m = _ITER_RE.fullmatch(part) or _ITER_RE.search(part)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+class ExportHandle:
+    """An attached exporter. ``detach()`` stops it; ``exporter`` gives direct access."""
+
+    def __init__(self, exporter: Exporter):
+        self.exporter = exporter
+        self.attached = False
+
+    @property
+    def last_result(self) -> Optional[ExportResult]:
+        return self.exporter.last_result
+
+    def on_checkpoint_saved(self, iteration: Optional[int] = None, checkpoint_dir: Any = None):
+        """Called after each save (by the wrapper, or by a framework's callback)."""
+        if iteration is None:
+            iteration = iteration_from_path(checkpoint_dir)
+        if iteration is None:
+            msg = (f"checkpoint save to {checkpoint_dir!r}: no iteration in the path (expected "
+                   "iter_NNNNNNN); call handle.on_checkpoint_saved(iteration=...) from your save callback")
+            if self.exporter.config.strict:
+                raise ConfigError(msg)
+            logger.error("%s; export skipped", msg)
+            return None
+        return self.exporter.on_checkpoint_saved(iteration, checkpoint_dir)
+
+    def detach(self) -> None:
+        global _original_save
+        if not self.attached:
+            return
+        self.attached = False
+        _active.remove(self)
+        if not _active and _original_save is not None:
+            _set_save(_original_save)
+            _original_save = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def _set_save(fn) -> None:
+    import megatron.core.dist_checkpointing as dc
+    import megatron.core.dist_checkpointing.serialization as ser
+
+    dc.save = fn
+    ser.save = fn
+
+
+def _make_wrapper(original):
+    @functools.wraps(original)
+    def save_and_export(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        result = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        for handle in list(_active):
+            handle.on_checkpoint_saved(None, checkpoint_dir)
+        return result
+
+    save_and_export.__megatron_trt_ext_wrapper__ = True
+    return save_and_export
+
+
+def attach(model: Any, config: ExportConfig) -> ExportHandle:
+    """Validate ``model`` against ``config`` now and export at every Nth checkpoint save.
+
+    Args:
+        model: GPTModel, list of chunks, or DDP/Float16Module-wrapped model (as for `Exporter`).
+        config: ExportConfig (``every_n_saves`` sets N).
+
+    Returns:
+        ExportHandle; call ``detach()`` to stop exporting and restore the original save.
+    """
+    global _original_save
+    exporter = Exporter(model, config)
+    handle = ExportHandle(exporter)
+    import megatron.core.dist_checkpointing as dc
+
+    if _original_save is None:
+        _original_save = dc.save
+        _set_save(_make_wrapper(_original_save))
+    _active.append(handle)
+    handle.attached = True
+    return handle

@@ -1,0 +1,87 @@
+"""Pure layout functions on full tensors. No ranks, no collectives, no format names.
+
+Each transform has its inverse next to it so tests can check ``inverse(forward(x)) == x``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def qkv_interleaved_to_split(qkv: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
+    """Megatron's fused QKV -> (q, k, v).
+
+    Megatron stores the rows of ``linear_qkv`` grouped by query group: for each of the G groups,
+    its nh/G query heads, then its key head, then its value head. Works for weights
+    ``[(nh + 2G) * d, H]`` and biases ``[(nh + 2G) * d]``.
+    """
+    heads_per_group = num_heads // num_query_groups
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(num_query_groups, heads_per_group + 2, head_dim, *rest)
+    q = grouped[:, :heads_per_group].reshape(num_heads * head_dim, *rest)
+    k = grouped[:, heads_per_group].reshape(num_query_groups * head_dim, *rest)
+    v = grouped[:, heads_per_group + 1].reshape(num_query_groups * head_dim, *rest)
+    return q, k, v
+
+
+def qkv_split_to_interleaved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                             num_query_groups: int, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`qkv_interleaved_to_split`."""
+    heads_per_group = num_heads // num_query_groups
+    rest = q.shape[1:]
+    q = q.reshape(num_query_groups, heads_per_group, head_dim, *rest)
+    k = k.reshape(num_query_groups, 1, head_dim, *rest)
+    v = v.reshape(num_query_groups, 1, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def gated_to_gate_up(fc1: torch.Tensor):
+    """Gated fc1 in checkpoint (global) layout ``[gate; up]`` -> (gate, up).
+
+    Megatron's sharded state dict already un-interleaves the per-TP-rank [gate_r; up_r] halves
+    (its swiglu factory), so the global tensor is simply the two halves.
+    """
+    gate, up = torch.chunk(fc1, 2, dim=0)
+    return gate, up
+
+
+def gate_up_to_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gated_to_gate_up`."""
+    return torch.cat([gate, up], dim=0)
+
+
+def trim_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Drop padding rows (vocab padding) beyond ``rows``."""
+    if rows > t.shape[0]:
+        raise ValueError(f"cannot trim {tuple(t.shape)} to {rows} rows: it has fewer")
+    return t[:rows]
+
+
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad dim 0 up to a multiple of ``multiple`` (inverse of :func:`trim_rows`)."""
+    extra = (-t.shape[0]) % multiple
+    if not extra:
+        return t
+    return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
+
+
+def split_for_rank(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
+    """The ``rank``-th of ``tp`` equal slices along ``dim``."""
+    if t.shape[dim] % tp:
+        raise ValueError(f"dim {dim} of {tuple(t.shape)} does not divide by tp={tp}")
+    return torch.chunk(t, tp, dim=dim)[rank]
+
+
+def repeat_kv_heads(t: torch.Tensor, num_kv_heads: int, head_dim: int, tp: int) -> torch.Tensor:
+    """Repeat each KV head so that ``tp`` ranks each hold at least one (needs tp % nkv == 0).
+
+    TensorRT-LLM's convention for inference TP larger than the number of KV heads: head h is
+    repeated tp/nkv times, so rank r gets head r // (tp / nkv).
+    """
+    if num_kv_heads >= tp:
+        return t
+    if tp % num_kv_heads:
+        raise ValueError(f"inference TP {tp} is not a multiple of the {num_kv_heads} KV heads")
+    rest = t.shape[1:]
+    heads = t.reshape(num_kv_heads, 1, head_dim, *rest)
+    return heads.expand(num_kv_heads, tp // num_kv_heads, head_dim, *rest).reshape(-1, *rest)

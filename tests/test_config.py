@@ -1,0 +1,93 @@
+"""ExportConfig and recipe files: clear errors naming the option (and the file) and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_trt_ext import ConfigError, ExportConfig
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    cfg = ExportConfig()
+    assert cfg.formats == ["hf", "trtllm_checkpoint"] and cfg.dtype == "bfloat16"
+    assert cfg.max_shard_size_bytes == 5 * 10**9
+
+
+@pytest.mark.parametrize("kwargs,names", [
+    ({"formats": ["hf", "onnx"]}, ["formats", "onnx", "trtllm_checkpoint"]),
+    ({"formats": []}, ["formats"]),
+    ({"formats": ["hf", "hf"]}, ["formats", "twice"]),
+    ({"dtype": "fp64"}, ["dtype", "fp64", "bfloat16"]),
+    ({"inference_tp": 0}, ["inference_tp", ">= 1"]),
+    ({"inference_pp": "2"}, ["inference_pp", "expected int", "str"]),
+    ({"every_n_saves": True}, ["every_n_saves", "expected int"]),
+    ({"vocab_size": 0}, ["vocab_size"]),
+    ({"family": "mamba"}, ["family", "mamba", "llama"]),
+    ({"max_shard_size": "lots"}, ["max_shard_size", "2GB"]),
+    ({"tokenizer_dir": "/no/such/dir"}, ["tokenizer_dir", "/no/such/dir"]),
+])
+def test_bad_values_name_the_option(kwargs, names):
+    with pytest.raises(ConfigError) as err:
+        ExportConfig(**kwargs)
+    for name in names:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("text,value", [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1024", 1024)])
+def test_shard_size_parsing(text, value):
+    assert ExportConfig(max_shard_size=text).max_shard_size_bytes == value
+
+
+def test_unwritable_output_dir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = ExportConfig(output_dir=str(blocker / "sub"))
+    with pytest.raises(ConfigError, match="output_dir: cannot write to"):
+        cfg.check_output_dir_writable()
+
+
+def test_recipe_with_unknown_key_names_key_and_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("formats: [hf]\ninference_tpp: 2\n")
+    with pytest.raises(ConfigError) as err:
+        ExportConfig.from_yaml(recipe)
+    assert "inference_tpp" in str(err.value) and str(recipe) in str(err.value)
+    assert "inference_tp" in str(err.value)  # the suggestion
+
+
+def test_recipe_with_wrong_type_names_key_and_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dtype: bfloat16\ninference_tp: two\n")
+    with pytest.raises(ConfigError) as err:
+        ExportConfig.from_yaml(recipe)
+    assert "inference_tp" in str(err.value) and str(recipe) in str(err.value)
+
+
+def test_recipe_must_be_a_mapping_and_is_loaded_safely(tmp_path):
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- hf\n- trtllm_checkpoint\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        ExportConfig.from_yaml(listing)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("formats: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        ExportConfig.from_yaml(evil)
+    with pytest.raises(ConfigError, match="cannot read"):
+        ExportConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_keyword_overrides_win_over_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dtype: float16\ninference_tp: 2\n")
+    cfg = ExportConfig.from_yaml(recipe, output_dir="elsewhere", inference_tp=4)
+    assert (cfg.dtype, cfg.inference_tp, cfg.output_dir) == ("float16", 4, "elsewhere")
+    with pytest.raises(ConfigError, match="bogus"):
+        ExportConfig.from_yaml(recipe, bogus=1)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_shipped_recipes_load(recipe, tmp_path):
+    cfg = ExportConfig.from_yaml(recipe, output_dir=str(tmp_path))
+    assert cfg.recipe == str(recipe)

@@ -1,0 +1,19 @@
+"""The main job end to end, shortened: train, export on save, generate with transformers."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_trains_exports_and_generates(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_trt_ext.demo", "--steps", "200", "--save-every", "100",
+         "--workdir", str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK: the exported Hugging Face model generates" in proc.stdout
+    exports = sorted(p.name for p in (tmp_path / "run" / "exports").glob("iter_*"))
+    assert exports == ["iter_0000100", "iter_0000200"]
+    assert (tmp_path / "run" / "exports" / "latest").read_text().strip() == "iter_0000200"

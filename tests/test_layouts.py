@@ -1,0 +1,71 @@
+"""Pure layout functions: semantics against hand-built layouts, and inverse(forward(x)) == x."""
+
+import pytest
+import torch
+
+from megatron_trt_ext import layouts
+
+
+def _labelled_qkv(nh, groups, d, hidden=3):
+    """Interleaved Megatron QKV built by hand: every head's rows carry a unique label."""
+    q = torch.arange(nh * d * hidden, dtype=torch.float32).reshape(nh * d, hidden)
+    k = 1000 + torch.arange(groups * d * hidden, dtype=torch.float32).reshape(groups * d, hidden)
+    v = 2000 + torch.arange(groups * d * hidden, dtype=torch.float32).reshape(groups * d, hidden)
+    rows = []
+    per = nh // groups
+    for g in range(groups):
+        for h in range(g * per, (g + 1) * per):
+            rows.append(q[h * d:(h + 1) * d])
+        rows.append(k[g * d:(g + 1) * d])
+        rows.append(v[g * d:(g + 1) * d])
+    return torch.cat(rows), q, k, v
+
+
+@pytest.mark.parametrize("nh,groups", [(8, 8), (8, 2), (8, 1), (4, 4)])
+def test_qkv_split_matches_hand_built_layout(nh, groups):
+    fused, q, k, v = _labelled_qkv(nh, groups, d=4)
+    q2, k2, v2 = layouts.qkv_interleaved_to_split(fused, nh, groups, 4)
+    assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+
+
+@pytest.mark.parametrize("nh,groups", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("shape_tail", [(16,), ()])
+def test_qkv_round_trip_weight_and_bias(nh, groups, shape_tail):
+    d = 4
+    x = torch.randn((nh + 2 * groups) * d, *shape_tail)
+    q, k, v = layouts.qkv_interleaved_to_split(x, nh, groups, d)
+    assert torch.equal(layouts.qkv_split_to_interleaved(q, k, v, nh, groups, d), x)
+
+
+def test_gated_round_trip_and_halves():
+    gate, up = torch.randn(6, 4), torch.randn(6, 4)
+    fused = layouts.gate_up_to_gated(gate, up)
+    g2, u2 = layouts.gated_to_gate_up(fused)
+    assert torch.equal(g2, gate) and torch.equal(u2, up)
+
+
+def test_pad_then_trim_is_identity_and_pads_with_zeros():
+    t = torch.randn(10, 3)
+    padded = layouts.pad_rows(t, 4)
+    assert padded.shape == (12, 3) and torch.equal(padded[10:], torch.zeros(2, 3))
+    assert torch.equal(layouts.trim_rows(padded, 10), t)
+    with pytest.raises(ValueError):
+        layouts.trim_rows(t, 11)
+
+
+def test_repeat_kv_heads_gives_each_rank_its_head():
+    d, nkv, tp = 2, 2, 4
+    k = torch.arange(nkv * d, dtype=torch.float32).reshape(nkv * d, 1)
+    rep = layouts.repeat_kv_heads(k, nkv, d, tp)
+    for rank in range(tp):
+        part = layouts.split_for_rank(rep, 0, tp, rank)
+        head = rank // (tp // nkv)
+        assert torch.equal(part, k[head * d:(head + 1) * d])
+    assert layouts.repeat_kv_heads(k, nkv, d, 2) is k
+    with pytest.raises(ValueError):
+        layouts.repeat_kv_heads(torch.zeros(3 * d, 1), 3, d, 4)
+
+
+def test_split_for_rank_refuses_uneven():
+    with pytest.raises(ValueError, match="does not divide"):
+        layouts.split_for_rank(torch.zeros(5, 2), 0, 2, 0)

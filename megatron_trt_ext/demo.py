@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Megatron warns at import that Apex/Transformer Engine are absent: expected on CPU.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    from .testing.cpu_shim import stub_triton_only_modules
+
+    stub_triton_only_modules()  # before megatron.core: newer versions import a Triton-only module
     from megatron.core import dist_checkpointing
 
     from . import ExportConfig, attach

@@ -3,6 +3,11 @@ import warnings
 import pytest
 import torch
 
+from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+
+# Before anything imports megatron.core (newer versions import a Triton-only module at import time).
+stub_triton_only_modules()
+
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
 
 

@@ -55,3 +55,39 @@ def install() -> bool:
 
 def is_installed() -> bool:
     return _state["installed"]
+
+
+def stub_triton_only_modules() -> list:
+    """Stand in for Megatron-Core modules that import ``triton`` unconditionally.
+
+    megatron-core 0.19 imports ``transformer/moe/ops/paged_stash.py`` (Triton kernels for MoE
+    paging, unused on CPU) on every ``import megatron.core``. Without triton installed (~1 GB) that
+    import fails. This registers an inert module under that one name, so ``triton`` itself stays
+    absent for every other ``try: import triton`` check. Must run before ``import megatron.core``;
+    does nothing when triton is installed or the module does not exist in this version.
+    """
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is not None:
+        return []
+    core = importlib.util.find_spec("megatron.core")
+    if core is None or not core.submodule_search_locations:
+        return []
+    stubbed = []
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    path = Path(list(core.submodule_search_locations)[0]) / "transformer/moe/ops/paged_stash.py"
+    if path.is_file() and name not in sys.modules:
+        module = types.ModuleType(name, "inert CPU-test stand-in: Triton kernels are unavailable")
+
+        def _unavailable(*args, **kwargs):
+            raise RuntimeError(f"{name}: Triton kernels are not available in CPU tests")
+
+        module.GLOBAL_BLOCK_SIZE = 1024
+        module.paged_stash_copy_kernel = _unavailable
+        module.paged_stash_pop_kernel = _unavailable
+        sys.modules[name] = module
+        stubbed.append(name)
+    return stubbed

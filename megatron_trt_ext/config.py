@@ -60,6 +60,9 @@ class ExportConfig:
         tokenizer_dir: optional directory whose tokenizer files are copied into the HF export.
         strict: when an export triggered by the hook fails, raise into training instead of
             logging the failure and going on.
+        check_finite: refuse to export tensors holding NaN or Inf.
+        timeout_s: longest time a rank waits on its peers during an export (a failed or lost
+            rank turns into an error on every rank within this bound, never a hang).
     """
 
     output_dir: str = "exports"
@@ -73,6 +76,8 @@ class ExportConfig:
     max_shard_size: Any = "5GB"
     tokenizer_dir: Optional[str] = None
     strict: bool = False
+    check_finite: bool = True
+    timeout_s: int = 600
     recipe: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -98,7 +103,7 @@ class ExportConfig:
             raise ConfigError(f"dtype{source}: unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
             raise ConfigError(f"family{source}: unknown family {self.family!r}; choose one of {list(FAMILIES)}")
-        for name in ("inference_tp", "inference_pp", "every_n_saves"):
+        for name in ("inference_tp", "inference_pp", "every_n_saves", "timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}{source}: must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size < 1:

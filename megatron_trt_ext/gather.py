@@ -1,37 +1,108 @@
-"""Assemble full global tensors from slices, one unit at a time.
+"""Moving slices to their writer rank, one unit at a time, and agreeing on outcomes.
 
-This version serves a single rank (every slice is local). The multi-rank path moves slices to a
-writer rank in the plan's order.
+Every rank walks the same list of units in the same order; for each unit the writer receives the
+slices it does not hold and the holders send them, nothing else. So no rank can wait on a
+transfer that its peer skipped, each byte crosses the network at most once, and a rank holds at
+most one assembled unit at a time.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from datetime import timedelta
+from typing import Iterator, Optional
 
 import torch
 
-from .errors import ExportError
 from .plan import Unit, torch_dtype
 
 
-def assemble_local(unit: Unit, local: dict) -> torch.Tensor:
-    """The full tensor of ``unit`` from local slices; a single covering slice is returned as is."""
-    pieces = local.get(unit.name)
-    if not pieces:
-        raise ExportError(f"tensor {unit.name!r}: no local slice on this rank")
-    if len(pieces) == 1 and tuple(pieces[0][2].shape) == tuple(unit.shape):
-        return pieces[0][2].detach()
-    first = pieces[0][2]
-    full = torch.empty(unit.shape, dtype=first.dtype, device=first.device)
-    for offset, _, tensor in pieces:
-        index = tuple(slice(o, o + s) for o, s in zip(offset, tensor.shape))
-        full[index] = tensor.detach()
-    return full
+class Comm:
+    """The export's own process groups, created once (collectively) when the exporter is built.
+
+    ``control``: a gloo group with a bounded timeout, for plans and decisions (objects).
+    ``data``: for tensor slices; NCCL when the default group is NCCL and the model is on CUDA,
+    else the gloo group (slices then travel through host memory).
+    """
+
+    def __init__(self, timeout_s: float, model_device: torch.device):
+        dist = torch.distributed
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.timeout_s = timeout_s
+        self.data_device = torch.device("cpu")
+        self.control = self.data = None
+        if self.distributed:
+            timeout = timedelta(seconds=timeout_s)
+            self.control = dist.new_group(backend="gloo", timeout=timeout)
+            if model_device.type == "cuda" and dist.get_backend() == "nccl":
+                self.data = dist.new_group(backend="nccl", timeout=timeout)
+                self.data_device = model_device
+            else:
+                self.data = self.control
+
+    def all_gather_object(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def agree(self, error: Optional[str]) -> list:
+        """Every rank's error (None when fine), identical on every rank: one shared decision."""
+        return [(rank, err) for rank, err in enumerate(self.all_gather_object(error)) if err]
+
+    def _global(self, rank: int) -> int:
+        return rank  # the groups span the whole world, so group ranks are global ranks
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int):
+        t = tensor.detach().to(self.data_device).contiguous()
+        return t, torch.distributed.isend(t, self._global(dst), group=self.data, tag=tag)
+
+    def recv(self, shape: tuple, dtype: torch.dtype, src: int, tag: int):
+        buf = torch.empty(shape, dtype=dtype, device=self.data_device)
+        return buf, torch.distributed.irecv(buf, self._global(src), group=self.data, tag=tag)
 
 
-def iter_local(units: list, local: dict) -> Iterator[tuple]:
-    for unit in units:
-        yield unit.name, assemble_local(unit, local)
+def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.Tensor:
+    for piece in local.get(unit.name, ()):
+        if piece.offset == offset and tuple(piece.tensor.shape) == shape:
+            return piece.tensor.detach()
+    raise KeyError(f"tensor {unit.name!r}: this rank holds no slice at offset {offset}")
+
+
+def exchange(unit: Unit, local: dict, comm: Comm) -> Optional[torch.Tensor]:
+    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer."""
+    rank = comm.rank
+    if rank == unit.writer:
+        if len(unit.pieces) == 1 and unit.local_to_writer(unit.pieces[0]):
+            return _local_piece(local, unit, unit.pieces[0].offset, unit.pieces[0].shape)
+        dtype = torch_dtype(unit.dtype)
+        pending = []
+        for tag, piece in enumerate(unit.pieces):
+            if not unit.local_to_writer(piece):
+                pending.append((piece, *comm.recv(piece.shape, dtype, piece.rank, tag)))
+        local_parts = [(p, _local_piece(local, unit, p.offset, p.shape))
+                       for p in unit.pieces if unit.local_to_writer(p)]
+        device = local_parts[0][1].device if local_parts and not pending else comm.data_device
+        full = torch.empty(unit.shape, dtype=dtype, device=device)
+        for piece, tensor in local_parts:
+            full[_index(piece)] = tensor.to(device)
+        for piece, buf, work in pending:
+            work.wait()
+            full[_index(piece)] = buf.to(device)
+        return full
+    sends = []
+    for tag, piece in enumerate(unit.pieces):
+        if piece.rank == rank and not unit.local_to_writer(piece):
+            sends.append(comm.send(_local_piece(local, unit, piece.offset, piece.shape), unit.writer, tag))
+    for _, work in sends:
+        work.wait()
+    return None
+
+
+def _index(piece) -> tuple:
+    return tuple(slice(o, o + s) for o, s in zip(piece.offset, piece.shape))
 
 
 def iter_meta(units: list) -> Iterator[tuple]:

@@ -1,9 +1,12 @@
-"""The export plan: which global Megatron tensors exist, and who holds which slice of each.
+"""The export plan: which global Megatron tensors exist, who holds which slice, who writes each.
 
 Built from the model's own ``sharded_state_dict()`` metadata (global key, global shape, offset,
-replica id), so it is the same whatever the TP/PP/virtual-PP/DP layout. Layer-stacked keys
-(``decoder.layers.X`` with a prepended layer axis) are expanded to one unit per layer, so that
-later stages hold one layer's tensor at a time.
+replica id), so it is the same whatever the TP/PP/virtual-PP/DP/EP layout. Stacked keys (a
+prepended layer axis, and an expert axis for MoE experts) are expanded to one unit per layer (and
+expert), so later stages hold one layer's tensor at a time.
+
+Every rank gathers all ranks' descriptions once and computes the same sorted list of units and
+the same writer for each; nothing in the plan depends on which rank computes it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .errors import ExportError
 
 @dataclass(frozen=True)
 class Piece:
-    """A slice of a global tensor held by one rank."""
+    """A main-replica slice of a global tensor, held by one rank."""
 
     rank: int
     offset: tuple
@@ -28,19 +31,34 @@ class Piece:
 
 @dataclass(frozen=True)
 class Unit:
-    """One global tensor of the source model (one layer's slice of a stacked key)."""
+    """One global tensor of the source model, and the rank that assembles and writes it."""
 
     name: str
     shape: tuple
     dtype: str
     pieces: tuple
+    writer: int = 0
+    holders: frozenset = frozenset()  # (rank, offset, shape) of every copy, replicas included
+
+    def local_to_writer(self, piece: Piece) -> bool:
+        """Whether the writer holds ``piece`` itself (as main or replica): then nothing moves."""
+        return (self.writer, piece.offset, piece.shape) in self.holders
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return _numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class LocalPiece:
+    offset: tuple
+    global_shape: tuple
+    tensor: torch.Tensor
+    main: bool
 
 
 def _is_main_replica(replica_id) -> bool:
@@ -49,22 +67,34 @@ def _is_main_replica(replica_id) -> bool:
     return all(r == 0 for r in replica_id)
 
 
-def _unit_name(key: str, prepend_offsets: tuple) -> str:
+def unit_name(key: str, prepend_offsets: tuple) -> str:
+    """Per-layer (and per-expert) name of a stacked checkpoint key.
+
+    ``decoder.layers.X`` with offsets (l,) -> ``decoder.layers.l.X``; MoE expert keys
+    ``decoder.layers.mlp.experts.experts.Y`` with offsets (l, e) ->
+    ``decoder.layers.l.mlp.experts.experts.e.Y``.
+    """
     if not prepend_offsets:
         return key
-    if len(prepend_offsets) == 1 and ".layers." in key:
-        head, tail = key.split(".layers.", 1)
-        return f"{head}.layers.{prepend_offsets[0]}.{tail}"
-    raise ExportError(
-        f"tensor {key!r}: {len(prepend_offsets)} stacked axes are not supported "
-        "(only per-layer stacking; MoE expert stacking is not supported by this version)")
+    if ".layers." not in key and not key.startswith("layers."):
+        raise ExportError(f"tensor {key!r}: stacked axes on a key without '.layers.' are not supported")
+    head, tail = key.split("layers.", 1)
+    name = f"{head}layers.{prepend_offsets[0]}.{tail}"
+    if len(prepend_offsets) == 1:
+        return name
+    if len(prepend_offsets) == 2 and ".experts." in tail:
+        before, after = name.rsplit(".experts.", 1)
+        return f"{before}.experts.{prepend_offsets[1]}.{after}"
+    raise ExportError(f"tensor {key!r}: {len(prepend_offsets)} stacked axes are not supported "
+                      "(known: layer, and layer x expert for MoE experts)")
 
 
 def local_shards(chunks: list) -> dict:
-    """Main-replica local slices of every weight: {unit name: [(offset, tensor), ...]}.
+    """Every local slice of every weight: {unit name: [LocalPiece, ...]}.
 
-    The tensors are the live parameters (views, never copies). Non-main replicas (DP copies,
-    TP-replicated norms on other ranks, tied output copies) are skipped: they send nothing.
+    The tensors are the live parameters (views, never copies). Replicas (DP copies, TP-replicated
+    norms on other TP ranks, the tied output copy on the last stage) are kept but flagged: they
+    send nothing, but a rank holding a full replica can write that tensor without any transfer.
     """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
@@ -74,22 +104,23 @@ def local_shards(chunks: list) -> dict:
         sharded = chunk.sharded_state_dict()
         apply_factories(sharded)
         for st in nested_values(sharded):
-            if not isinstance(st, ShardedTensor) or not _is_main_replica(st.replica_id):
+            if not isinstance(st, ShardedTensor):
                 continue
             if st.flattened_range is not None:
                 raise ExportError(f"tensor {st.key!r}: flattened (distributed-optimizer) shards are "
                                   "not model weights; pass the model, not the optimizer state")
             p = st.prepend_axis_num
-            name = _unit_name(st.key, tuple(st.global_offset[:p]))
-            out.setdefault(name, []).append(
-                (tuple(st.global_offset[p:]), tuple(st.global_shape[p:]), st.data))
+            name = unit_name(st.key, tuple(st.global_offset[:p]))
+            out.setdefault(name, []).append(LocalPiece(
+                tuple(st.global_offset[p:]), tuple(st.global_shape[p:]), st.data,
+                _is_main_replica(st.replica_id)))
     return out
 
 
 def describe(local: dict, rank: int) -> dict:
     """Picklable description of a rank's slices, for all_gather_object."""
-    return {name: [(rank, off, tuple(t.shape), gshape, str(t.dtype).replace("torch.", ""))
-                   for off, gshape, t in pieces]
+    return {name: [(rank, p.offset, tuple(p.tensor.shape), p.global_shape,
+                    str(p.tensor.dtype).replace("torch.", ""), p.main) for p in pieces]
             for name, pieces in local.items()}
 
 
@@ -101,33 +132,61 @@ def _order(name: str):
     if name.startswith("embedding"):
         return (0, 0, name)
     if m:
-        return (1, int(m.group(1)), name)
+        return (1, int(m.group(1)), _natural(name))
     return (2, 0, name)
 
 
+def _natural(name: str):
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
 def build_units(descriptions: Iterable[dict]) -> list:
-    """Merge every rank's description into one sorted list of units; identical on every rank."""
+    """Merge every rank's description into one sorted list of units with their writers.
+
+    The writer of a unit is a rank that already holds all of it (a full replica, e.g. DP copies or
+    TP-replicated norms), else the rank holding most of its bytes; ties go to the rank with the
+    fewest bytes assigned so far, so writing spreads over ranks and each byte crosses the network
+    at most once.
+    """
     merged: dict = {}
     for desc in descriptions:
         for name, pieces in desc.items():
             merged.setdefault(name, []).extend(pieces)
+    load: dict = {}
     units = []
     for name in sorted(merged, key=_order):
-        pieces = merged[name]
-        shapes = {p[3] for p in pieces}
-        dtypes = {p[4] for p in pieces}
+        entries = merged[name]
+        shapes = {e[3] for e in entries}
+        dtypes = {e[4] for e in entries}
         if len(shapes) != 1 or len(dtypes) != 1:
             raise ExportError(f"tensor {name!r}: ranks disagree on its global shape/dtype {shapes} {dtypes}")
-        unit = Unit(name=name, shape=shapes.pop(), dtype=dtypes.pop(),
-                    pieces=tuple(sorted((Piece(r, off, shp) for r, off, shp, _, _ in pieces),
-                                        key=lambda p: (p.offset, p.rank))))
-        covered = sum(_numel(p.shape) for p in unit.pieces)
-        if covered != unit.numel:
+        shape, dtype = shapes.pop(), dtypes.pop()
+        main = sorted((Piece(r, off, shp) for r, off, shp, _, _, is_main in entries if is_main),
+                      key=lambda p: (p.offset, p.rank))
+        covered = sum(_numel(p.shape) for p in main)
+        if covered != _numel(shape) or _overlaps(main):
             raise ExportError(
-                f"tensor {name!r}: the main replicas cover {covered} of {unit.numel} elements; "
+                f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
                 "some rank's slice is missing or duplicated (are all ranks calling export?)")
+        holders = frozenset((r, off, shp) for r, off, shp, _, _, _ in entries)
+        held = {r: sum(_numel(p.shape) for p in main if (r, p.offset, p.shape) in holders)
+                for r in sorted({h[0] for h in holders})}
+        writer = min(held, key=lambda r: (-held[r], load.get(r, 0), r))
+        unit = Unit(name=name, shape=shape, dtype=dtype, pieces=tuple(main), writer=writer,
+                    holders=holders)
+        load[writer] = load.get(writer, 0) + unit.nbytes
         units.append(unit)
     return units
+
+
+def _overlaps(pieces: list) -> bool:
+    seen = set()
+    for p in pieces:
+        key = (p.offset, p.shape)
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
 
 
 def _numel(shape) -> int:

@@ -127,9 +127,11 @@ def test_local_spec_names_convert_like_transformer_engine_names(megatron_world, 
     assert canonical_name(spec, "decoder.layers.3.input_layernorm.weight") == \
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
     from_local = dict(megatron_to_hf(spec, exporter.ctx, local_names.items()))
-    from megatron_trt_ext.gather import iter_local
+    from megatron_trt_ext.gather import exchange
     from megatron_trt_ext.plan import local_shards
-    from_sharded = dict(megatron_to_hf(spec, exporter.ctx, iter_local(exporter.units, local_shards(exporter.chunks))))
+    local = local_shards(exporter.chunks)
+    stream = ((u.name, exchange(u, local, exporter.comm)) for u in exporter.units)
+    from_sharded = dict(megatron_to_hf(spec, exporter.ctx, stream))
     assert sorted(from_local) == sorted(from_sharded)
     for name in from_local:
         assert torch.equal(from_local[name], from_sharded[name]), name
@@ -157,5 +159,6 @@ def test_streaming_writer_refuses_wrong_or_missing_tensors(tmp_path):
     with pytest.raises(KeyError):
         writer.write("nope", torch.zeros(2))
     writer.write("w", torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="never written"):
-        writer.close()
+    with pytest.raises(ValueError, match="written twice"):
+        writer.write("w", torch.zeros(2, 2))
+    assert writer.missing(set(writer.close())) == ["v"]

@@ -20,17 +20,23 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class FileSet:
-    """Several safetensors files written together; each tensor name routes to one file."""
+    """Several planned safetensors files in one directory.
 
-    def __init__(self, directory: Path, files: dict, metadata: dict | None = None):
-        """``files``: {file name: [(tensor name, dtype, shape), ...]}"""
+    Args:
+        directory: where the files live.
+        files: {file name: [(tensor name, dtype, shape), ...]}.
+        create: create the directory and the files (one process); others only write into them.
+    """
+
+    def __init__(self, directory: Path, files: dict, metadata: dict | None = None, create: bool = True):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.writers = {}
         self.route = {}
         try:
             for fname, specs in files.items():
-                self.writers[fname] = SafetensorsFileWriter(str(self.directory / fname), specs, metadata)
+                self.writers[fname] = SafetensorsFileWriter(str(self.directory / fname), specs, metadata, create)
                 for name, _, _ in specs:
                     self.route.setdefault(name, fname)
         except BaseException:
@@ -45,10 +51,17 @@ class FileSet:
         self.writers[fname].write(name, tensor)
 
     def close(self) -> dict:
-        """Close every file; returns {file: {tensor: sha256}}."""
-        for w in self.writers.values():
-            w.close()
-        return {fname: dict(w.checksums) for fname, w in self.writers.items()}
+        """Close this process's handles; returns {file: {tensor: sha256}} of what it wrote."""
+        return {fname: w.close() for fname, w in self.writers.items()}
+
+    def missing(self, written: dict) -> dict:
+        """{file: [tensor, ...]} planned but absent from ``written`` ({file: {tensor: sha}})."""
+        out = {}
+        for fname, w in self.writers.items():
+            gone = w.missing(set(written.get(fname, {})))
+            if gone:
+                out[fname] = gone
+        return out
 
     def abort(self) -> None:
         for w in self.writers.values():

@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from .files import FileSet, write_json
+from .safetensors_stream import nbytes_of
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -18,7 +17,7 @@ def plan_shards(specs: list, max_shard_bytes: int) -> dict:
     shards: list = [[]]
     size = 0
     for name, dtype, shape in specs:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = nbytes_of(dtype, shape)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -31,23 +30,25 @@ def plan_shards(specs: list, max_shard_bytes: int) -> dict:
 
 
 class HFWriter:
-    """Writes one HF checkpoint directory from a stream of HF-named tensors."""
+    """One HF checkpoint directory, filled from a stream of HF-named tensors (by any rank)."""
 
-    def __init__(self, directory: Path, specs: list, max_shard_bytes: int, config: dict):
+    def __init__(self, directory: Path, specs: list, max_shard_bytes: int, config: dict, create: bool = True):
         self.directory = Path(directory)
         self.config = config
         self.files = plan_shards(specs, max_shard_bytes)
-        self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"})
+        self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"}, create=create)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         self.fileset.write(name, tensor)
 
-    def close(self, tokenizer_dir: str | None = None) -> dict:
-        checksums = self.fileset.close()
+    def close(self) -> dict:
+        return self.fileset.close()
+
+    def finalize(self, tokenizer_dir: str | None = None) -> None:
+        """Index, config and tokenizer files: once, after every rank closed its writes."""
         if len(self.files) > 1:
             weight_map = {name: fname for fname, specs in self.files.items() for name, _, _ in specs}
-            total = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                        for specs in self.files.values() for _, dtype, shape in specs)
+            total = sum(nbytes_of(dtype, shape) for specs in self.files.values() for _, dtype, shape in specs)
             write_json(self.directory / "model.safetensors.index.json",
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
         write_json(self.directory / "config.json", self.config)
@@ -61,7 +62,6 @@ class HFWriter:
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
                     shutil.copy2(src, self.directory / fname)
-        return checksums
 
     def abort(self) -> None:
         self.fileset.abort()

@@ -1,9 +1,10 @@
-"""A safetensors file written one tensor at a time.
+"""A safetensors file laid out in advance and written one tensor at a time, by any process.
 
-The header (names, dtypes, shapes, byte offsets) is known before any data exists because the plan
-is computed on shape-only tensors first; so the file is laid out once and each tensor is written
-at its offset as it arrives. Memory stays at one tensor, whatever the file size. The result is a
-standard safetensors file (readable by `safetensors.safe_open`).
+The header (names, dtypes, shapes, byte offsets) is known before any data exists, because the
+plan is computed on shape-only tensors first. So one process creates the file (header, then the
+full size), and every process that owns some tensors opens it and writes them at their offsets,
+in any order. Memory stays at one tensor, and several ranks can fill one file without talking to
+each other. The result is a standard safetensors file (readable by `safetensors.safe_open`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def st_dtype(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
+def nbytes_of(dtype: torch.dtype, shape) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -38,15 +43,17 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class SafetensorsFileWriter:
-    """Write tensors of a fixed layout into ``path``, in any order.
+    """A planned safetensors file.
 
     Args:
-        path: file to create.
+        path: the file.
         specs: ordered list of (name, dtype, shape); the file stores them in this order.
         metadata: optional ``__metadata__`` string map.
+        create: write the header and size the file now (one process does this); others pass
+            False and only write tensors into the existing file.
     """
 
-    def __init__(self, path: str, specs: list, metadata: Optional[dict] = None):
+    def __init__(self, path: str, specs: list, metadata: Optional[dict] = None, create: bool = True):
         self.path = path
         header: dict = {}
         if metadata:
@@ -56,20 +63,22 @@ class SafetensorsFileWriter:
         for name, dtype, shape in specs:
             if name in self._layout:
                 raise ValueError(f"{path}: tensor {name!r} planned twice")
-            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            nbytes = nbytes_of(dtype, shape)
             header[name] = {"dtype": st_dtype(dtype), "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             self._layout[name] = (dtype, tuple(shape), offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * ((-len(raw)) % 8)  # keep data 8-byte aligned, as safetensors does
-        self._data_start = 8 + len(raw)
+        self._header = len(raw).to_bytes(8, "little") + raw
+        self._data_start = len(self._header)
         self.total_bytes = self._data_start + offset
-        self._file = open(path, "wb")
-        self._file.write(len(raw).to_bytes(8, "little"))
-        self._file.write(raw)
-        self._file.truncate(self.total_bytes)
+        self._file = None
         self.checksums: dict = {}
+        if create:
+            with open(path, "wb") as f:
+                f.write(self._header)
+                f.truncate(self.total_bytes)
 
     def write(self, name: str, tensor: torch.Tensor) -> str:
         """Write one planned tensor; returns its sha256."""
@@ -82,24 +91,31 @@ class SafetensorsFileWriter:
             raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
                              f"planned {dtype}{shape}")
         data = tensor_bytes(tensor)
+        if self._file is None:
+            self._file = open(self.path, "r+b")
         self._file.seek(self._data_start + offset)
         self._file.write(data)
         digest = hashlib.sha256(data).hexdigest()
         self.checksums[name] = digest
         return digest
 
-    def close(self) -> None:
-        missing = sorted(set(self._layout) - set(self.checksums))
-        if missing:
+    def close(self) -> dict:
+        """Flush and fsync what this process wrote; returns {tensor: sha256} of those tensors."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
-            raise ValueError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:4]}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+            self._file = None
+        return dict(self.checksums)
+
+    def missing(self, written: set) -> list:
+        """Planned tensors not in ``written`` (the union over all writing processes)."""
+        return sorted(set(self._layout) - set(written))
 
     def abort(self) -> None:
-        if not self._file.closed:
+        if self._file is not None:
             self._file.close()
+            self._file = None
 
     @property
     def layout(self) -> dict:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 FORMATS = ("hf", "trtllm_checkpoint")
 DTYPES = ("bfloat16", "float16", "float32")
-FAMILIES = ("auto", "llama", "gpt")
+FAMILIES = ("auto", "llama", "gpt", "mixtral")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -52,6 +52,9 @@ class ExportConfig:
             never modified).
         inference_tp, inference_pp: tensor and pipeline parallel sizes of the TensorRT-LLM
             checkpoint, independent of the training layout.
+        inference_moe_tp, inference_moe_ep: how the inference TP ranks split MoE experts
+            (tensor-parallel within experts x expert-parallel; their product is inference_tp).
+            Unset: experts are tensor-parallel over all inference_tp ranks.
         vocab_size: the tokenizer's real vocabulary size; Megatron pads the embedding table and
             the padding rows are trimmed on export. ``None`` exports the padded size (warned once).
         every_n_saves: export at every Nth checkpoint save seen by the hook.
@@ -70,6 +73,8 @@ class ExportConfig:
     dtype: str = "bfloat16"
     inference_tp: int = 1
     inference_pp: int = 1
+    inference_moe_tp: Optional[int] = None
+    inference_moe_ep: Optional[int] = None
     vocab_size: Optional[int] = None
     every_n_saves: int = 1
     family: str = "auto"
@@ -103,8 +108,9 @@ class ExportConfig:
             raise ConfigError(f"dtype{source}: unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
             raise ConfigError(f"family{source}: unknown family {self.family!r}; choose one of {list(FAMILIES)}")
-        for name in ("inference_tp", "inference_pp", "every_n_saves", "timeout_s"):
-            if getattr(self, name) < 1:
+        for name in ("inference_tp", "inference_pp", "every_n_saves", "timeout_s",
+                     "inference_moe_tp", "inference_moe_ep"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}{source}: must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(f"vocab_size{source}: must be a positive token count, got {self.vocab_size}")

@@ -32,7 +32,7 @@ from .formats.hf import HFWriter
 from .formats.trtllm import TrtllmConverter, trtllm_config
 from .gather import Comm, exchange, iter_meta
 from .model_info import read_model_info, unwrap_chunks
-from .plan import build_units, describe, local_shards
+from .plan import build_units, describe, expert_group, local_shards
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -113,7 +113,7 @@ class Exporter:
             _raise_agreed(failures, self.rank, local_exc, "export set-up")
         self.ctx = Context(info=self.info, vocab_size=self.vocab_size)
         self.family_trt = self.spec.trtllm(self.info)
-        self.units = build_units(d for _, d in gathered)
+        self.units = build_units((d for _, d in gathered), group_key=expert_group)
         check_sources(self.spec, self.info, [u.name for u in self.units])
         self._out_specs = self._plan_outputs()
         self.saves_seen = 0
@@ -138,6 +138,28 @@ class Exporter:
         if info.num_layers % pp:
             raise ConfigError(f"inference_pp={pp}: does not divide num_layers={info.num_layers}; "
                               f"choose a divisor of {info.num_layers}")
+        moe_tp, moe_ep = self.config.inference_moe_tp, self.config.inference_moe_ep
+        if not info.num_experts:
+            if (moe_tp or 1) != (1 if moe_tp is None else tp) or (moe_ep or 1) != 1:
+                raise ConfigError("inference_moe_tp/inference_moe_ep: the model has no MoE layers; "
+                                  "leave them unset")
+            self.moe_tp, self.moe_ep = tp, 1
+            return
+        if moe_tp is None and moe_ep is None:
+            moe_tp, moe_ep = tp, 1
+        elif moe_tp is None:
+            moe_tp = tp // moe_ep if tp % moe_ep == 0 else 0
+        elif moe_ep is None:
+            moe_ep = tp // moe_tp if tp % moe_tp == 0 else 0
+        if not moe_tp or not moe_ep or moe_tp * moe_ep != tp:
+            raise ConfigError(f"inference_moe_tp x inference_moe_ep must equal inference_tp={tp}; got "
+                              f"{self.config.inference_moe_tp} x {self.config.inference_moe_ep}")
+        if info.num_experts % moe_ep:
+            raise ConfigError(f"inference_moe_ep={moe_ep}: does not divide the {info.num_experts} experts")
+        if info.moe_ffn_hidden_size % moe_tp:
+            raise ConfigError(f"inference_moe_tp={moe_tp}: does not divide the expert FFN size "
+                              f"{info.moe_ffn_hidden_size}")
+        self.moe_tp, self.moe_ep = moe_tp, moe_ep
 
     def _export_vocab_size(self) -> int:
         padded = self.info.padded_vocab_size
@@ -155,14 +177,18 @@ class Exporter:
 
     # ------------------------------------------------------------------ planning
     def _new_converter(self) -> TrtllmConverter:
-        return TrtllmConverter(self.family_trt, self.info, self.config.inference_tp, self.config.inference_pp)
+        return TrtllmConverter(self.family_trt, self.info, self.config.inference_tp, self.config.inference_pp,
+                               _torch_dtype(self.config.dtype), self.moe_tp, self.moe_ep)
 
     def _convert(self, converter: TrtllmConverter, name: str, tensor: torch.Tensor, dtype: torch.dtype):
-        """The one conversion pipeline, shared by the shape-only plan and the real export."""
+        """The one conversion pipeline, shared by the shape-only plan and the real export.
+
+        Casting is elementwise, so casting before or after a split gives the same bits; the
+        TensorRT-LLM side casts itself because a few tensors (the MoE router) stay float32.
+        """
         for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)]):
-            out = out.to(dtype)
             trt = list(converter.feed(hf_name, out)) if "trtllm_checkpoint" in self.config.formats else []
-            yield hf_name, out, trt
+            yield hf_name, out.to(dtype), trt
 
     def _plan_outputs(self) -> dict:
         dtype = _torch_dtype(self.config.dtype)
@@ -256,14 +282,15 @@ class Exporter:
                 bytes_written = self._publish(iteration, tmp, meta, hf, trt, gathered)
             except Exception as exc:  # noqa: BLE001
                 publish_error = f"{type(exc).__name__}: {exc}"
-        outcome = self.comm.all_gather_object((publish_error, bytes_written, timings))[0]
-        if outcome[0]:
-            return self._fail(iteration, tmp, meta, timings, t0, [(0, outcome[0])], None, [])
+        publish_error, bytes_written = self.comm.all_gather_object((publish_error, bytes_written))[0]
+        if publish_error:
+            return self._fail(iteration, tmp, meta, timings, t0, [(0, publish_error)], None, [])
+        timings["total_s"] = time.perf_counter() - t0
         self.last_result = ExportResult(iteration, path, "complete", list(self.config.formats),
-                                        outcome[2], outcome[1])
+                                        timings, bytes_written)
         if self.rank == 0:
             logger.info("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
-                        outcome[2]["total_s"], outcome[1])
+                        timings["total_s"], bytes_written)
         return self.last_result
 
     def _export_unit(self, unit, full, converter, dtype, hf, trt, timings) -> None:
@@ -296,7 +323,7 @@ class Exporter:
         if trt is not None:
             write_json(tmp / "trtllm_checkpoint" / "config.json", trtllm_config(
                 self.family_trt, self.info, self.vocab_size, self.config.dtype,
-                self.config.inference_tp, self.config.inference_pp))
+                self.config.inference_tp, self.config.inference_pp, self.moe_tp, self.moe_ep))
         bytes_written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         per_rank = {r: t for r, (_, _, t) in enumerate(gathered)}
         meta.update(files={k: {"sha256": v} for k, v in sorted(files.items())},
@@ -331,7 +358,8 @@ class Exporter:
             "formats": list(self.config.formats),
             "dtype": self.config.dtype,
             "vocab_size": self.vocab_size,
-            "inference": {"tp": self.config.inference_tp, "pp": self.config.inference_pp},
+            "inference": {"tp": self.config.inference_tp, "pp": self.config.inference_pp,
+                          "moe_tp": self.moe_tp, "moe_ep": self.moe_ep},
             "source": {"padded_vocab_size": self.info.padded_vocab_size,
                        "num_layers": self.info.num_layers, "world_size": self.world_size},
             "config": self.config.to_dict(),

@@ -75,6 +75,9 @@ class ModelInfo:
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     rope_scaling: Optional[dict] = None
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
     features: dict = field(default_factory=dict)
 
     @property
@@ -118,6 +121,20 @@ def read_model_info(chunks: list) -> ModelInfo:
                        if hasattr(layer, "self_attention")}
     layer_types = {type(layer).__name__
                    for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])}
+    if features["moe"]:
+        freq = getattr(config, "moe_layer_freq", 1)
+        score = getattr(config, "moe_router_score_function", "softmax")
+        pre_softmax = bool(getattr(config, "moe_router_pre_softmax", False))
+        features.update({
+            # Mixtral routing: softmax over the top-k logits (== softmax, top-k, renormalize).
+            "moe_routing": ("topk_softmax" if score == "softmax" and not pre_softmax
+                            else "softmax_topk" if score == "softmax" else f"{score}_topk"),
+            "moe_every_layer": freq == 1 or (isinstance(freq, list) and all(freq)),
+            "moe_shared_expert": getattr(config, "moe_shared_expert_intermediate_size", None) is not None,
+            "moe_router_bias": bool(getattr(config, "moe_router_enable_expert_bias", False)),
+            "moe_group_routing": getattr(config, "moe_router_num_groups", None) is not None,
+            "moe_topk_scaling": getattr(config, "moe_router_topk_scaling_factor", None) is not None,
+        })
     features["attention_module"] = ",".join(sorted(attention_types)) or "SelfAttention"
     features["layer_module"] = ",".join(sorted(layer_types)) or "TransformerLayer"
 
@@ -149,6 +166,9 @@ def read_model_info(chunks: list) -> ModelInfo:
         rotary_base=rotary_base,
         rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
+        num_experts=int(getattr(config, "num_moe_experts", None) or 0),
+        moe_top_k=int(getattr(config, "moe_router_topk", 0) or 0) if features["moe"] else 0,
+        moe_ffn_hidden_size=int(getattr(config, "moe_ffn_hidden_size", None) or 0) if features["moe"] else 0,
         features=features,
     )
 

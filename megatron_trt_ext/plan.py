@@ -140,19 +140,38 @@ def _natural(name: str):
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-def build_units(descriptions: Iterable[dict]) -> list:
+_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+
+
+def expert_group(name: str) -> str:
+    """Units that must meet on one writer: the experts of one layer's linear (they are stacked
+    into one tensor per inference rank). Every other unit is its own group."""
+    return _EXPERT_RE.sub(".experts.*.", name)
+
+
+def build_units(descriptions: Iterable[dict], group_key=None) -> list:
     """Merge every rank's description into one sorted list of units with their writers.
 
     The writer of a unit is a rank that already holds all of it (a full replica, e.g. DP copies or
     TP-replicated norms), else the rank holding most of its bytes; ties go to the rank with the
     fewest bytes assigned so far, so writing spreads over ranks and each byte crosses the network
-    at most once.
+    at most once. Units with the same ``group_key`` share one writer (chosen by their total bytes).
     """
     merged: dict = {}
     for desc in descriptions:
         for name, pieces in desc.items():
             merged.setdefault(name, []).extend(pieces)
+    group_key = group_key or (lambda n: n)
     load: dict = {}
+    group_writer: dict = {}
+    group_held: dict = {}
+    for name, entries in merged.items():
+        holders = {(r, off, shp) for r, off, shp, _, _, _ in entries}
+        held = group_held.setdefault(group_key(name), {})
+        for r, off, shp, _, _, is_main in entries:
+            if is_main:
+                for h in {h[0] for h in holders if h[1:] == (off, shp)}:
+                    held[h] = held.get(h, 0) + _numel(shp)
     units = []
     for name in sorted(merged, key=_order):
         entries = merged[name]
@@ -169,9 +188,11 @@ def build_units(descriptions: Iterable[dict]) -> list:
                 f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
                 "some rank's slice is missing or duplicated (are all ranks calling export?)")
         holders = frozenset((r, off, shp) for r, off, shp, _, _, _ in entries)
-        held = {r: sum(_numel(p.shape) for p in main if (r, p.offset, p.shape) in holders)
-                for r in sorted({h[0] for h in holders})}
-        writer = min(held, key=lambda r: (-held[r], load.get(r, 0), r))
+        key = group_key(name)
+        if key not in group_writer:
+            held = group_held[key]
+            group_writer[key] = min(held, key=lambda r: (-held[r], load.get(r, 0), r))
+        writer = group_writer[key]
         unit = Unit(name=name, shape=shape, dtype=dtype, pieces=tuple(main), writer=writer,
                     holders=holders)
         load[writer] = load.get(writer, 0) + unit.nbytes

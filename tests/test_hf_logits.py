@@ -83,3 +83,14 @@ def test_sharded_hf_export_loads_and_matches(megatron_world, tmp_path, tokens):
     assert set(index["weight_map"]) == set(hf.state_dict())
     total = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
     assert index["metadata"]["total_size"] == total
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mixtral_export_matches_megatron_logits(megatron_world, tmp_path, tokens, tied):
+    model = tiny_llama(moe=True, tied=tied)
+    randomize(model, seed=21)
+    result = export_hf(model, tmp_path)
+    config = json.loads((result.path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+    assert_same_logits(model, result.path / "hf", tokens)

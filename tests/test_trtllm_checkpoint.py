@@ -20,8 +20,8 @@ def load_hf(hf_dir):
     return tensors
 
 
-def expected_llama_rank(hf, cfg, tp, pp, tp_rank, pp_rank, tied):
-    """The format notes' LLaMA table, applied literally."""
+def expected_llama_rank(hf, cfg, tp, pp, tp_rank, pp_rank, tied, moe_tp=None, moe_ep=1):
+    """The format notes' LLaMA table (and MoE section for Mixtral), applied literally."""
     L, nh, nkv, d = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     per_stage = L // pp
     out = {}
@@ -43,9 +43,24 @@ def expected_llama_rank(hf, cfg, tp, pp, tp_rank, pp_rank, tied):
                                                       kv(hf[h + "self_attn.k_proj.weight"]),
                                                       kv(hf[h + "self_attn.v_proj.weight"])])
         out[t + "attention.dense.weight"] = row(hf[h + "self_attn.o_proj.weight"])
-        out[t + "mlp.fc.weight"] = col(hf[h + "mlp.gate_proj.weight"])
-        out[t + "mlp.gate.weight"] = col(hf[h + "mlp.up_proj.weight"])
-        out[t + "mlp.proj.weight"] = row(hf[h + "mlp.down_proj.weight"])
+        if "num_local_experts" in cfg:
+            # router float32 [E, H]; experts on moe_ep rank tp_rank % moe_ep, sliced by moe_tp rank
+            # tp_rank // moe_ep; fc = cat(up (w3), gate (w1)) on dim -2; proj split on its last dim.
+            E = cfg["num_local_experts"]
+            moe_tp = moe_tp or tp // moe_ep
+            mt, me = tp_rank // moe_ep, tp_rank % moe_ep
+            local = range(me * E // moe_ep, (me + 1) * E // moe_ep)
+            x = h + "block_sparse_moe."
+            out[t + "mlp.router.weight"] = ("source", layer)  # float32: compared with the live model
+            out[t + "mlp.fc.weight"] = torch.stack([torch.cat([
+                hf[f"{x}experts.{e}.w3.weight"].chunk(moe_tp, dim=0)[mt],
+                hf[f"{x}experts.{e}.w1.weight"].chunk(moe_tp, dim=0)[mt]]) for e in local])
+            out[t + "mlp.proj.weight"] = torch.stack(
+                [hf[f"{x}experts.{e}.w2.weight"].chunk(moe_tp, dim=1)[mt] for e in local])
+        else:
+            out[t + "mlp.fc.weight"] = col(hf[h + "mlp.gate_proj.weight"])
+            out[t + "mlp.gate.weight"] = col(hf[h + "mlp.up_proj.weight"])
+            out[t + "mlp.proj.weight"] = row(hf[h + "mlp.down_proj.weight"])
         out[t + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
         out[t + "post_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
     if pp_rank == 0:
@@ -94,6 +109,10 @@ def expected_gpt_rank(hf, cfg, tp, pp, tp_rank, pp_rank):
 
 
 CASES = [
+    ("mixtral", lambda: tiny_llama(moe=True), 1, 1),
+    ("mixtral_moe_tp2", lambda: tiny_llama(moe=True), 2, 1),
+    ("mixtral_moe_ep2", lambda: tiny_llama(moe=True), 2, 1),
+    ("mixtral_moe_ep2_tp2_pp2", lambda: tiny_llama(moe=True), 4, 2),
     ("llama_gqa", lambda: tiny_llama(), 1, 1),
     ("llama_gqa", lambda: tiny_llama(), 2, 1),
     ("llama_mqa_kv_dup", lambda: tiny_llama(num_query_groups=1), 2, 1),
@@ -110,7 +129,9 @@ CASES = [
 def test_trtllm_checkpoint_follows_documented_mapping(megatron_world, tmp_path, name, build, tp, pp):
     model = build()
     randomize(model, seed=11)
-    cfg = ExportConfig(output_dir=str(tmp_path), vocab_size=VOCAB, inference_tp=tp, inference_pp=pp)
+    moe_ep = 2 if "moe_ep2" in name else 1
+    moe = {"inference_moe_ep": moe_ep} if name.startswith("mixtral") else {}
+    cfg = ExportConfig(output_dir=str(tmp_path), vocab_size=VOCAB, inference_tp=tp, inference_pp=pp, **moe)
     result = Exporter(model, cfg).export(iteration=3)
     hf_cfg = json.loads((result.path / "hf" / "config.json").read_text())
     hf = load_hf(result.path / "hf")
@@ -131,6 +152,13 @@ def test_trtllm_checkpoint_follows_documented_mapping(megatron_world, tmp_path, 
         assert trt_cfg["hidden_size"] == hf_cfg["n_embd"]
         assert trt_cfg["intermediate_size"] == hf_cfg["n_inner"]
         assert trt_cfg["max_position_embeddings"] == hf_cfg["n_positions"]
+    elif name.startswith("mixtral"):
+        assert trt_cfg["architecture"] == "MixtralForCausalLM" and trt_cfg["hidden_act"] == "swiglu"
+        assert trt_cfg["moe"]["num_experts"] == hf_cfg["num_local_experts"]
+        assert trt_cfg["moe"]["top_k"] == hf_cfg["num_experts_per_tok"]
+        assert trt_cfg["moe"]["normalization_mode"] == 1
+        assert trt_cfg["mapping"]["moe_ep_size"] == moe_ep and trt_cfg["mapping"]["moe_tp_size"] == tp // moe_ep
+        assert trt_cfg["intermediate_size"] == hf_cfg["intermediate_size"]
     else:
         assert trt_cfg["architecture"] == "LlamaForCausalLM"
         assert trt_cfg["position_embedding_type"] == "rope_gpt_neox"
@@ -149,9 +177,12 @@ def test_trtllm_checkpoint_follows_documented_mapping(megatron_world, tmp_path, 
             if is_gpt:
                 want = expected_gpt_rank(hf, hf_cfg, tp, pp, tp_rank, pp_rank)
             else:
-                want = expected_llama_rank(hf, hf_cfg, tp, pp, tp_rank, pp_rank, hf_cfg["tie_word_embeddings"])
+                want = expected_llama_rank(hf, hf_cfg, tp, pp, tp_rank, pp_rank, hf_cfg["tie_word_embeddings"],
+                                           moe_ep=moe_ep)
             assert sorted(got) == sorted(want), f"rank {pp_rank * tp + tp_rank}: names differ"
             for key, tensor in want.items():
-                assert got[key].dtype == torch.bfloat16, key
+                if isinstance(tensor, tuple):  # the MoE router stays float32, unrounded
+                    tensor = model.decoder.layers[tensor[1]].mlp.router.weight.detach()
+                assert got[key].dtype == (torch.float32 if key.endswith("router.weight") else torch.bfloat16), key
                 assert got[key].shape == tensor.shape, key
                 assert torch.equal(got[key], tensor), key

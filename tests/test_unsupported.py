@@ -7,15 +7,6 @@ from megatron_trt_ext import ConfigError, ExportConfig, Exporter, UnsupportedMod
 from megatron_trt_ext.testing.models import tiny_gpt, tiny_llama
 
 
-def moe_model():
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron_trt_ext.testing.models import _config
-
-    cfg = _config(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                  add_bias_linear=False, num_moe_experts=2, moe_router_topk=2)
-    return GPTModel(cfg, get_gpt_layer_local_spec(num_experts=2, normalization="RMSNorm"), vocab_size=128,
-                    max_sequence_length=32, position_embedding_type="rope")
 
 
 def renamed(model, cls_name):
@@ -30,7 +21,10 @@ def with_config(model, **fields):
 
 
 CASES = {
-    "moe": (moe_model, "moe=True"),
+    "moe_pre_softmax_routing": (lambda: tiny_llama(moe=True, moe_router_pre_softmax=True),
+                                "moe_routing='softmax_topk'"),
+    "moe_shared_expert": (lambda: tiny_llama(moe=True, moe_shared_expert_intermediate_size=32),
+                          "moe_shared_expert=True"),
     "qk_layernorm": (lambda: tiny_llama(qk_layernorm=True), "qk_layernorm=True"),
     "relu_activation": (lambda: tiny_llama(gated_linear_unit=False, activation_func=F.relu), "activation='relu'"),
     "layernorm_llama": (lambda: tiny_llama(normalization="LayerNorm"), "normalization='LayerNorm'"),
@@ -50,7 +44,7 @@ def test_unsupported_feature_is_named_at_construction(megatron_world, tmp_path, 
             make(model, ExportConfig(output_dir=str(tmp_path)))
         message = str(err.value)
         assert fragment in message and "supported" in message
-    assert "Supported families: ['gpt', 'llama']" in message or "Llama family needs" in message
+    assert "Supported families: ['gpt', 'llama', 'mixtral']" in message or "Llama family needs" in message
 
 
 def test_explicit_family_reports_only_that_family(megatron_world, tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .gpt import GPT
 from .llama import LLAMA
+from .mixtral import MIXTRAL
 from .spec import ArchSpec
 
-FAMILIES = {spec.name: spec for spec in (LLAMA, GPT)}
+FAMILIES = {spec.name: spec for spec in (LLAMA, GPT, MIXTRAL)}
 
 
 def family_features(info) -> dict:
@@ -19,6 +20,8 @@ def select_family(info, requested: str = "auto") -> ArchSpec:
     """Pick the family whose requirements the model meets, or raise naming every mismatch."""
     features = family_features(info)
     candidates = FAMILIES.values() if requested == "auto" else [FAMILIES[requested]]
+    features = {**features, **{k: False for spec in FAMILIES.values() for k in spec.requires
+                               if k.startswith("moe_") and k not in features}}
     problems = {}
     for spec in candidates:
         bad = spec.mismatches(features)

@@ -34,10 +34,12 @@ def expected_sources(spec: ArchSpec, info) -> list:
     for transform in spec.mappings:
         if not transform.is_required(info):
             continue
+        templates = [transform.src]
+        if "{E}" in transform.src:
+            templates = [t.replace("{E}", str(e)) for t in templates for e in range(info.num_experts)]
         if "{L}" in transform.src:
-            names.extend(transform.src.replace("{L}", str(i)) for i in range(info.num_layers))
-        else:
-            names.append(transform.src)
+            templates = [t.replace("{L}", str(i)) for t in templates for i in range(info.num_layers)]
+        names.extend(templates)
     return names
 
 

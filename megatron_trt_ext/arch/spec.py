@@ -25,7 +25,9 @@ class Context:
 
 
 def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)") + "$")
+    """``{L}`` matches a layer number, ``{E}`` an expert number."""
+    body = re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+    return re.compile("^" + body + "$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Transform:
 
 
 def _fill(template: str, groups: dict) -> str:
-    return template.replace("{L}", groups.get("L") or "")
+    return template.replace("{L}", groups.get("L") or "").replace("{E}", groups.get("E") or "")
 
 
 @dataclass(frozen=True)
@@ -168,4 +170,6 @@ class ArchSpec:
             value = features.get(feature)
             if value not in allowed:
                 out.append((feature, value, sorted(map(str, allowed))))
+        if any(feature == "moe" for feature, _, _ in out):  # MoE details only matter for MoE
+            out = [m for m in out if not m[0].startswith("moe_")]
         return out

@@ -1,8 +1,10 @@
 """TensorRT-LLM checkpoint: HF-named tensors -> per-rank TensorRT-LLM tensors, and config.json.
 
 One generic table per TensorRT-LLM layout ("llama": LLaMA-style separate q/k/v and gate/up,
-"gpt": GPT-2-style fused c_attn with Conv1D storage). Rank files are ``rank{pp * tp + tp_rank}``;
-layer numbers inside a file are local to its pipeline stage.
+"gpt": GPT-2-style fused c_attn with Conv1D storage, "mixtral": the llama attention with stacked
+MoE experts). Rank files are ``rank{pp_rank * tp + tp_rank}``; layer numbers inside a file are
+local to its pipeline stage. Every tensor is cast to the checkpoint dtype here, except the MoE
+router, which TensorRT-LLM keeps in float32.
 """
 
 from __future__ import annotations
@@ -15,38 +17,46 @@ import torch
 from ..errors import ExportError
 from .. import layouts
 
+_LLAMA_LAYER = {
+    "input_layernorm.weight": ("input_layernorm.weight", "replicated", False),
+    "self_attn.q_proj.weight": ("attention.qkv.weight", "q", False),
+    "self_attn.k_proj.weight": ("attention.qkv.weight", "k", False),
+    "self_attn.v_proj.weight": ("attention.qkv.weight", "v", False),
+    "self_attn.q_proj.bias": ("attention.qkv.bias", "q", False),
+    "self_attn.k_proj.bias": ("attention.qkv.bias", "k", False),
+    "self_attn.v_proj.bias": ("attention.qkv.bias", "v", False),
+    "self_attn.o_proj.weight": ("attention.dense.weight", "row", False),
+    "self_attn.o_proj.bias": ("attention.dense.bias", "replicated", False),
+    "post_attention_layernorm.weight": ("post_layernorm.weight", "replicated", False),
+    # gate_proj is the activated half: TensorRT-LLM calls it fc; up_proj is its "gate".
+    "mlp.gate_proj.weight": ("mlp.fc.weight", "column", False),
+    "mlp.up_proj.weight": ("mlp.gate.weight", "column", False),
+    "mlp.down_proj.weight": ("mlp.proj.weight", "row", False),
+    "mlp.gate_proj.bias": ("mlp.fc.bias", "column", False),
+    "mlp.up_proj.bias": ("mlp.gate.bias", "column", False),
+    "mlp.down_proj.bias": ("mlp.proj.bias", "replicated", False),
+}
+_LLAMA_GLOBAL = {
+    "model.embed_tokens.weight": ("transformer.vocab_embedding.weight", "embedding", False),
+    "model.norm.weight": ("transformer.ln_f.weight", "final", False),
+    "lm_head.weight": ("lm_head.weight", "lm_head", False),
+}
+
 # kind: how a tensor is placed on ranks.
 #   replicated: whole on every TP rank of the owning stage     column: split dim 0
 #   row: split dim 1        q/k/v: buffered, fused per rank     fused_qkv: [Q|K|V] split per rank
 #   embedding: first stage, whole (+ lm_head copy when tied)   first: first stage, whole
 #   final: last stage, whole                                   lm_head: last stage, vocab-padded dim-0 split
+#   router: whole, float32          w1/w3/w2: one expert's gate/up/down, stacked per rank
 LAYOUTS = {
-    "llama": {
+    "llama": {"layer_prefix": "model.layers.", "global": _LLAMA_GLOBAL, "layer": _LLAMA_LAYER},
+    "mixtral": {
         "layer_prefix": "model.layers.",
-        "global": {
-            "model.embed_tokens.weight": ("transformer.vocab_embedding.weight", "embedding", False),
-            "model.norm.weight": ("transformer.ln_f.weight", "final", False),
-            "lm_head.weight": ("lm_head.weight", "lm_head", False),
+        "global": _LLAMA_GLOBAL,
+        "layer": {k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")} | {
+            "block_sparse_moe.gate.weight": ("mlp.router.weight", "router", False),
         },
-        "layer": {
-            "input_layernorm.weight": ("input_layernorm.weight", "replicated", False),
-            "self_attn.q_proj.weight": ("attention.qkv.weight", "q", False),
-            "self_attn.k_proj.weight": ("attention.qkv.weight", "k", False),
-            "self_attn.v_proj.weight": ("attention.qkv.weight", "v", False),
-            "self_attn.q_proj.bias": ("attention.qkv.bias", "q", False),
-            "self_attn.k_proj.bias": ("attention.qkv.bias", "k", False),
-            "self_attn.v_proj.bias": ("attention.qkv.bias", "v", False),
-            "self_attn.o_proj.weight": ("attention.dense.weight", "row", False),
-            "self_attn.o_proj.bias": ("attention.dense.bias", "replicated", False),
-            "post_attention_layernorm.weight": ("post_layernorm.weight", "replicated", False),
-            # gate_proj is the activated half: TensorRT-LLM calls it fc; up_proj is its "gate".
-            "mlp.gate_proj.weight": ("mlp.fc.weight", "column", False),
-            "mlp.up_proj.weight": ("mlp.gate.weight", "column", False),
-            "mlp.down_proj.weight": ("mlp.proj.weight", "row", False),
-            "mlp.gate_proj.bias": ("mlp.fc.bias", "column", False),
-            "mlp.up_proj.bias": ("mlp.gate.bias", "column", False),
-            "mlp.down_proj.bias": ("mlp.proj.bias", "replicated", False),
-        },
+        "experts": re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
     },
     "gpt": {
         "layer_prefix": "transformer.h.",
@@ -82,13 +92,18 @@ class TrtllmConverter:
         family: the family's TensorRT-LLM description (``ArchSpec.trtllm(info)``).
         info: ModelInfo of the source model.
         tp, pp: inference tensor / pipeline parallel sizes.
+        dtype: checkpoint dtype.
+        moe_tp, moe_ep: how the TP ranks split MoE experts (moe_tp * moe_ep == tp).
     """
 
-    def __init__(self, family: dict, info, tp: int, pp: int):
+    def __init__(self, family: dict, info, tp: int, pp: int, dtype: torch.dtype,
+                 moe_tp: int | None = None, moe_ep: int = 1):
         self.table = LAYOUTS[family["layout"]]
         self.layer_re = re.compile("^" + re.escape(self.table["layer_prefix"]) + r"(\d+)\.(.+)$")
         self.info = info
-        self.tp, self.pp = tp, pp
+        self.tp, self.pp, self.dtype = tp, pp, dtype
+        self.moe_ep = moe_ep
+        self.moe_tp = moe_tp if moe_tp is not None else tp // moe_ep
         self.layers_per_stage = info.num_layers // pp
         self._pending: dict = {}
 
@@ -109,45 +124,45 @@ class TrtllmConverter:
         kv_rows = info.num_query_groups * info.head_dim
         return fused[:q_rows], fused[q_rows:q_rows + kv_rows], fused[q_rows + kv_rows:]
 
+    def _experts_for_rank(self, parts: dict, which: str, tp_rank: int) -> torch.Tensor:
+        moe_tp_rank, moe_ep_rank = tp_rank // self.moe_ep, tp_rank % self.moe_ep
+        per_rank = self.info.num_experts // self.moe_ep
+        experts = range(moe_ep_rank * per_rank, (moe_ep_rank + 1) * per_rank)
+        if which == "fc":  # [E_local, 2*I/moe_tp, H] = cat(up (w3), gate (w1)): activation on the second half
+            return torch.stack([torch.cat([
+                layouts.split_for_rank(parts[("w3", e)], 0, self.moe_tp, moe_tp_rank),
+                layouts.split_for_rank(parts[("w1", e)], 0, self.moe_tp, moe_tp_rank)]) for e in experts])
+        return torch.stack([layouts.split_for_rank(parts[("w2", e)], 1, self.moe_tp, moe_tp_rank)
+                            for e in experts])
+
     def _place(self, stage: int, name: str, kind: str, tensor) -> Iterator[tuple]:
         for tp_rank, rank in enumerate(self._stage_ranks(stage)):
             if kind == "replicated":
-                yield rank, name, tensor
+                out = tensor
             elif kind == "column":
-                yield rank, name, layouts.split_for_rank(tensor, 0, self.tp, tp_rank)
+                out = layouts.split_for_rank(tensor, 0, self.tp, tp_rank)
             elif kind == "row":
-                yield rank, name, layouts.split_for_rank(tensor, 1, self.tp, tp_rank)
+                out = layouts.split_for_rank(tensor, 1, self.tp, tp_rank)
             elif kind == "fused_qkv":
-                yield rank, name, self._qkv_for_rank(*self._split_fused(tensor), tp_rank)
+                out = self._qkv_for_rank(*self._split_fused(tensor), tp_rank)
             elif kind == "qkv":
-                yield rank, name, self._qkv_for_rank(*tensor, tp_rank)
+                out = self._qkv_for_rank(*tensor, tp_rank)
             elif kind == "lm_head":
-                padded = layouts.pad_rows(tensor, self.tp)
-                yield rank, name, layouts.split_for_rank(padded, 0, self.tp, tp_rank)
+                out = layouts.split_for_rank(layouts.pad_rows(tensor, self.tp), 0, self.tp, tp_rank)
+            elif kind == "router":
+                yield rank, name, tensor.to(torch.float32)
+                continue
+            elif kind in ("experts_fc", "experts_proj"):
+                out = self._experts_for_rank(tensor, kind[len("experts_"):], tp_rank)
             else:
                 raise AssertionError(kind)
+            yield rank, name, out.to(self.dtype)
 
     # ------------------------------------------------------------------ the stream
     def feed(self, hf_name: str, tensor: torch.Tensor) -> Iterator[tuple]:
         m = self.layer_re.match(hf_name)
         if m:
-            layer, suffix = int(m.group(1)), m.group(2)
-            entry = self.table["layer"].get(suffix)
-            if entry is None:
-                raise ExportError(f"TensorRT-LLM layout: no mapping for HF tensor {hf_name!r}")
-            trt_suffix, kind, transpose = entry
-            stage, local = divmod(layer, self.layers_per_stage)
-            name = f"transformer.layers.{local}.{trt_suffix}"
-            if transpose:
-                tensor = tensor.t()
-            if kind in ("q", "k", "v"):
-                parts = self._pending.setdefault((layer, trt_suffix), {})
-                parts[kind] = tensor
-                if len(parts) < 3:
-                    return
-                del self._pending[(layer, trt_suffix)]
-                tensor, kind = (parts["q"], parts["k"], parts["v"]), "qkv"
-            yield from self._place(stage, name, kind, tensor)
+            yield from self._feed_layer(int(m.group(1)), m.group(2), hf_name, tensor)
             return
         entry = self.table["global"].get(hf_name)
         if entry is None:
@@ -165,12 +180,44 @@ class TrtllmConverter:
         elif kind == "lm_head":
             yield from self._place(last, name, "lm_head", tensor)
 
+    def _feed_layer(self, layer: int, suffix: str, hf_name: str, tensor) -> Iterator[tuple]:
+        stage, local = divmod(layer, self.layers_per_stage)
+        prefix = f"transformer.layers.{local}."
+        experts_re = self.table.get("experts")
+        em = experts_re.match(suffix) if experts_re is not None else None
+        if em:
+            expert, which = int(em.group(1)), em.group(2)
+            kind = "experts_proj" if which == "w2" else "experts_fc"
+            parts = self._pending.setdefault((layer, kind), {})
+            parts[(which, expert)] = tensor
+            if len(parts) < self.info.num_experts * (1 if kind == "experts_proj" else 2):
+                return
+            del self._pending[(layer, kind)]
+            yield from self._place(stage, prefix + ("mlp.proj.weight" if kind == "experts_proj" else "mlp.fc.weight"),
+                                   kind, parts)
+            return
+        entry = self.table["layer"].get(suffix)
+        if entry is None:
+            raise ExportError(f"TensorRT-LLM layout: no mapping for HF tensor {hf_name!r}")
+        trt_suffix, kind, transpose = entry
+        if transpose:
+            tensor = tensor.t()
+        if kind in ("q", "k", "v"):
+            parts = self._pending.setdefault((layer, trt_suffix), {})
+            parts[kind] = tensor
+            if len(parts) < 3:
+                return
+            del self._pending[(layer, trt_suffix)]
+            tensor, kind = (parts["q"], parts["k"], parts["v"]), "qkv"
+        yield from self._place(stage, prefix + trt_suffix, kind, tensor)
+
     def finish(self) -> None:
         if self._pending:
             raise ExportError(f"TensorRT-LLM layout: incomplete fused tensors {sorted(self._pending)[:4]}")
 
 
-def trtllm_config(family: dict, info, vocab_size: int, dtype: str, tp: int, pp: int) -> dict:
+def trtllm_config(family: dict, info, vocab_size: int, dtype: str, tp: int, pp: int,
+                  moe_tp: int | None = None, moe_ep: int = 1) -> dict:
     """The shared ``config.json`` of the checkpoint (PretrainedConfig fields)."""
     return {
         "architecture": family["architecture"],
@@ -183,14 +230,14 @@ def trtllm_config(family: dict, info, vocab_size: int, dtype: str, tp: int, pp: 
         "num_attention_heads": info.num_attention_heads,
         "num_key_value_heads": info.num_query_groups,
         "head_size": info.head_dim,
-        "intermediate_size": info.ffn_hidden_size,
+        "intermediate_size": family.get("intermediate_size", info.ffn_hidden_size),
         "norm_epsilon": info.norm_epsilon,
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
         "tie_word_embeddings": info.tied_embeddings,
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp, "cp_size": 1,
-                    "moe_tp_size": tp, "moe_ep_size": 1},
+                    "moe_tp_size": moe_tp if moe_tp is not None else tp // moe_ep, "moe_ep_size": moe_ep},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
         **family["config"],
     }

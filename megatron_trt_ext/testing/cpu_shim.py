@@ -5,7 +5,8 @@ Some Megatron-Core code asks CUDA for the current device, synchronizes, or build
 
 * makes ``torch.cuda.current_device()`` answer ``"cpu"`` and ``torch.cuda.synchronize()`` a no-op;
 * enters a TorchFunctionMode that maps any ``cuda`` device argument to ``cpu`` (in the thread that
-  installed it).
+  installed it);
+* defines the Transformer Engine GEMM that megatron-core 0.16.1's MoE router expects as absent.
 
 `install()` does nothing when CUDA is available, so it can never change a GPU run. No module of the
 package's production path imports this file.
@@ -50,7 +51,20 @@ def install() -> bool:
     mode = _CudaToCpu()
     mode.__enter__()
     _state.update(installed=True, mode=mode)
+    _patch_megatron()
     return True
+
+
+def _patch_megatron() -> None:
+    """megatron-core 0.16.1's MoE router names ``te_general_gemm`` without defining it when
+    Transformer Engine is absent (NameError on the first MoE forward); define it as absent."""
+    stub_triton_only_modules()
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def is_installed() -> bool:

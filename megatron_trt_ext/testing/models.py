@@ -44,21 +44,26 @@ def _config(**kw):
 
 
 def tiny_llama(vocab_size: int = 128, max_seq: int = 64, tied: bool = False, rope_kwargs=None,
-               **config_kw):
+               model_kwargs=None, moe: bool = False, **config_kw):
     """Llama-style: RMSNorm, RoPE, SwiGLU, GQA (8 heads / 2 groups) unless overridden."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     kw = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
               add_bias_linear=False, bias_activation_fusion=False)
+    if moe:  # Mixtral-style: 4 experts, top-2, softmax after top-k, no shared expert
+        kw.update(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather",
+                  moe_aux_loss_coeff=0.0)
     kw.update(config_kw)
     cfg = _config(**kw)
-    return GPTModel(cfg, get_gpt_layer_local_spec(normalization=cfg.normalization), vocab_size=vocab_size,
-                    max_sequence_length=max_seq, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=tied, **(rope_kwargs or {}))
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, normalization=cfg.normalization,
+                                    moe_grouped_gemm=bool(getattr(cfg, "moe_grouped_gemm", False)))
+    return GPTModel(cfg, spec, vocab_size=vocab_size, max_sequence_length=max_seq,
+                    position_embedding_type="rope", share_embeddings_and_output_weights=tied,
+                    **(rope_kwargs or {}), **(model_kwargs or {}))
 
 
-def tiny_gpt(vocab_size: int = 128, max_seq: int = 64, tied: bool = True, **config_kw):
+def tiny_gpt(vocab_size: int = 128, max_seq: int = 64, tied: bool = True, model_kwargs=None, **config_kw):
     """GPT-2 style: LayerNorm with bias, learned positions, GeLU, biases, MHA."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -69,7 +74,7 @@ def tiny_gpt(vocab_size: int = 128, max_seq: int = 64, tied: bool = True, **conf
     cfg = _config(**kw)
     return GPTModel(cfg, get_gpt_layer_local_spec(normalization=cfg.normalization), vocab_size=vocab_size,
                     max_sequence_length=max_seq, position_embedding_type="learned_absolute",
-                    share_embeddings_and_output_weights=tied)
+                    share_embeddings_and_output_weights=tied, **(model_kwargs or {}))
 
 
 @torch.no_grad()

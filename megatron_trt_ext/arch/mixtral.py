@@ -1,0 +1,68 @@
+"""Mixtral family: the Llama attention block with a top-k softmax-routed MoE of SwiGLU experts.
+
+HF class: ``MixtralForCausalLM``, written with the hub's expert names
+(``block_sparse_moe.gate`` for the router, ``experts.E.w1/w3/w2`` for gate/up/down), which
+transformers, vLLM, SGLang and TensorRT-LLM load.
+"""
+
+from . import llama
+from .spec import ArchSpec, GatedMLP, Rename
+
+P = "decoder.layers.{L}"
+H = "model.layers.{L}"
+X = f"{H}.block_sparse_moe"
+
+# Megatron's expert keys after the plan's expansion: decoder.layers.{L}.mlp.experts.experts.{E}.<linear>
+# (the checkpoint format shared by SequentialMLP and grouped-GEMM experts).
+MOE_MAPPINGS = (
+    Rename(f"{P}.mlp.router.weight", dst=f"{X}.gate.weight"),
+    GatedMLP(f"{P}.mlp.experts.experts.{{E}}.linear_fc1.weight",
+             gate=f"{X}.experts.{{E}}.w1.weight", up=f"{X}.experts.{{E}}.w3.weight"),
+    Rename(f"{P}.mlp.experts.experts.{{E}}.linear_fc2.weight", dst=f"{X}.experts.{{E}}.w2.weight"),
+)
+
+_DENSE_MLP = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc2.weight", "mlp.linear_fc2.bias")
+MAPPINGS = tuple(m for m in llama.MAPPINGS if not m.src.endswith(_DENSE_MLP)) + MOE_MAPPINGS
+
+
+def hf_config(info, ctx, dtype: str) -> dict:
+    base = llama.hf_config(info, ctx, dtype)
+    for key in ("attention_bias", "mlp_bias"):
+        base.pop(key, None)
+    base.update(
+        architectures=["MixtralForCausalLM"], model_type="mixtral",
+        intermediate_size=info.moe_ffn_hidden_size, num_local_experts=info.num_experts,
+        num_experts_per_tok=info.moe_top_k, output_router_logits=False, router_aux_loss_coef=0.0,
+        router_jitter_noise=0.0, sliding_window=None)
+    return base
+
+
+def trtllm(info) -> dict:
+    base = llama.trtllm(info)
+    config = dict(base["config"], hidden_act="swiglu",
+                  moe={"num_experts": info.num_experts, "top_k": info.moe_top_k,
+                       "normalization_mode": 1,  # renormalize the top-k weights (Mixtral)
+                       "sparse_mixer_epsilon": 0.01, "tp_mode": 0,
+                       "device_limited_n_group": 0, "device_limited_topk_group": 0,
+                       "device_limited_routed_scaling_factor": 1.0})
+    return {"layout": "mixtral", "architecture": "MixtralForCausalLM", "config": config,
+            "intermediate_size": info.moe_ffn_hidden_size}
+
+
+def _check(info):
+    if info.add_qkv_bias or info.add_bias_linear:
+        return ("add_bias_linear", True, "Mixtral has no linear biases")
+    return llama._check(info)
+
+
+MIXTRAL = ArchSpec(
+    name="mixtral",
+    requires={**llama.LLAMA.requires, "moe": {True}, "moe_routing": {"topk_softmax"},
+              "moe_every_layer": {True}, "moe_shared_expert": {False}, "moe_router_bias": {False},
+              "moe_group_routing": {False}, "moe_topk_scaling": {False}},
+    mappings=MAPPINGS,
+    aliases=llama.ALIASES,
+    hf_config=hf_config,
+    trtllm=trtllm,
+    checks=(_check,),
+)

@@ -1,0 +1,92 @@
+"""Per-rank bodies for multi-process tests and benchmarks (run through `testing.distributed`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import torch
+
+from .models import tiny_gpt, tiny_llama
+
+BUILDERS = {"llama": tiny_llama, "gpt": tiny_gpt, "mixtral": lambda **kw: tiny_llama(moe=True, **kw)}
+
+
+def build(family: str, tp: int = 1, pp: int = 1, vpp=None, ep: int = 1, etp=None, **model_kw):
+    """The model chunks of this rank for a layout (parallel_state must be initialized)."""
+    from megatron.core import parallel_state as ps
+
+    parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                    virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
+                    expert_tensor_parallel_size=etp if etp is not None else tp,
+                    pipeline_dtype=torch.float32)
+    # MoE with TP trains only with sequence parallel, which torch norms (CPU) refuse; building and
+    # exporting need neither, so these models are export-only on CPU.
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = dict(vp_stage=vp_stage) if vpp else {}
+        model_kwargs = dict(
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=not vpp, **stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=not vpp, **stage), **stage)
+        chunks.append(BUILDERS[family](model_kwargs=model_kwargs, **parallel, **model_kw))
+    return chunks
+
+
+def load(chunks: list, checkpoint_dir: str) -> None:
+    """Load weights re-sharded from a distributed checkpoint into this rank's chunks."""
+    from megatron.core import dist_checkpointing
+
+    # One load for all chunks (as Megatron-LM does for virtual pipelines), so the loader sees every
+    # rank's complete set of shards.
+    sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    state = dist_checkpointing.load(sharded, checkpoint_dir)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"], strict=False)
+
+
+def export_layout(rank: int, world_size: int, family: str, layout: dict, checkpoint_dir: str,
+                  exports: list, model_kw: dict | None = None, inject: dict | None = None) -> list:
+    """Build ``family`` in ``layout``, load the checkpoint, run each export; return outcomes."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from .. import ExportConfig, Exporter
+
+    ps.initialize_model_parallel(layout.get("tp", 1), layout.get("pp", 1), layout.get("vpp"),
+                                 expert_model_parallel_size=layout.get("ep", 1),
+                                 expert_tensor_parallel_size=layout.get("etp"))
+    model_parallel_cuda_manual_seed(1234, inference_rng_tracker=not torch.cuda.is_available())
+    chunks = build(family, **layout, **(model_kw or {}))
+    load(chunks, checkpoint_dir)
+    _inject(rank, inject or {})
+    model = chunks if layout.get("vpp") else chunks[0]
+    out = []
+    for options in exports:
+        exporter = Exporter(model, ExportConfig(**options))
+        try:
+            result = exporter.export(iteration=options.pop("iteration", 1) if "iteration" in options else 1)
+            out.append(("complete", str(result.path), None))
+        except Exception as exc:  # noqa: BLE001 - the test inspects what each rank saw
+            out.append(("failed", None, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def _inject(rank: int, inject: dict) -> None:
+    """Fault injection for the collective-safety tests."""
+    from ..formats import safetensors_stream
+    from .. import exporter as exporter_mod
+
+    if inject.get("disk_full_rank") == rank:
+        def full(self, name, tensor):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", self.path)
+        safetensors_stream.SafetensorsFileWriter.write = full
+    if inject.get("die_rank") == rank:
+        original = exporter_mod.exchange
+        count = {"n": 0}
+
+        def exchange_then_die(unit, local, comm):
+            count["n"] += 1
+            if count["n"] > inject.get("die_after_units", 3):
+                os._exit(17)  # a lost rank: no exception, no goodbye
+            return original(unit, local, comm)
+        exporter_mod.exchange = exchange_then_die

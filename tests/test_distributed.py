@@ -1,0 +1,142 @@
+"""Live export from parallel training layouts (gloo processes on CPU).
+
+Each case saves one single-rank model with dist_checkpointing, loads it re-sharded into the
+training layout on N processes, exports there, and requires the exported files to be
+byte-identical to the single-rank export of the same weights.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_trt_ext import ExportConfig, Exporter
+from megatron_trt_ext.testing.distributed import run_ranks
+from megatron_trt_ext.testing.models import randomize
+from megatron_trt_ext.testing.workers import BUILDERS
+
+WORKER = "megatron_trt_ext.testing.workers:export_layout"
+
+# inference targets exported from every layout: HF + TRT-LLM TP1, TRT-LLM TP2, TRT-LLM PP2
+TARGETS = [dict(inference_tp=1), dict(inference_tp=2, formats=["trtllm_checkpoint"]),
+           dict(inference_pp=2, formats=["trtllm_checkpoint"])]
+
+CASES = {
+    # name: (family, world size, layout, model kwargs, export vocab)
+    "tp2": ("llama", 2, {"tp": 2}, {}, 120),
+    "tp2_vocab_padding_across_shards": ("llama", 2, {"tp": 2}, {"vocab_size": 256}, 200),
+    "pp2_tied": ("llama", 2, {"pp": 2}, {"tied": True}, 120),
+    "tp2_pp2": ("llama", 4, {"tp": 2, "pp": 2}, {}, 120),
+    "pp2_vpp2": ("llama", 2, {"pp": 2, "vpp": 2}, {"num_layers": 4}, 120),
+    "dp2_gpt": ("gpt", 2, {}, {}, 120),
+    "ep2_mixtral": ("mixtral", 2, {"ep": 2}, {}, 120),
+    "ep2_tp2_mixtral": ("mixtral", 4, {"ep": 2, "tp": 2}, {}, 120),
+}
+
+
+def reference(tmp: Path, family: str, model_kw: dict, vocab: int, targets: list) -> Path:
+    """Single-rank model, saved as a distributed checkpoint and exported to each target."""
+    model = BUILDERS[family](**model_kw)
+    randomize(model, seed=17)
+    from megatron.core import dist_checkpointing
+
+    ckpt = tmp / "ckpt"
+    ckpt.mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
+    for i, target in enumerate(targets):
+        Exporter(model, ExportConfig(output_dir=str(tmp / f"ref{i}"), vocab_size=vocab, **target)).export(1)
+    return ckpt
+
+
+def exported_files(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_exports_equal_single_rank_export(megatron_world, tmp_path, case):
+    family, world, layout, model_kw, vocab = CASES[case]
+    targets = [dict(t, **({"inference_moe_ep": 2} if family == "mixtral" and t.get("inference_tp") == 2 else {}))
+               for t in TARGETS]
+    ckpt = reference(tmp_path, family, model_kw, vocab, targets)
+    exports = [dict(output_dir=str(tmp_path / f"dist{i}"), vocab_size=vocab, **t) for i, t in enumerate(targets)]
+    outcome = run_ranks(world, WORKER, timeout_s=240, family=family, layout=layout,
+                        checkpoint_dir=str(ckpt), exports=exports, model_kw=model_kw)
+    for rank, (status, value) in outcome.items():
+        assert status == "ok", f"rank {rank}: {status} {value}"
+        assert [v[0] for v in value] == ["complete"] * len(targets), f"rank {rank}: {value}"
+    for i in range(len(targets)):
+        ref = tmp_path / f"ref{i}" / "iter_0000001"
+        got = tmp_path / f"dist{i}" / "iter_0000001"
+        ref_files, got_files = exported_files(ref), exported_files(got)
+        assert sorted(ref_files) == sorted(got_files)
+        for name in ref_files:
+            assert ref_files[name] == got_files[name], f"target {i}: {name} differs"
+        ref_manifest = json.loads((ref / "manifest.json").read_text())
+        got_manifest = json.loads((got / "manifest.json").read_text())
+        assert got_manifest["files"] == ref_manifest["files"]
+        assert got_manifest["source"]["world_size"] == world
+
+
+def test_writing_is_spread_over_ranks(megatron_world):
+    """The plan alone: with TP2 every rank writes about half of the bytes, and DP replicas write
+    without receiving anything."""
+    from megatron_trt_ext.plan import build_units
+
+    def desc(rank, tp_rank, dp_main):
+        out = {}
+        for layer in range(4):
+            name = f"decoder.layers.{layer}.self_attention.linear_proj.weight"
+            out[name] = [(rank, (0, 32 * tp_rank), (64, 32), (64, 64), "float32", dp_main)]
+        return out
+
+    tp_units = build_units([desc(0, 0, True), desc(1, 1, True)])
+    writers = [u.writer for u in tp_units]
+    assert sorted(writers) == [0, 0, 1, 1]
+    moved = sum(1 for u in tp_units for p in u.pieces if not u.local_to_writer(p))
+    assert moved == 4  # one half of each tensor crosses, once
+
+    dp = [{n: [(r, (0, 0), (64, 64), (64, 64), "float32", r == 0)] for n in
+           (f"decoder.layers.{i}.mlp.linear_fc2.weight" for i in range(4))} for r in (0, 1)]
+    dp_units = build_units(dp)
+    assert sorted(u.writer for u in dp_units) == [0, 0, 1, 1]
+    assert all(u.local_to_writer(p) for u in dp_units for p in u.pieces)
+
+
+LAYOUT_4 = dict(family="llama", layout={"tp": 2, "pp": 2})
+
+
+def test_failure_on_one_rank_fails_every_rank_with_its_name(megatron_world, tmp_path):
+    ckpt = reference(tmp_path, "llama", {}, 120, [])
+    out = tmp_path / "exports"
+    outcome = run_ranks(4, WORKER, timeout_s=240, checkpoint_dir=str(ckpt), model_kw={},
+                        exports=[dict(output_dir=str(out), vocab_size=120, timeout_s=30)],
+                        inject={"disk_full_rank": 2}, **LAYOUT_4)
+    messages = []
+    for rank, (status, value) in outcome.items():
+        assert status == "ok", f"rank {rank}: {status} {value}"
+        assert value[0][0] == "failed"
+        messages.append(value[0][2])
+    assert all("failed on rank 2" in m and "No space left on device" in m for m in messages), messages
+    assert not (out / "iter_0000001").exists()
+    failed = json.loads((out / ".iter_0000001.failed" / "manifest.json").read_text())
+    assert failed["status"] == "failed" and "rank 2" in failed["error"]
+
+
+def test_lost_rank_ends_every_other_rank_within_the_timeout(megatron_world, tmp_path):
+    ckpt = reference(tmp_path, "llama", {}, 120, [])
+    out = tmp_path / "exports"
+    start = time.monotonic()
+    # the harness reports a rank still running after 120 s as "hung"
+    outcome = run_ranks(4, WORKER, timeout_s=120, checkpoint_dir=str(ckpt), model_kw={},
+                        exports=[dict(output_dir=str(out), vocab_size=120, timeout_s=20)],
+                        inject={"die_rank": 3, "die_after_units": 3}, **LAYOUT_4)
+    elapsed = time.monotonic() - start
+    assert outcome[3] == ("lost", 17)
+    for rank in (0, 1, 2):
+        status, value = outcome[rank]
+        assert status == "ok", f"rank {rank}: {status} {value}"  # returned, did not hang
+        assert value[0][0] == "failed", f"rank {rank}: {value}"
+    assert elapsed < 120
+    assert not (out / "iter_0000001").exists()

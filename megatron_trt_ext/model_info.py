@@ -122,6 +122,10 @@ def read_model_info(chunks: list) -> ModelInfo:
     layer_types = {type(layer).__name__
                    for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])}
     if features["moe"]:
+        expert_types = {type(layer.mlp.experts).__name__ for c in chunks
+                        for layer in getattr(getattr(c, "decoder", None), "layers", [])
+                        if hasattr(getattr(layer, "mlp", None), "experts")}
+        features["moe_expert_module"] = ",".join(sorted(expert_types))
         freq = getattr(config, "moe_layer_freq", 1)
         score = getattr(config, "moe_router_score_function", "softmax")
         pre_softmax = bool(getattr(config, "moe_router_pre_softmax", False))

@@ -57,7 +57,10 @@ def _check(info):
 
 MIXTRAL = ArchSpec(
     name="mixtral",
+    # TEGroupedMLP's sharded state dict is SequentialMLP's (Megatron keeps them interchangeable);
+    # the legacy GroupedMLP stores all local experts in one tensor and is not supported.
     requires={**llama.LLAMA.requires, "moe": {True}, "moe_routing": {"topk_softmax"},
+              "moe_expert_module": {"SequentialMLP", "TEGroupedMLP"},
               "moe_every_layer": {True}, "moe_shared_expert": {False}, "moe_router_bias": {False},
               "moe_group_routing": {False}, "moe_topk_scaling": {False}},
     mappings=MAPPINGS,

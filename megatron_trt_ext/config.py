@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 
-FORMATS = ("hf", "trtllm_checkpoint")
+FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
+MODES = ("sync", "async")
+BUSY_POLICIES = ("skip", "wait")
 DTYPES = ("bfloat16", "float16", "float32")
 FAMILIES = ("auto", "llama", "gpt", "mixtral")
 
@@ -64,6 +66,15 @@ class ExportConfig:
         strict: when an export triggered by the hook fails, raise into training instead of
             logging the failure and going on.
         check_finite: refuse to export tensors holding NaN or Inf.
+        mode: ``"async"`` (training waits only for a host snapshot of its shards; conversion and
+            writing run in a worker process) or ``"sync"``. Unset: async under `attach`, sync for a
+            plain `Exporter`.
+        busy_policy: a save that comes while the previous export still runs: ``"skip"`` this
+            export (logged) or ``"wait"`` for the previous one.
+        keep_last: keep only the newest N complete exports (never the newest, never one being
+            built); unset keeps all.
+        build: engine-build options (see `build.options.BuildOptions`), used with the
+            ``trtllm_engine`` format.
         timeout_s: longest time a rank waits on its peers during an export (a failed or lost
             rank turns into an error on every rank within this bound, never a hang).
     """
@@ -83,6 +94,10 @@ class ExportConfig:
     strict: bool = False
     check_finite: bool = True
     timeout_s: int = 600
+    mode: Optional[str] = None
+    busy_policy: str = "skip"
+    keep_last: Optional[int] = None
+    build: Any = None
     recipe: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -104,6 +119,20 @@ class ExportConfig:
                 f"choose one or more of {list(FORMATS)}")
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"formats{source}: {self.formats} names a format twice")
+        if "trtllm_engine" in self.formats and "trtllm_checkpoint" not in self.formats:
+            raise ConfigError(f"formats{source}: trtllm_engine is built from the TensorRT-LLM checkpoint; "
+                              "add trtllm_checkpoint to formats")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"mode{source}: unknown mode {self.mode!r}; choose one of {list(MODES)}")
+        if self.busy_policy not in BUSY_POLICIES:
+            raise ConfigError(f"busy_policy{source}: unknown policy {self.busy_policy!r}; choose one of "
+                              f"{list(BUSY_POLICIES)}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"keep_last{source}: must be >= 1 (the newest export is always kept), "
+                              f"got {self.keep_last}")
+        from .build.options import BuildOptions
+
+        self.build_options = BuildOptions.from_dict(self.build, f"build{source}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype{source}: unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
@@ -167,7 +196,9 @@ class ExportConfig:
         return cls(**merged, recipe=source)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["build"] = self.build_options.to_dict()
+        return out
 
 
 def _check_type(name: str, value: Any, hint: Any, source: str) -> None:

@@ -60,11 +60,17 @@ class ExportHandle:
             return None
         return self.exporter.on_checkpoint_saved(iteration, checkpoint_dir)
 
+    def wait(self) -> Optional[ExportResult]:
+        """Block until the running background export is done; returns its result."""
+        return self.exporter.wait()
+
     def detach(self) -> None:
+        """Stop exporting: restore the original save, finish the running export, stop the worker."""
         global _original_save
         if not self.attached:
             return
         self.attached = False
+        self.exporter.close()
         _active.remove(self)
         if not _active and _original_save is not None:
             _set_save(_original_save)
@@ -108,7 +114,7 @@ def attach(model: Any, config: ExportConfig) -> ExportHandle:
         ExportHandle; call ``detach()`` to stop exporting and restore the original save.
     """
     global _original_save
-    exporter = Exporter(model, config)
+    exporter = Exporter(model, config, default_mode="async")
     handle = ExportHandle(exporter)
     import megatron.core.dist_checkpointing as dc
 

@@ -99,5 +99,85 @@ def latest_export(root: Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / MANIFEST).is_file():
             return candidate
-    complete = sorted(p for p in root.glob("iter_*") if (p / MANIFEST).is_file())
+    complete = complete_exports(root)
     return complete[-1] if complete else None
+
+
+BUILD_LOCK = ".build.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_being_read(export: Path) -> bool:
+    """Whether a live build process holds this export's lock (a stale lock does not count)."""
+    lock = Path(export) / BUILD_LOCK
+    try:
+        host, pid = lock.read_text().split()
+    except (OSError, ValueError):
+        return False
+    import socket
+
+    return host != socket.gethostname() or _pid_alive(int(pid))
+
+
+class build_lock:
+    """Marks an export as being read by a build, so retention leaves it alone."""
+
+    def __init__(self, export: Path):
+        self.path = Path(export) / BUILD_LOCK
+
+    def __enter__(self):
+        import socket
+
+        self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def complete_exports(root: Path) -> list:
+    """Complete exports under ``root``, oldest first (by iteration)."""
+    found = []
+    for p in Path(root).glob("iter_*"):
+        try:
+            found.append((int(p.name[len("iter_"):]), p))
+        except ValueError:
+            continue
+    return [p for _, p in sorted(found) if (p / MANIFEST).is_file()]
+
+
+def apply_retention(root: Path, keep_last) -> list:
+    """Delete complete exports beyond the newest ``keep_last``; never the newest complete one,
+    never one a build is reading. Returns what was removed."""
+    if not keep_last:
+        return []
+    exports = complete_exports(root)
+    removed = []
+    for old in exports[:-max(int(keep_last), 1)]:
+        if is_being_read(old):
+            continue
+        doomed = old.parent / f".{old.name}.deleting"
+        os.replace(old, doomed)  # the name disappears atomically, the bytes follow
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def update_manifest(export: Path, **fields) -> dict:
+    """Atomically merge ``fields`` into a published manifest (build results come later)."""
+    data = read_manifest(export)
+    data.update(fields)
+    write_json(Path(export) / MANIFEST, data)
+    return data

@@ -1,4 +1,6 @@
-"""attach(): every Nth dist_checkpointing.save exports; detach() restores the original save."""
+"""attach(): every Nth dist_checkpointing.save exports; detach() restores the original save.
+
+These tests pin mode="sync" to check the trigger itself; test_async.py covers the default mode."""
 
 import json
 import logging
@@ -26,7 +28,7 @@ def test_every_nth_save_exports_and_detach_restores(megatron_world, tmp_path):
     original = dist_checkpointing.save
     model = tiny_llama()
     out = tmp_path / "exports"
-    handle = attach(model, ExportConfig(output_dir=str(out), vocab_size=120, every_n_saves=2, formats=["hf"]))
+    handle = attach(model, ExportConfig(mode="sync", output_dir=str(out), vocab_size=120, every_n_saves=2, formats=["hf"]))
     assert dist_checkpointing.save is not original and serialization.save is dist_checkpointing.save
     for it in (10, 20, 30, 40):
         save(model, tmp_path / "ckpt" / f"iter_{it:07d}")
@@ -43,8 +45,8 @@ def test_every_nth_save_exports_and_detach_restores(megatron_world, tmp_path):
 def test_handles_detach_in_any_order(megatron_world, tmp_path):
     original = dist_checkpointing.save
     model = tiny_llama()
-    a = attach(model, ExportConfig(output_dir=str(tmp_path / "a"), vocab_size=120, formats=["hf"]))
-    b = attach(model, ExportConfig(output_dir=str(tmp_path / "b"), vocab_size=120, formats=["trtllm_checkpoint"]))
+    a = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path / "a"), vocab_size=120, formats=["hf"]))
+    b = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path / "b"), vocab_size=120, formats=["trtllm_checkpoint"]))
     save(model, tmp_path / "ckpt" / "iter_0000001")
     a.detach()
     save(model, tmp_path / "ckpt" / "iter_0000002")
@@ -56,7 +58,7 @@ def test_handles_detach_in_any_order(megatron_world, tmp_path):
 
 def test_explicit_callback_for_frameworks_with_events(megatron_world, tmp_path):
     model = tiny_llama()
-    handle = attach(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, formats=["hf"]))
+    handle = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path), vocab_size=120, formats=["hf"]))
     try:
         result = handle.on_checkpoint_saved(iteration=1234, checkpoint_dir="/somewhere/step-1234")
         assert result.ok and result.path.name == "iter_0001234"
@@ -68,14 +70,14 @@ def test_explicit_callback_for_frameworks_with_events(megatron_world, tmp_path):
 
 def test_path_without_iteration_is_logged_or_raised(megatron_world, tmp_path, caplog):
     model = tiny_llama()
-    handle = attach(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, formats=["hf"]))
+    handle = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path), vocab_size=120, formats=["hf"]))
     try:
         with caplog.at_level(logging.ERROR, logger="megatron_trt_ext"):
             assert handle.on_checkpoint_saved(checkpoint_dir="/ckpt/latest") is None
         assert "no iteration in the path" in caplog.text
     finally:
         handle.detach()
-    strict = attach(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, strict=True))
+    strict = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path), vocab_size=120, strict=True))
     try:
         with pytest.raises(ConfigError, match="iteration=..."):
             strict.on_checkpoint_saved(checkpoint_dir="/ckpt/latest")
@@ -91,14 +93,14 @@ def test_failed_export_does_not_stop_training_unless_strict(megatron_world, tmp_
 
     monkeypatch.setattr(hf_mod.HFWriter, "write", boom)
     model = tiny_llama()
-    handle = attach(model, ExportConfig(output_dir=str(tmp_path / "x"), vocab_size=120))
+    handle = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path / "x"), vocab_size=120))
     try:
         save(model, tmp_path / "ckpt" / "iter_0000003")  # must not raise
         assert handle.last_result.status == "failed" and "Permission denied" in handle.last_result.error
         assert (tmp_path / "ckpt" / "iter_0000003" / "metadata.json").is_file()
     finally:
         handle.detach()
-    strict = attach(model, ExportConfig(output_dir=str(tmp_path / "y"), vocab_size=120, strict=True))
+    strict = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path / "y"), vocab_size=120, strict=True))
     try:
         with pytest.raises(Exception, match="Permission denied"):
             save(model, tmp_path / "ckpt" / "iter_0000004")
@@ -108,7 +110,7 @@ def test_failed_export_does_not_stop_training_unless_strict(megatron_world, tmp_
 
 def test_save_count_survives_resume(megatron_world, tmp_path):
     model = tiny_llama()
-    cfg = ExportConfig(output_dir=str(tmp_path), vocab_size=120, every_n_saves=3, formats=["hf"])
+    cfg = ExportConfig(mode="sync", output_dir=str(tmp_path), vocab_size=120, every_n_saves=3, formats=["hf"])
     first = attach(model, cfg)
     first.on_checkpoint_saved(iteration=1)
     first.on_checkpoint_saved(iteration=2)

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.nn.functional as F
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..utils import free_port  # noqa: F401  (re-exported for the test helpers)
 
 
 def init_single_process(seed: int = 1234) -> None:

@@ -74,14 +74,14 @@ def export_layout(rank: int, world_size: int, family: str, layout: dict, checkpo
 def _inject(rank: int, inject: dict) -> None:
     """Fault injection for the collective-safety tests."""
     from ..formats import safetensors_stream
-    from .. import exporter as exporter_mod
+    from .. import job as job_mod
 
     if inject.get("disk_full_rank") == rank:
         def full(self, name, tensor):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", self.path)
         safetensors_stream.SafetensorsFileWriter.write = full
     if inject.get("die_rank") == rank:
-        original = exporter_mod.exchange
+        original = job_mod.exchange
         count = {"n": 0}
 
         def exchange_then_die(unit, local, comm):
@@ -89,4 +89,4 @@ def _inject(rank: int, inject: dict) -> None:
             if count["n"] > inject.get("die_after_units", 3):
                 os._exit(17)  # a lost rank: no exception, no goodbye
             return original(unit, local, comm)
-        exporter_mod.exchange = exchange_then_die
+        job_mod.exchange = exchange_then_die

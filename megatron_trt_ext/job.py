@@ -1,0 +1,284 @@
+"""One export, as data and as a run: `ExportJob` holds everything an export needs except the
+tensors (picklable, so the background worker process can run it), and `ExportJob.run` executes
+the phases on one rank:
+
+1. rank 0 lays out the directory and every output file; all ranks agree it worked;
+2. every unit in plan order: move slices to the writer, convert, cast, write at the planned place;
+   transfers always run, so no peer ever waits on a rank that failed;
+3. all ranks share outcomes and checksums; rank 0 writes configs and the manifest and renames the
+   directory; all ranks learn the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import manifest as mf
+from .arch import FAMILIES
+from .arch.convert import megatron_to_hf
+from .arch.spec import Context
+from .config import ExportConfig
+from .errors import ExportError
+from .formats.files import FileSet, write_json
+from .formats.hf import HFWriter
+from .formats.trtllm import TrtllmConverter, trtllm_config
+from .gather import exchange, iter_meta
+
+logger = logging.getLogger("megatron_trt_ext")
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class ExportResult:
+    """What one export produced. ``path`` and ``status`` are the same on every rank.
+
+    ``status``: ``complete``, ``failed``, ``skipped`` (busy policy) or ``running`` (async, not
+    finished yet; ``Exporter.wait()`` returns the final result).
+    """
+
+    iteration: int
+    path: Path
+    status: str
+    formats: list
+    timings: dict = field(default_factory=dict)
+    bytes_written: int = 0
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+@dataclass
+class ExportJob:
+    config: ExportConfig
+    info: object
+    family: str
+    units: list
+    vocab_size: int
+    moe_tp: int
+    moe_ep: int
+    rank: int
+    world_size: int
+    root: Path
+    out_specs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.out_specs:
+            self.out_specs = self._plan_outputs()
+
+    @property
+    def spec(self):
+        return FAMILIES[self.family]
+
+    @property
+    def ctx(self) -> Context:
+        return Context(info=self.info, vocab_size=self.vocab_size)
+
+    @property
+    def family_trt(self) -> dict:
+        return self.spec.trtllm(self.info)
+
+    # ------------------------------------------------------------------ conversion
+    def new_converter(self) -> TrtllmConverter:
+        c = self.config
+        return TrtllmConverter(self.family_trt, self.info, c.inference_tp, c.inference_pp,
+                               torch_dtype(c.dtype), self.moe_tp, self.moe_ep)
+
+    def convert(self, converter: TrtllmConverter, name: str, tensor: torch.Tensor, dtype: torch.dtype):
+        """The one conversion pipeline, shared by the shape-only plan and the real export.
+
+        Casting is elementwise, so casting before or after a split gives the same bits; the
+        TensorRT-LLM side casts itself because a few tensors (the MoE router) stay float32.
+        """
+        ctx = self.ctx
+        for hf_name, out in megatron_to_hf(self.spec, ctx, [(name, tensor)]):
+            trt = list(converter.feed(hf_name, out)) if "trtllm_checkpoint" in self.config.formats else []
+            yield hf_name, out.to(dtype), trt
+
+    def _plan_outputs(self) -> dict:
+        dtype = torch_dtype(self.config.dtype)
+        converter = self.new_converter()
+        hf_specs, rank_specs = [], {r: [] for r in range(self.config.inference_tp * self.config.inference_pp)}
+        for name, meta in iter_meta(self.units):
+            for hf_name, out, trt in self.convert(converter, name, meta, dtype):
+                hf_specs.append((hf_name, out.dtype, tuple(out.shape)))
+                for rank, trt_name, t in trt:
+                    rank_specs[rank].append((trt_name, t.dtype, tuple(t.shape)))
+        converter.finish()
+        return {"hf": hf_specs, "trtllm": {f"rank{r}.safetensors": s for r, s in rank_specs.items()}}
+
+    def writers(self, tmp: Path, create: bool) -> tuple:
+        hf = trt = None
+        if "hf" in self.config.formats:
+            hf = HFWriter(tmp / "hf", self.out_specs["hf"], self.config.max_shard_size_bytes,
+                          self.spec.hf_config(self.info, self.ctx, self.config.dtype), create=create)
+        if "trtllm_checkpoint" in self.config.formats:
+            trt = FileSet(tmp / "trtllm_checkpoint", self.out_specs["trtllm"], create=create)
+        return hf, trt
+
+    def needed_pieces(self) -> list:
+        """(unit name, offset, shape) of the local slices this rank reads in an export: what a
+        snapshot must copy. A rank sends main slices its writer lacks and writes from its own."""
+        needs = []
+        for unit in self.units:
+            if unit.writer == self.rank:
+                needs += [(unit.name, p.offset, p.shape) for p in unit.pieces if unit.local_to_writer(p)]
+            else:
+                needs += [(unit.name, p.offset, p.shape) for p in unit.pieces
+                          if p.rank == self.rank and not unit.local_to_writer(p)]
+        return needs
+
+    def manifest_base(self, iteration: int) -> dict:
+        c = self.config
+        return {
+            "schema_version": mf.SCHEMA_VERSION,
+            "status": "writing",
+            "iteration": iteration,
+            "created_unix": time.time(),
+            "producer": {"name": "megatron-trt-ext", "version": __version__},
+            "family": self.family,
+            "formats": list(c.formats),
+            "dtype": c.dtype,
+            "vocab_size": self.vocab_size,
+            "inference": {"tp": c.inference_tp, "pp": c.inference_pp, "moe_tp": self.moe_tp, "moe_ep": self.moe_ep},
+            "source": {"padded_vocab_size": self.info.padded_vocab_size, "num_layers": self.info.num_layers,
+                       "world_size": self.world_size},
+            "config": c.to_dict(),
+        }
+
+    # ------------------------------------------------------------------ the run
+    def run(self, comm, local: dict, iteration: int, timings: Optional[dict] = None) -> ExportResult:
+        """Run one export on this rank. Raises ExportError (on every rank alike) on failure."""
+        t0 = time.perf_counter()
+        timings = {"gather_s": 0.0, "convert_s": 0.0, "write_s": 0.0, **(timings or {})}
+        submitted = timings.pop("submitted_unix", None)  # async: count the time since the save
+        base_total = time.time() - submitted if submitted else 0.0
+        tmp = self.root / f".{mf.export_dir_name(iteration)}.partial"
+        meta = self.manifest_base(iteration)
+
+        hf = trt = None
+        local_exc = None
+        try:
+            if self.rank == 0:
+                tmp = mf.start(self.root, iteration)
+                hf, trt = self.writers(tmp, create=True)
+        except Exception as exc:  # noqa: BLE001 - any failure must become a shared decision
+            local_exc = exc
+        failures = comm.agree(f"{type(local_exc).__name__}: {local_exc}" if local_exc else None)
+        if failures:
+            self._fail(iteration, tmp, meta, timings, t0, base_total, failures, local_exc, [hf, trt])
+        if self.rank != 0:
+            hf, trt = self.writers(tmp, create=False)
+
+        error = None
+        checksums: dict = {}
+        converter = self.new_converter()
+        dtype = torch_dtype(self.config.dtype)
+        for unit in self.units:
+            g0 = time.perf_counter()
+            full = exchange(unit, local, comm)
+            timings["gather_s"] += time.perf_counter() - g0
+            if full is None or error is not None:
+                continue
+            try:
+                self._export_unit(unit, full, converter, dtype, hf, trt, timings)
+            except Exception as exc:  # noqa: BLE001
+                error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
+                local_exc = exc
+        try:
+            if error is None:
+                converter.finish()
+            for name, writer in (("hf", hf), ("trtllm_checkpoint", trt)):
+                if writer is not None:
+                    for fname, sums in writer.close().items():
+                        checksums[f"{name}/{fname}"] = sums
+        except Exception as exc:  # noqa: BLE001
+            error = error or f"{type(exc).__name__}: {exc}"
+
+        timings["total_s"] = base_total + time.perf_counter() - t0
+        gathered = comm.all_gather_object((error, checksums, timings))
+        failures = [(r, e) for r, (e, _, _) in enumerate(gathered) if e]
+        if failures:
+            self._fail(iteration, tmp, meta, timings, t0, base_total, failures, local_exc, [hf, trt])
+        publish_error, bytes_written = None, 0
+        if self.rank == 0:
+            try:
+                bytes_written = self._publish(iteration, tmp, meta, hf, trt, gathered)
+            except Exception as exc:  # noqa: BLE001
+                publish_error = f"{type(exc).__name__}: {exc}"
+        publish_error, bytes_written = comm.all_gather_object((publish_error, bytes_written))[0]
+        if publish_error:
+            self._fail(iteration, tmp, meta, timings, t0, base_total, [(0, publish_error)], None, [])
+        timings["total_s"] = base_total + time.perf_counter() - t0
+        path = self.root / mf.export_dir_name(iteration)
+        if self.rank == 0:
+            logger.info("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
+                        timings["total_s"], bytes_written)
+        return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
+
+    def _export_unit(self, unit, full, converter, dtype, hf, trt, timings) -> None:
+        if self.config.check_finite and full.is_floating_point() and not bool(torch.isfinite(full).all()):
+            raise ExportError("contains NaN or Inf values; refusing to export a broken model")
+        c0 = time.perf_counter()
+        for hf_name, out, trt_parts in self.convert(converter, unit.name, full, dtype):
+            w0 = time.perf_counter()
+            timings["convert_s"] += w0 - c0
+            if hf is not None:
+                hf.write(hf_name, out)
+            for rank, name, t in trt_parts:
+                trt.write(name, t, fname=f"rank{rank}.safetensors")
+            c0 = time.perf_counter()
+            timings["write_s"] += c0 - w0
+
+    def _publish(self, iteration, tmp, meta, hf, trt, gathered) -> int:
+        files: dict = {}
+        for _, sums, _ in gathered:
+            for fname, tensors in sums.items():
+                files.setdefault(fname, {}).update(tensors)
+        for prefix, writer in (("hf", hf.fileset if hf else None), ("trtllm_checkpoint", trt)):
+            if writer is not None:
+                missing = writer.missing({k[len(prefix) + 1:]: v for k, v in files.items()
+                                          if k.startswith(prefix + "/")})
+                if missing:
+                    raise ExportError(f"{prefix}: planned tensors never written: {missing}")
+        if hf is not None:
+            hf.finalize(self.config.tokenizer_dir)
+        if trt is not None:
+            c = self.config
+            write_json(tmp / "trtllm_checkpoint" / "config.json", trtllm_config(
+                self.family_trt, self.info, self.vocab_size, c.dtype, c.inference_tp, c.inference_pp,
+                self.moe_tp, self.moe_ep))
+        bytes_written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        per_rank = {r: t for r, (_, _, t) in enumerate(gathered)}
+        meta.update(files={k: {"sha256": v} for k, v in sorted(files.items())},
+                    timings={**per_rank[0], "per_rank": per_rank}, bytes_written=bytes_written)
+        mf.publish(tmp, self.root, iteration, meta)
+        mf.apply_retention(self.root, self.config.keep_last)
+        return bytes_written
+
+    def _fail(self, iteration, tmp, meta, timings, t0, base_total, failures, local_exc, writers):
+        for w in writers:
+            if w is not None:
+                w.abort()
+        timings["total_s"] = base_total + time.perf_counter() - t0
+        first_rank, cause = failures[0]
+        message = f"export of iteration {iteration} failed on rank {first_rank}: {cause}"
+        if self.rank == 0:
+            mf.mark_failed(tmp, self.root, iteration, {**meta, "timings": timings}, message)
+        raise ExportError(message) from local_exc
+
+
+def failed_path(root: Path, iteration: int) -> Path:
+    return Path(root) / f".{mf.export_dir_name(iteration)}.failed"

@@ -1,0 +1,71 @@
+"""The export worker: a process of its own per training rank (spawned, never forked from the
+trainer), so conversion and writing neither hold the trainer's GIL nor can crash it.
+
+The workers of all ranks form their own gloo world for the transfers; each reads its rank's
+snapshot from shared memory that the trainer filled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+
+
+def _launch_build(job, result) -> None:
+    """Start the engine build for a complete export, detached: it records itself in the manifest."""
+    if "trtllm_engine" not in job.config.formats or job.rank != 0 or not result.ok:
+        return
+    from .build.runner import build_command
+
+    subprocess.Popen(build_command(result.path, job.config.build_options), stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def worker_main(conn, job, buffers: dict, addr: str, port: int) -> None:
+    """Serve export requests from the trainer until told to stop."""
+    import torch
+
+    torch.set_num_threads(1)  # leave the cores to training; the work here is mostly copies and I/O
+    from .errors import ExportError
+    from .gather import Comm
+    from .job import ExportResult
+    from .plan import LocalPiece
+
+    try:
+        if job.world_size > 1:
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=job.rank,
+                                    world_size=job.world_size, timeout=timedelta(seconds=job.config.timeout_s))
+        comm = Comm(job.config.timeout_s, torch.device("cpu"))
+        local: dict = {}
+        for (name, offset, shape), buf in buffers.items():
+            local.setdefault(name, []).append(LocalPiece(offset, shape, buf, True))
+        conn.send(("ready", os.getpid()))
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("broken", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg[0] == "stop":
+            return
+        _, iteration, timings = msg
+        try:
+            result = job.run(comm, local, iteration, timings)
+            conn.send(("done", result))
+            _launch_build(job, result)
+        except ExportError as exc:
+            conn.send(("done", ExportResult(iteration, None, "failed", list(job.config.formats), timings, 0,
+                                            str(exc))))
+        except BaseException as exc:  # noqa: BLE001
+            text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            conn.send(("done", ExportResult(iteration, None, "failed", list(job.config.formats), timings, 0,
+                                            text)))
+        sys.stdout.flush()

@@ -206,10 +206,9 @@ class Exporter:
             raise
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
         self._record(result)
-        if "trtllm_engine" in self.config.formats and self.rank == 0:
-            from .worker import _launch_build
+        from .worker import _launch_build
 
-            _launch_build(self.job, result)
+        _launch_build(self.job, result)
         return result
 
     def wait(self) -> Optional[ExportResult]:

@@ -128,16 +128,23 @@ def is_being_read(export: Path) -> bool:
     return host != socket.gethostname() or _pid_alive(int(pid))
 
 
+def write_build_lock(export: Path, pid: int) -> None:
+    import socket
+
+    tmp = Path(export) / (BUILD_LOCK + ".tmp")
+    tmp.write_text(f"{socket.gethostname()} {pid}\n")
+    os.replace(tmp, Path(export) / BUILD_LOCK)
+
+
 class build_lock:
     """Marks an export as being read by a build, so retention leaves it alone."""
 
     def __init__(self, export: Path):
-        self.path = Path(export) / BUILD_LOCK
+        self.export = Path(export)
+        self.path = self.export / BUILD_LOCK
 
     def __enter__(self):
-        import socket
-
-        self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        write_build_lock(self.export, os.getpid())
         return self
 
     def __exit__(self, *exc):

@@ -8,7 +8,6 @@ snapshot from shared memory that the trainer filled.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import traceback
 
@@ -17,10 +16,9 @@ def _launch_build(job, result) -> None:
     """Start the engine build for a complete export, detached: it records itself in the manifest."""
     if "trtllm_engine" not in job.config.formats or job.rank != 0 or not result.ok:
         return
-    from .build.runner import build_command
+    from .build.runner import launch_detached
 
-    subprocess.Popen(build_command(result.path, job.config.build_options), stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    launch_detached(result.path, job.config.build_options)
 
 
 def worker_main(conn, job, buffers: dict, addr: str, port: int) -> None:

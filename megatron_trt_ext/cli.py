@@ -1,0 +1,75 @@
+"""megatron-trt-ext command line.
+
+    megatron-trt-ext build EXPORT_DIR            build the engines of one complete export
+    megatron-trt-ext build --watch ROOT [--once] build each new complete export under ROOT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import ConfigError
+
+
+def _build_options(args):
+    from .build.options import BuildOptions
+
+    data = {}
+    if args.recipe:
+        import yaml
+
+        with open(args.recipe) as f:
+            data = (yaml.safe_load(f) or {}).get("build") or {}
+    for flag in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "timeout"):
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    if args.devices is not None:
+        data["devices"] = [int(d) for d in args.devices.split(",") if d.strip()]
+    if args.deploy_check:
+        data["deploy_check"] = True
+    if not data:
+        return None  # each export's own recipe decides
+    return BuildOptions.from_dict(data, "build options")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-trt-ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build TensorRT-LLM engines of exports (outside training)")
+    b.add_argument("export_dir", nargs="?", help="an iter_XXXXXXX export with a complete manifest")
+    b.add_argument("--watch", metavar="ROOT", help="build every new complete export under ROOT as it lands")
+    b.add_argument("--once", action="store_true", help="with --watch: build what is there, then exit")
+    b.add_argument("--poll", type=float, default=10.0, help="with --watch: seconds between scans")
+    b.add_argument("--recipe", help="take the build: section of this recipe")
+    b.add_argument("--max-batch-size", type=int)
+    b.add_argument("--max-input-len", type=int)
+    b.add_argument("--max-seq-len", type=int)
+    b.add_argument("--max-num-tokens", type=int)
+    b.add_argument("--devices", help="comma-separated CUDA device indices")
+    b.add_argument("--timeout", type=int)
+    b.add_argument("--deploy-check", action="store_true")
+    args = parser.parse_args(argv)
+    from .build import runner
+
+    try:
+        if bool(args.export_dir) == bool(args.watch):
+            raise ConfigError("build: give either EXPORT_DIR or --watch ROOT")
+        options = _build_options(args)
+        if args.watch:
+            for export, record in runner.watch(args.watch, options, args.poll, args.once):
+                print(f"{export}: {record['status']}", flush=True)
+            return 0
+        record = runner.build_export(args.export_dir, options)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2))
+    return 0 if record["status"] in ("complete", "skipped", "no_tensorrt_backend") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Async exports (the default under attach): snapshot semantics, busy policy, retention, and
+failure isolation with real faults (a full tmpfs, SIGKILL of the worker)."""
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_trt_ext import ExportConfig, Exporter, attach
+from megatron_trt_ext import manifest as mf
+from megatron_trt_ext.testing.models import randomize, tiny_llama
+
+
+def medium_llama():
+    """~10M parameters: an export takes long enough that a second save finds it still running."""
+    return tiny_llama(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                      ffn_hidden_size=1024, vocab_size=4096)
+
+
+def test_async_export_matches_sync_and_reports_stall(megatron_world, tmp_path):
+    model = tiny_llama()
+    randomize(model, seed=31)
+    sync = Exporter(model, ExportConfig(output_dir=str(tmp_path / "sync"), vocab_size=120, mode="sync")).export(9)
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "async"), vocab_size=120, mode="async"))
+    try:
+        running = exporter.export(9)
+        assert running.status == "running" and running.path == tmp_path / "async" / "iter_0000009"
+        assert {"stall_s", "snapshot_s"} <= set(running.timings)
+        done = exporter.wait()
+    finally:
+        exporter.close()
+    assert done.ok and done.path == running.path
+    assert {"stall_s", "snapshot_s", "gather_s", "convert_s", "write_s", "total_s"} <= set(done.timings)
+    assert done.timings["stall_s"] <= done.timings["total_s"]
+    manifest = json.loads((done.path / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "stall_s" in manifest["timings"]
+    for rel in ("hf/model.safetensors", "trtllm_checkpoint/rank0.safetensors"):
+        assert (done.path / rel).read_bytes() == (sync.path / rel).read_bytes()
+
+
+def test_async_export_is_the_model_at_the_save(megatron_world, tmp_path):
+    """Training goes on right after export() returns; the export holds the weights of the save."""
+    model = tiny_llama()
+    randomize(model, seed=32)
+    at_save = model.decoder.final_layernorm.weight.detach().clone()
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, mode="async",
+                                            dtype="float32", formats=["hf"]))
+    try:
+        exporter.export(1)
+        with torch.no_grad():  # the optimizer step that follows the save
+            for p in model.parameters():
+                p.add_(1.0)
+        result = exporter.wait()
+    finally:
+        exporter.close()
+    stored = load_file(str(result.path / "hf" / "model.safetensors"))
+    assert torch.equal(stored["model.norm.weight"], at_save)
+
+
+@pytest.mark.parametrize("policy", ["skip", "wait"])
+def test_busy_policy(megatron_world, tmp_path, policy):
+    model = medium_llama()
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=4000, mode="async",
+                                            busy_policy=policy))
+    try:
+        first = exporter.export(1)
+        second = exporter.export(2)  # the first one is still being written
+        last = exporter.wait()
+    finally:
+        exporter.close()
+    assert first.status == "running"
+    if policy == "skip":
+        assert second.status == "skipped" and last.iteration == 1
+        assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001"]
+    else:
+        assert second.status == "running" and last.iteration == 2 and last.ok
+        assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert [r.status for r in exporter.results if r.iteration == 1] == ["complete"]
+
+
+def test_sigkill_of_the_worker_is_recorded_and_training_goes_on(megatron_world, tmp_path):
+    model = medium_llama()
+    handle = attach(model, ExportConfig(output_dir=str(tmp_path), vocab_size=4000))
+    try:
+        worker = handle.exporter._background.proc
+        handle.on_checkpoint_saved(iteration=1)
+        os.kill(worker.pid, signal.SIGKILL)
+        failed = handle.wait()
+        assert failed.status == "failed" and "died" in failed.error and "-9" in failed.error
+        assert not (tmp_path / "iter_0000001").exists()
+        manifest = json.loads((tmp_path / ".iter_0000001.failed" / "manifest.json").read_text())
+        assert manifest["status"] == "failed" and "died" in manifest["error"]
+        # the next save starts a fresh worker and exports normally
+        assert handle.on_checkpoint_saved(iteration=2).status == "running"
+        assert handle.wait().ok
+        assert handle.exporter._background.proc.pid != worker.pid
+    finally:
+        handle.detach()
+    assert mf.latest_export(tmp_path).name == "iter_0000002"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_full_disk_fails_the_export_not_training(megatron_world, small_tmpfs, mode):
+    model = medium_llama()  # ~20 MB of bf16 weights, the tmpfs holds 1 MB
+    handle = attach(model, ExportConfig(output_dir=str(small_tmpfs), vocab_size=4000, mode=mode))
+    try:
+        result = handle.on_checkpoint_saved(iteration=5)
+        result = handle.wait() if mode == "async" else result
+    finally:
+        handle.detach()
+    assert result.status == "failed" and "No space left on device" in result.error
+    assert not (small_tmpfs / "iter_0000005").exists()
+    assert not list(small_tmpfs.glob("iter_*"))
+    assert (small_tmpfs / ".iter_0000005.failed").is_dir()
+
+
+def test_keep_last_never_removes_the_newest_nor_one_being_built(megatron_world, tmp_path):
+    model = tiny_llama()
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, keep_last=2,
+                                            formats=["hf"], mode="sync"))
+    exporter.export(1)
+    with mf.build_lock(tmp_path / "iter_0000001"):
+        for it in (2, 3, 4):
+            exporter.export(it)
+        assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001", "iter_0000003", "iter_0000004"]
+    exporter.export(5)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
+    assert mf.latest_export(tmp_path).name == "iter_0000005"

@@ -173,8 +173,10 @@ class BackgroundExporter:
                    "submitted_unix": t_submit}
         self.pending = (iteration, (t_submit, stall))
         self._send_when_copied(("export", iteration, timings))
-        return ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
-                            list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
+        running = ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
+                               list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
+        self.exporter.last_result = running  # replaced by the final result when it arrives
+        return running
 
     def _snapshot(self) -> None:
         live = local_shards(self.exporter.chunks)

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from megatron.core import dist_checkpointing
 
     from . import ExportConfig, attach
-    from .manifest import latest_export, read_manifest
+    from .manifest import latest_export, read_manifest, verify_export
     from .testing.models import init_single_process, tiny_llama
 
     init_single_process(seed=1234)
@@ -87,8 +87,9 @@ def main(argv=None) -> int:
             dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
             r = handle.last_result
             if r is not None and r.iteration == step:
-                print(f"  saved {ckpt.name}; export {r.status} in {r.timings.get('total_s', 0):.2f} s")
-    handle.detach()
+                print(f"  saved {ckpt.name}; export {r.status} (training waited "
+                      f"{r.timings.get('stall_s', 0) * 1000:.1f} ms)")
+    handle.detach()  # waits for the export still running in the background
     train_s = time.time() - t_start
 
     export = latest_export(work / "exports")
@@ -96,10 +97,24 @@ def main(argv=None) -> int:
         print("FAILED: no complete export found")
         return 1
     print(f"\ntrained {args.steps} steps in {train_s:.1f} s\n")
-    print(f"{'iteration':>9}  {'seconds':>7}  {'bytes':>9}  path")
+    print(f"{'iteration':>9}  {'stall ms':>8}  {'seconds':>7}  {'bytes':>9}  {'verified':>8}  path")
+    stalls = []
     for path in sorted((work / "exports").glob("iter_*")):
         m = read_manifest(path)
-        print(f"{m['iteration']:>9}  {m['timings']['total_s']:>7.2f}  {m['bytes_written']:>9}  {path}")
+        t = m["timings"]
+        problems = verify_export(path)
+        stalls.append(t.get("stall_s", 0))
+        print(f"{m['iteration']:>9}  {t.get('stall_s', 0) * 1000:>8.1f}  {t['total_s']:>7.2f}  "
+              f"{m['bytes_written']:>9}  {'yes' if not problems else 'NO':>8}  {path}")
+        if problems:
+            print(f"FAILED: {path} does not match its manifest: {problems[:3]}")
+            return 1
+    from . import Exporter
+
+    sync = Exporter(model, ExportConfig.from_yaml(args.recipe, output_dir=str(work / "sync_exports"),
+                                                  vocab_size=VOCAB, mode="sync")).export(args.steps)
+    print(f"\nthe same export in sync mode stalls training {sync.timings['stall_s'] * 1000:.1f} ms; the async "
+          f"exports above stalled it {max(stalls) * 1000:.1f} ms at most")
 
     from transformers import AutoModelForCausalLM
 

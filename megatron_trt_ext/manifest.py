@@ -188,3 +188,33 @@ def update_manifest(export: Path, **fields) -> dict:
     data.update(fields)
     write_json(Path(export) / MANIFEST, data)
     return data
+
+
+def verify_export(export: Path) -> list:
+    """Recompute every tensor's sha256 and compare with the manifest; returns the problems found
+    (an empty list means the export is complete and intact)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from .formats.safetensors_stream import tensor_bytes
+
+    export = Path(export)
+    try:
+        manifest = read_manifest(export)
+    except (OSError, ValueError) as exc:
+        return [f"manifest.json unreadable: {exc}"]
+    problems = [] if manifest.get("status") == "complete" else [f"status is {manifest.get('status')!r}"]
+    for rel, entry in manifest.get("files", {}).items():
+        path = export / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(entry["sha256"]):
+                problems.append(f"{rel}: tensors differ from the manifest")
+            for name in sorted(names & set(entry["sha256"])):
+                if hashlib.sha256(tensor_bytes(f.get_tensor(name))).hexdigest() != entry["sha256"][name]:
+                    problems.append(f"{rel}: {name} checksum mismatch")
+    return problems

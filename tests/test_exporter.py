@@ -162,3 +162,16 @@ def test_streaming_writer_refuses_wrong_or_missing_tensors(tmp_path):
     with pytest.raises(ValueError, match="written twice"):
         writer.write("w", torch.zeros(2, 2))
     assert writer.missing(set(writer.close())) == ["v"]
+
+
+def test_verify_export_detects_a_flipped_byte(megatron_world, tmp_path):
+    from megatron_trt_ext.manifest import verify_export
+
+    result = Exporter(tiny_llama(), ExportConfig(output_dir=str(tmp_path), vocab_size=120)).export(2)
+    assert verify_export(result.path) == []
+    target = result.path / "trtllm_checkpoint" / "rank0.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor's data
+    target.write_bytes(bytes(data))
+    problems = verify_export(result.path)
+    assert len(problems) == 1 and "rank0.safetensors" in problems[0] and "checksum mismatch" in problems[0]

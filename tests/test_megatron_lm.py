@@ -1,0 +1,50 @@
+"""Megatron-LM flags: parsing, recipe + overrides, errors that name the flag, attach_from_args."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from megatron_trt_ext import ConfigError
+from megatron_trt_ext.megatron_lm import add_export_args, attach_from_args, config_from_args
+from megatron_trt_ext.testing.models import tiny_llama
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "bf16.yaml"
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vocab-size", type=int, default=None)  # Megatron-LM's own flag
+    return add_export_args(parser).parse_args(list(argv))
+
+
+def test_export_is_off_without_dir_or_recipe():
+    assert config_from_args(parse()) is None
+
+
+def test_flags_override_the_recipe():
+    args = parse("--export-recipe", str(RECIPE), "--export-dir", "/tmp/x", "--export-formats", "hf",
+                 "--export-interval", "5", "--export-inference-tp", "2", "--export-mode", "sync",
+                 "--export-keep-last", "3", "--vocab-size", "32000")
+    cfg = config_from_args(args)
+    assert (cfg.output_dir, cfg.formats, cfg.every_n_saves, cfg.inference_tp, cfg.mode, cfg.keep_last,
+            cfg.vocab_size) == ("/tmp/x", ["hf"], 5, 2, "sync", 3, 32000)
+    assert cfg.recipe == str(RECIPE)
+
+
+def test_bad_flag_values_are_named():
+    with pytest.raises(ConfigError, match="formats.*onnx.*--export-"):
+        config_from_args(parse("--export-dir", "/tmp/x", "--export-formats", "hf,onnx"))
+    with pytest.raises(SystemExit):  # argparse's own choice check
+        parse("--export-dir", "/tmp/x", "--export-mode", "later")
+
+
+def test_attach_from_args(megatron_world, tmp_path):
+    assert attach_from_args(tiny_llama(), parse()) is None
+    handle = attach_from_args(tiny_llama(), parse("--export-dir", str(tmp_path), "--export-mode", "sync",
+                                                  "--vocab-size", "120", "--export-formats", "hf"))
+    try:
+        assert handle.on_checkpoint_saved(iteration=4).ok
+    finally:
+        handle.detach()
+    assert (tmp_path / "iter_0000004" / "hf" / "config.json").is_file()

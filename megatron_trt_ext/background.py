@@ -21,7 +21,6 @@ import torch
 
 from . import manifest as mf
 from .job import ExportResult, torch_dtype
-from .plan import local_shards
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -179,8 +178,9 @@ class BackgroundExporter:
         return running
 
     def _snapshot(self) -> None:
-        live = local_shards(self.exporter.chunks)
+        live, replica = self.exporter._source()  # quantized exports: a calibrated replica
         by_key = {(name, p.offset, tuple(p.tensor.shape)): p.tensor for name, pieces in live.items() for p in pieces}
+        del replica
         if self._stream is None:
             with torch.no_grad():
                 for key, buf in self.buffers.items():

@@ -75,6 +75,8 @@ class ExportConfig:
             built); unset keeps all.
         build: engine-build options (see `build.options.BuildOptions`), used with the
             ``trtllm_engine`` format.
+        quantization: quantized export (see `quant.spec.QuantSpec`): algorithm, KV cache,
+            excluded modules and calibration.
         timeout_s: longest time a rank waits on its peers during an export (a failed or lost
             rank turns into an error on every rank within this bound, never a hang).
     """
@@ -98,6 +100,7 @@ class ExportConfig:
     busy_policy: str = "skip"
     keep_last: Optional[int] = None
     build: Any = None
+    quantization: Any = None
     recipe: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -133,6 +136,9 @@ class ExportConfig:
         from .build.options import BuildOptions
 
         self.build_options = BuildOptions.from_dict(self.build, f"build{source}")
+        from .quant.spec import QuantSpec
+
+        self.quant = QuantSpec.from_dict(self.quantization, f"quantization{source}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype{source}: unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
@@ -198,6 +204,7 @@ class ExportConfig:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["build"] = self.build_options.to_dict()
+        out["quantization"] = self.quant.to_dict()
         return out
 
 

@@ -70,10 +70,14 @@ class Exporter:
     layouts that cannot hold the model, an unwritable output directory or missing build devices.
     """
 
-    def __init__(self, model: Any, config: ExportConfig, default_mode: str = "sync"):
+    def __init__(self, model: Any, config: ExportConfig, default_mode: str = "sync",
+                 calibration_data: Any = None, forward_loop: Any = None):
         if not isinstance(config, ExportConfig):
             raise ConfigError(f"config: expected an ExportConfig, got {type(config).__name__}")
         self.config = config
+        self.quant = config.quant if config.quant.enabled else None
+        self.calibration_data = calibration_data
+        self.forward_loop = forward_loop
         self.mode = config.mode or default_mode
         self.chunks = unwrap_chunks(model)
         device = next((p.device for c in self.chunks for p in c.parameters()), torch.device("cpu"))
@@ -88,7 +92,13 @@ class Exporter:
             self.root = config.check_output_dir_writable()
             if "trtllm_engine" in config.formats:
                 config.build_options.check_devices(torch.cuda.device_count())
-            description = describe(local_shards(self.chunks), self.rank)
+            local = local_shards(self.chunks)
+            if self.quant is not None:
+                self._check_quantization()
+                from .quant.stats import stat_pieces
+
+                local.update(stat_pieces(local, self.quant))
+            description = describe(local, self.rank)
         except err_mod.MegatronTrtExtError as exc:
             local_exc = exc
         gathered = self.comm.all_gather_object(
@@ -96,8 +106,10 @@ class Exporter:
         failures = [(r, e) for r, (e, _) in enumerate(gathered) if e]
         if failures:
             _raise_agreed(failures, local_exc, "export set-up")
-        units = build_units((d for _, d in gathered), group_key=expert_group)
-        check_sources(self.spec, self.info, [u.name for u in units])
+        from .quant.stats import is_stat, weight_of
+
+        units = build_units((d for _, d in gathered), group_key=lambda n: expert_group(weight_of(n)))
+        check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
                              rank=self.rank, world_size=self.world_size, root=self.root)
@@ -164,6 +176,56 @@ class Exporter:
                               f"{info.moe_ffn_hidden_size}")
         return moe_tp, moe_ep
 
+    def _check_quantization(self) -> None:
+        """Everything about a quantized export that can fail, checked at attach."""
+        spec, info, algo = self.quant, self.info, self.quant.algo
+        where = f"quantization.algorithm {spec.algorithm}"
+        try:
+            import modelopt.torch.quantization  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"{where}: needs NVIDIA ModelOpt ({exc}); install it with "
+                              "pip install 'megatron-trt-ext[quant]'") from exc
+        if algo is not None and algo.needs_cuda and not torch.cuda.is_available():
+            raise ConfigError(f"{where}: ModelOpt's {algo.quant_algo} calibration needs CUDA and this "
+                              "machine has no GPU; run on GPUs, or pick fp8, int8_sq, int4_awq or w4a8_awq")
+        if self.spec.name != "llama":
+            raise ConfigError(f"quantization: supported for the llama family (Llama, Qwen2) in this version, "
+                              f"not {self.spec.name!r}; export this model unquantized (bf16 recipe)")
+        staged = len(self.chunks) > 1 or any(not (getattr(c, "pre_process", True) and getattr(c, "post_process", True))
+                                             for c in self.chunks)
+        if staged and self.forward_loop is None:
+            raise ConfigError("quantization: the model is pipeline-parallel; calibration needs forward passes "
+                              "through all stages: pass forward_loop=<callable(model)> (e.g. running Megatron's "
+                              "forward_backward_func with forward_only=True) to attach()/Exporter()")
+        if spec.calibration.source == "iterator" and self.calibration_data is None and self.forward_loop is None:
+            raise ConfigError("quantization.calibration.source is 'iterator': pass calibration_data=<iterator or "
+                              "callable> (e.g. a slice of the training data iterator) to attach()/Exporter()")
+        if algo is not None and algo.group_size:
+            g, tp = algo.group_size, self.config.inference_tp
+            row_inputs = {"attention output (heads x head_dim)": info.num_attention_heads * info.head_dim,
+                          "MLP down projection (ffn_hidden_size)": info.ffn_hidden_size}
+            for what, size in {"hidden_size": info.hidden_size, **row_inputs}.items():
+                if size % g:
+                    raise ConfigError(f"{where}: {what}={size} is not a multiple of the group size {g}")
+            for what, size in row_inputs.items():
+                if (size // tp) % g:
+                    raise ConfigError(f"{where}: with inference_tp={tp} each rank holds {size // tp} inputs of the "
+                                      f"{what}, not a multiple of the group size {g}; lower inference_tp")
+
+    def _source(self):
+        """The slices an export reads, and what to drop afterwards: the live model's own, or
+        (quantized exports) a calibrated replica's plus its calibration statistics."""
+        if self.quant is None:
+            return local_shards(self.chunks), None
+        from .quant.calibrate import calibrate
+        from .quant.stats import stat_pieces
+
+        replica, kv_amax = calibrate(self.chunks, self.quant, self.info, self.calibration_data,
+                                     self.forward_loop, self.comm)
+        local = local_shards(replica)
+        local.update(stat_pieces(local, self.quant, replica, kv_amax))
+        return local, replica
+
     def _export_vocab_size(self) -> int:
         padded = self.info.padded_vocab_size
         wanted = self.config.vocab_size
@@ -196,7 +258,8 @@ class Exporter:
             return self._background.submit(iteration)
         t0 = time.perf_counter()
         try:
-            result = self.job.run(self.comm, local_shards(self.chunks), iteration)
+            local, replica = self._source()
+            result = self.job.run(self.comm, local, iteration)
         except ExportError as exc:
             from .job import failed_path
 
@@ -204,6 +267,8 @@ class Exporter:
                                       list(self.config.formats), {"stall_s": time.perf_counter() - t0}, 0,
                                       str(exc)))
             raise
+        finally:
+            local = replica = None  # noqa: F841 - drop the calibration replica now
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
         self._record(result)
         from .worker import _launch_build

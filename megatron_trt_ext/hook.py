@@ -103,18 +103,23 @@ def _make_wrapper(original):
     return save_and_export
 
 
-def attach(model: Any, config: ExportConfig) -> ExportHandle:
+def attach(model: Any, config: ExportConfig, calibration_data: Any = None, forward_loop: Any = None) -> ExportHandle:
     """Validate ``model`` against ``config`` now and export at every Nth checkpoint save.
 
     Args:
         model: GPTModel, list of chunks, or DDP/Float16Module-wrapped model (as for `Exporter`).
         config: ExportConfig (``every_n_saves`` sets N).
+        calibration_data: quantized exports with ``calibration.source: iterator``: an iterator of
+            token batches (or a callable returning one), e.g. a slice of the training data.
+        forward_loop: quantized exports of pipeline-parallel models: ``callable(model)`` that runs
+            calibration forward passes through all stages.
 
     Returns:
         ExportHandle; call ``detach()`` to stop exporting and restore the original save.
     """
     global _original_save
-    exporter = Exporter(model, config, default_mode="async")
+    exporter = Exporter(model, config, default_mode="async", calibration_data=calibration_data,
+                        forward_loop=forward_loop)
     handle = ExportHandle(exporter)
     import megatron.core.dist_checkpointing as dc
 

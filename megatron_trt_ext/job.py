@@ -96,23 +96,79 @@ class ExportJob:
         return TrtllmConverter(self.family_trt, self.info, c.inference_tp, c.inference_pp,
                                torch_dtype(c.dtype), self.moe_tp, self.moe_ep)
 
-    def convert(self, converter: TrtllmConverter, name: str, tensor: torch.Tensor, dtype: torch.dtype):
+    @property
+    def quant(self):
+        spec = self.config.quant
+        return spec if spec.enabled else None
+
+    def convert(self, converter: TrtllmConverter, name: str, tensor: torch.Tensor, dtype: torch.dtype,
+                stats: Optional[dict] = None):
         """The one conversion pipeline, shared by the shape-only plan and the real export.
 
-        Casting is elementwise, so casting before or after a split gives the same bits; the
-        TensorRT-LLM side casts itself because a few tensors (the MoE router) stay float32.
+        Yields (hf_name, hf_tensor, [(rank, trt_name, trt_tensor), ...]). Casting is elementwise,
+        so casting before or after a split gives the same bits; the TensorRT-LLM side casts itself
+        because a few tensors (MoE router, scales) stay float32. Calibration statistics (quantized
+        exports) are kept in ``stats`` until their linear's weight arrives.
         """
-        ctx = self.ctx
-        for hf_name, out in megatron_to_hf(self.spec, ctx, [(name, tensor)]):
-            trt = list(converter.feed(hf_name, out)) if "trtllm_checkpoint" in self.config.formats else []
+        from .quant.stats import is_stat
+
+        if is_stat(name):
+            stats[name] = tensor
+            return
+        trt_on = "trtllm_checkpoint" in self.config.formats
+        quantizer = self._quantizer(name, tensor, stats)
+        for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)]):
+            if quantizer is not None and self._quantized(hf_name):
+                yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on)
+                continue
+            trt = list(converter.feed(hf_name, out)) if trt_on else []
             yield hf_name, out.to(dtype), trt
+            if quantizer is not None and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
+                yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
+
+    def _quantizer(self, name: str, tensor: torch.Tensor, stats: Optional[dict]):
+        if self.quant is None:
+            return None
+        from .quant.calibrate import is_quantizable_linear
+        from .quant.numerics import LinearQuantizer
+        from .quant.stats import stat_name, stats_for
+
+        if not is_quantizable_linear(name):
+            return None
+        values = {stat: stats.pop(stat_name(name, stat)) for stat in stats_for(self.quant, name)}
+        return LinearQuantizer(self.quant.algo, tensor, values)
+
+    def _quantized(self, hf_name: str) -> bool:
+        import fnmatch
+
+        module = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else None
+        return (module is not None and self.quant.algo is not None
+                and not any(fnmatch.fnmatch(module, pattern) for pattern in self.quant.exclude))
+
+    def _convert_quantized(self, converter, quantizer, hf_name, weight, trt_on):
+        qlinear = quantizer.quantize_part(weight)
+        trt = list(converter.feed(hf_name, qlinear)) if trt_on else []
+        module = hf_name[: -len(".weight")]
+        yield hf_name, qlinear.quantized(), trt
+        for scale, (value, _) in qlinear.scales.items():
+            yield f"{module}.{scale}", value.float().contiguous(), []
+        yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
+
+    def _kv_scale(self, converter, quantizer, hf_name, trt_on):
+        kv = quantizer.kv_scales()
+        module = hf_name[: -len(".weight")]
+        for which in ("k", "v"):
+            if hf_name.endswith(f"{which}_proj.weight") and which in kv:
+                trt = list(converter.feed_kv_scale(hf_name, which, kv[which])) if trt_on else []
+                yield f"{module}.{which}_scale", kv[which].float(), trt
 
     def _plan_outputs(self) -> dict:
         dtype = torch_dtype(self.config.dtype)
         converter = self.new_converter()
         hf_specs, rank_specs = [], {r: [] for r in range(self.config.inference_tp * self.config.inference_pp)}
+        stats: dict = {}
         for name, meta in iter_meta(self.units):
-            for hf_name, out, trt in self.convert(converter, name, meta, dtype):
+            for hf_name, out, trt in self.convert(converter, name, meta, dtype, stats):
                 hf_specs.append((hf_name, out.dtype, tuple(out.shape)))
                 for rank, trt_name, t in trt:
                     rank_specs[rank].append((trt_name, t.dtype, tuple(t.shape)))
@@ -122,8 +178,13 @@ class ExportJob:
     def writers(self, tmp: Path, create: bool) -> tuple:
         hf = trt = None
         if "hf" in self.config.formats:
-            hf = HFWriter(tmp / "hf", self.out_specs["hf"], self.config.max_shard_size_bytes,
-                          self.spec.hf_config(self.info, self.ctx, self.config.dtype), create=create)
+            hf_config = self.spec.hf_config(self.info, self.ctx, self.config.dtype)
+            if self.quant is not None:
+                from .quant.export_config import hf_quantization_config
+
+                hf_config["quantization_config"] = hf_quantization_config(self.quant)
+            hf = HFWriter(tmp / "hf", self.out_specs["hf"], self.config.max_shard_size_bytes, hf_config,
+                          create=create)
         if "trtllm_checkpoint" in self.config.formats:
             trt = FileSet(tmp / "trtllm_checkpoint", self.out_specs["trtllm"], create=create)
         return hf, trt
@@ -186,6 +247,7 @@ class ExportJob:
         checksums: dict = {}
         converter = self.new_converter()
         dtype = torch_dtype(self.config.dtype)
+        stats: dict = {}
         for unit in self.units:
             g0 = time.perf_counter()
             full = exchange(unit, local, comm)
@@ -193,7 +255,7 @@ class ExportJob:
             if full is None or error is not None:
                 continue
             try:
-                self._export_unit(unit, full, converter, dtype, hf, trt, timings)
+                self._export_unit(unit, full, converter, dtype, hf, trt, timings, stats)
             except Exception as exc:  # noqa: BLE001
                 error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
                 local_exc = exc
@@ -228,11 +290,11 @@ class ExportJob:
                         timings["total_s"], bytes_written)
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
 
-    def _export_unit(self, unit, full, converter, dtype, hf, trt, timings) -> None:
+    def _export_unit(self, unit, full, converter, dtype, hf, trt, timings, stats) -> None:
         if self.config.check_finite and full.is_floating_point() and not bool(torch.isfinite(full).all()):
             raise ExportError("contains NaN or Inf values; refusing to export a broken model")
         c0 = time.perf_counter()
-        for hf_name, out, trt_parts in self.convert(converter, unit.name, full, dtype):
+        for hf_name, out, trt_parts in self.convert(converter, unit.name, full, dtype, stats):
             w0 = time.perf_counter()
             timings["convert_s"] += w0 - c0
             if hf is not None:
@@ -255,11 +317,19 @@ class ExportJob:
                     raise ExportError(f"{prefix}: planned tensors never written: {missing}")
         if hf is not None:
             hf.finalize(self.config.tokenizer_dir)
+            if self.quant is not None:
+                from .quant.export_config import hf_quant_config_file
+
+                write_json(tmp / "hf" / "hf_quant_config.json", hf_quant_config_file(self.quant))
         if trt is not None:
             c = self.config
-            write_json(tmp / "trtllm_checkpoint" / "config.json", trtllm_config(
-                self.family_trt, self.info, self.vocab_size, c.dtype, c.inference_tp, c.inference_pp,
-                self.moe_tp, self.moe_ep))
+            trt_config = trtllm_config(self.family_trt, self.info, self.vocab_size, c.dtype, c.inference_tp,
+                                       c.inference_pp, self.moe_tp, self.moe_ep)
+            if self.quant is not None:
+                from .quant.export_config import trtllm_quantization
+
+                trt_config["quantization"] = trtllm_quantization(self.quant)
+            write_json(tmp / "trtllm_checkpoint" / "config.json", trt_config)
         bytes_written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         per_rank = {r: t for r, (_, _, t) in enumerate(gathered)}
         meta.update(files={k: {"sha256": v} for k, v in sorted(files.items())},

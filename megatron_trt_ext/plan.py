@@ -111,10 +111,23 @@ def local_shards(chunks: list) -> dict:
                                   "not model weights; pass the model, not the optimizer state")
             p = st.prepend_axis_num
             name = unit_name(st.key, tuple(st.global_offset[:p]))
-            out.setdefault(name, []).append(LocalPiece(
-                tuple(st.global_offset[p:]), tuple(st.global_shape[p:]), st.data,
-                _is_main_replica(st.replica_id)))
+            offset, global_shape = tuple(st.global_offset[p:]), tuple(st.global_shape[p:])
+            name, offset, global_shape = _merge_gated_halves(name, offset, global_shape)
+            out.setdefault(name, []).append(LocalPiece(offset, global_shape, st.data,
+                                                       _is_main_replica(st.replica_id)))
     return out
+
+
+def _merge_gated_halves(name: str, offset: tuple, global_shape: tuple) -> tuple:
+    """Gated fc1 saved as separate halves (``weight_w``: gate, ``weight_v``: up; Megatron's
+    singleton-local-shards layout, also what ModelOpt-quantized modules use) -> the one
+    [gate; up] tensor of the default layout."""
+    for suffix, half in (("_w", 0), ("_v", 1)):
+        if name.endswith(("weight" + suffix, "bias" + suffix)):
+            rows = global_shape[0]
+            return (name[: -len(suffix)], (offset[0] + half * rows, *offset[1:]),
+                    (2 * rows, *global_shape[1:]))
+    return name, offset, global_shape
 
 
 def describe(local: dict, rank: int) -> dict:

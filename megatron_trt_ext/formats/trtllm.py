@@ -158,6 +158,64 @@ class TrtllmConverter:
                 raise AssertionError(kind)
             yield rank, name, out.to(self.dtype)
 
+    # ------------------------------------------------------------------ quantized linears
+    _TRT_SCALE = {"weight_scale": "weights_scaling_factor", "input_scale": "activation_scaling_factor",
+                  "weight_scale_2": "weights_scaling_factor_2", "pre_quant_scale": "prequant_scaling_factor"}
+
+    def _repeat_kv_rows(self, t: torch.Tensor) -> torch.Tensor:
+        info = self.info
+        rows = t if t.dim() > 1 else t.unsqueeze(1)
+        out = layouts.repeat_kv_heads(rows, info.num_query_groups, info.head_dim, self.tp)
+        return out if t.dim() > 1 else out.squeeze(1)
+
+    def _place_quant(self, stage: int, name: str, kind: str, q) -> Iterator[tuple]:
+        """A quantized linear: split the float weight and its scales, then quantize each split."""
+        from ..quant.numerics import split_scale
+
+        module = name[: -len(".weight")]
+        for tp_rank, rank in enumerate(self._stage_ranks(stage)):
+            if kind == "qkv":
+                parts = []
+                for which, part in zip("qkv", q):
+                    w = part.weight if which == "q" else self._repeat_kv_rows(part.weight)
+                    parts.append((part, layouts.split_for_rank(w, 0, self.tp, tp_rank)))
+                weight = torch.cat([w for _, w in parts], dim=0)
+                scales = {}
+                for key, (value, skind) in q[0].scales.items():
+                    if skind in ("out", "block"):
+                        pieces = [split_scale(p.scales[key][0] if which == "q" else
+                                              self._repeat_kv_rows(p.scales[key][0]), skind, "column", self.tp, tp_rank)
+                                  for which, (p, _) in zip("qkv", parts)]
+                        scales[key] = (torch.cat(pieces, dim=0), skind)
+                    else:
+                        scales[key] = (value, skind)
+                ref = q[0]
+            else:
+                placement = {"column": "column", "row": "row", "replicated": "column"}[kind]
+                weight = q.weight if kind == "replicated" else layouts.split_for_rank(
+                    q.weight, 0 if placement == "column" else 1, self.tp, tp_rank)
+                scales = {key: (split_scale(v, skind, placement, self.tp if kind != "replicated" else 1, tp_rank), skind)
+                          for key, (v, skind) in q.scales.items()}
+                ref = q
+            yield rank, name, ref.quantized(weight, scales)
+            for key, (value, skind) in scales.items():
+                out = value.float()
+                yield rank, f"{module}.{self._TRT_SCALE[key]}", out.reshape(1) if skind == "tensor" else out
+
+    def feed_kv_scale(self, hf_name: str, which: str, scale: torch.Tensor) -> Iterator[tuple]:
+        """FP8 KV cache: one scale per layer, the larger of the K and V scales."""
+        m = self.layer_re.match(hf_name)
+        layer = int(m.group(1))
+        parts = self._pending.setdefault((layer, "kv_scale"), {})
+        parts[which] = scale
+        if len(parts) < 2:
+            return
+        del self._pending[(layer, "kv_scale")]
+        stage, local = divmod(layer, self.layers_per_stage)
+        value = torch.maximum(parts["k"], parts["v"]).float().reshape(1)
+        for rank in self._stage_ranks(stage):
+            yield rank, f"transformer.layers.{local}.attention.kv_cache_scaling_factor", value
+
     # ------------------------------------------------------------------ the stream
     def feed(self, hf_name: str, tensor: torch.Tensor) -> Iterator[tuple]:
         m = self.layer_re.match(hf_name)
@@ -209,7 +267,12 @@ class TrtllmConverter:
                 return
             del self._pending[(layer, trt_suffix)]
             tensor, kind = (parts["q"], parts["k"], parts["v"]), "qkv"
-        yield from self._place(stage, prefix + trt_suffix, kind, tensor)
+        quantized = not isinstance(tensor, (torch.Tensor, tuple)) or (
+            isinstance(tensor, tuple) and not isinstance(tensor[0], torch.Tensor))
+        if quantized:
+            yield from self._place_quant(stage, prefix + trt_suffix, kind, tensor)
+        else:
+            yield from self._place(stage, prefix + trt_suffix, kind, tensor)
 
     def finish(self) -> None:
         if self._pending:

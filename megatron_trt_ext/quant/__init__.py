@@ -1,0 +1,1 @@
+"""Quantized export. Only `quant.calibrate` and `quant.numerics` import ModelOpt (lazily)."""

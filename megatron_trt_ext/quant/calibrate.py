@@ -1,0 +1,204 @@
+"""Calibration on a replica of the live model, with ModelOpt, leaving training state untouched.
+
+ModelOpt's ``mtq.quantize`` inserts quantizers into the modules it calibrates and, for SmoothQuant
+and AWQ, rescales their weights. So it runs on a replica: a deep copy of the rank's model chunks
+that shares only the process groups, made at the save, calibrated in eval mode under no_grad,
+read, and dropped. The live model's parameters, gradients, module structure and training mode are
+never touched; the RNG states (CPU, CUDA, Megatron's tracker) are saved and restored around it.
+The replica needs room for one more copy of the rank's weights while it lives.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..errors import ConfigError, ExportError
+
+# Megatron linears whose inputs ModelOpt calibrates (names after the plan's expansion).
+LINEAR_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                   "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+
+
+UNQUANTIZED = ("*output_layer*", "*router*")
+
+
+def is_quantizable_linear(unit_name: str) -> bool:
+    return unit_name.endswith(LINEAR_SUFFIXES) and ".layers." in unit_name
+
+
+def _process_groups(chunks) -> dict:
+    """Every ProcessGroup reachable from module attributes (shared, never copied)."""
+    import torch.distributed as dist
+
+    memo: dict = {}
+
+    def visit(obj, depth):
+        if isinstance(obj, dist.ProcessGroup):
+            memo[id(obj)] = obj
+            return
+        if depth > 3 or isinstance(obj, (torch.Tensor, torch.nn.Module, str, bytes, int, float)):
+            return
+        values = obj if isinstance(obj, (list, tuple)) else getattr(obj, "__dict__", {}).values()
+        for value in values:
+            visit(value, depth + 1)
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            for value in vars(module).values():
+                visit(value, 0)
+    return memo
+
+
+def replicate(chunks: list) -> list:
+    """Deep copies of the model chunks that share the live model's process groups."""
+    return copy.deepcopy(chunks, _process_groups(chunks))
+
+
+@contextmanager
+def preserved_rng():
+    """Save and restore every RNG state a forward pass may touch."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    tracker_states = None
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        tracker = get_cuda_rng_tracker()
+        tracker_states = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                          for k, v in tracker.get_states().items()}
+    except Exception:  # noqa: BLE001 - no tracker: nothing to restore
+        tracker = None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if tracker is not None and tracker_states is not None:
+            tracker.set_states(tracker_states)
+
+
+def calibration_batches(options, data: Any, vocab_size: int, device) -> list:
+    """Token batches [batch, seq] for calibration, from the configured source."""
+    n, seq, bs = options.num_samples, options.seq_len, options.batch_size
+    if options.source == "synthetic":
+        gen = torch.Generator().manual_seed(options.seed)  # never the global RNG
+        tokens = torch.randint(0, vocab_size, (n, seq), generator=gen)
+    elif options.source == "iterator":
+        if data is None:
+            raise ConfigError("quantization.calibration.source is 'iterator' but no calibration_data= was "
+                              "given to attach()/Exporter(); pass an iterator or a callable returning one")
+        source = data() if callable(data) else data
+        rows = []
+        for item in source:
+            t = item["tokens"] if isinstance(item, dict) else item
+            t = torch.as_tensor(t)
+            rows.extend(t.reshape(-1, t.shape[-1])[:, :seq])
+            if len(rows) >= n:
+                break
+        if not rows:
+            raise ExportError("calibration_data yielded no token batches")
+        tokens = torch.stack(rows[:n])
+    else:
+        import json
+
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(options.tokenizer)
+        rows = []
+        with open(options.jsonl) as f:
+            for line in f:
+                ids = tok(json.loads(line)["text"])["input_ids"][:seq]
+                if len(ids) == seq:
+                    rows.append(torch.tensor(ids))
+                if len(rows) >= n:
+                    break
+        if not rows:
+            raise ExportError(f"{options.jsonl}: no line with at least {seq} tokens")
+        tokens = torch.stack(rows)
+    return [tokens[i:i + bs].to(device) for i in range(0, len(tokens), bs)]
+
+
+def _forward_loop(batches: list, user_loop: Optional[Callable]):
+    def loop(model):
+        if user_loop is not None:
+            return user_loop(model)
+        with torch.no_grad():
+            for tokens in batches:
+                positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+                model(tokens, positions, attention_mask=None)
+    return loop
+
+
+def _kv_hooks(replica: list, info, kv_amax: dict) -> list:
+    """Record max |k| and |v| per layer from linear_qkv's output (before RoPE, as ModelOpt's
+    k_proj/v_proj output quantizers do for HF models)."""
+    handles = []
+    per_group = info.num_attention_heads // info.num_query_groups
+    for chunk in replica:
+        for layer in chunk.decoder.layers:
+            index = layer.layer_number - 1  # Megatron's 1-based global layer number
+
+            def hook(module, args, output, index=index):
+                out = output[0] if isinstance(output, tuple) else output
+                grouped = out.detach().reshape(*out.shape[:-1], -1, per_group + 2, info.head_dim)
+                k = grouped[..., per_group, :].abs().max().float()
+                v = grouped[..., per_group + 1, :].abs().max().float()
+                old = kv_amax.get(index, (torch.tensor(0.0), torch.tensor(0.0)))
+                kv_amax[index] = (torch.maximum(old[0], k.cpu()), torch.maximum(old[1], v.cpu()))
+            handles.append(layer.self_attention.linear_qkv.register_forward_hook(hook))
+    return handles
+
+
+def calibrate(chunks: list, spec, info, data: Any = None, forward_loop: Optional[Callable] = None,
+              comm=None) -> tuple:
+    """Calibrate a replica; returns (replica chunks, {layer: (k_amax, v_amax)}).
+
+    Call on every rank (ModelOpt synchronizes amax over TP/DP/EP; KV amax is max-reduced here).
+    """
+    import modelopt.torch.quantization as mtq
+
+    device = next(p.device for c in chunks for p in c.parameters())
+    with preserved_rng():
+        replica = replicate(chunks)
+        for chunk in replica:
+            chunk.eval()
+        batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
+        kv_amax: dict = {}
+        handles = _kv_hooks(replica, info, kv_amax) if spec.kv_cache != "none" else []
+        loop = _forward_loop(batches, forward_loop)
+        try:
+            if spec.algo is not None:
+                cfg = copy.deepcopy(getattr(mtq, spec.algo.modelopt_cfg))
+                # What the export leaves unquantized must not be fake-quantized (or smoothed) while
+                # calibrating: ModelOpt's own exclusions use HF names (lm_head), not Megatron's.
+                for pattern in UNQUANTIZED:
+                    if isinstance(cfg["quant_cfg"], list):  # ModelOpt >= 0.45: ordered entries
+                        cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
+                    else:
+                        cfg["quant_cfg"][pattern] = {"enable": False}
+                if spec.algorithm == "int8_sq":
+                    cfg["algorithm"] = {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
+                replica = [mtq.quantize(chunk, cfg, loop) for chunk in replica]
+            else:
+                for chunk in replica:
+                    loop(chunk)
+        finally:
+            for h in handles:
+                h.remove()
+    if spec.kv_cache != "none":
+        kv_amax = _reduce_kv(kv_amax, info.num_layers, comm)
+    return replica, kv_amax
+
+
+def _reduce_kv(kv_amax: dict, num_layers: int, comm) -> dict:
+    stacked = torch.zeros(num_layers, 2)
+    for layer, (k, v) in kv_amax.items():
+        stacked[layer, 0], stacked[layer, 1] = k, v
+    if comm is not None and comm.distributed:
+        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX, group=comm.control)
+    return {layer: (stacked[layer, 0], stacked[layer, 1]) for layer in range(num_layers)}

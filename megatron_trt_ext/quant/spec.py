@@ -1,0 +1,142 @@
+"""Quantization options (recipe section ``quantization:``): pure validation, no ModelOpt import."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One export algorithm: its ModelOpt calibration config and the checkpoint conventions."""
+
+    name: str                 # recipe value
+    quant_algo: str           # TensorRT-LLM / ModelOpt unified-checkpoint name
+    modelopt_cfg: str         # modelopt.torch.quantization config the calibration uses
+    weight: str               # fp8_tensor | int8_channel | int4_block | nvfp4_block
+    activation: Optional[str]  # fp8_tensor | int8_tensor | None (weight-only)
+    group_size: int = 0
+    pre_quant_scale: bool = False
+    weight_scale_2: bool = False
+    needs_cuda: bool = False
+
+
+ALGORITHMS = {
+    "fp8": Algorithm("fp8", "FP8", "FP8_DEFAULT_CFG", "fp8_tensor", "fp8_tensor"),
+    "int8_sq": Algorithm("int8_sq", "W8A8_SQ_PER_CHANNEL", "INT8_SMOOTHQUANT_CFG", "int8_channel", "int8_tensor",
+                         pre_quant_scale=True),
+    "int4_awq": Algorithm("int4_awq", "W4A16_AWQ", "INT4_AWQ_CFG", "int4_block", None, group_size=128,
+                          pre_quant_scale=True),
+    "w4a8_awq": Algorithm("w4a8_awq", "W4A8_AWQ", "W4A8_AWQ_BETA_CFG", "int4_block", "fp8_tensor", group_size=128,
+                          pre_quant_scale=True, weight_scale_2=True),
+    "nvfp4": Algorithm("nvfp4", "NVFP4", "NVFP4_DEFAULT_CFG", "nvfp4_block", "nvfp4", group_size=16,
+                       weight_scale_2=True, needs_cuda=True),
+}
+KV_CACHE = {"none": None, "fp8": "FP8"}
+SOURCES = ("synthetic", "iterator", "jsonl")
+
+
+@dataclass
+class CalibrationOptions:
+    """Where calibration tokens come from and how many.
+
+    ``source``: ``synthetic`` (random tokens: smoke tests only), ``iterator`` (the user's iterator
+    or callable, passed as ``calibration_data=`` to `attach`/`Exporter`; e.g. a slice of the
+    training data iterator), or ``jsonl`` (a JSON-lines file with a ``text`` field, tokenized with
+    the transformers tokenizer at ``tokenizer``).
+    """
+
+    source: str = "synthetic"
+    num_samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    jsonl: Optional[str] = None
+    tokenizer: Optional[str] = None
+    seed: int = 1234
+
+
+@dataclass
+class QuantSpec:
+    """What to quantize and how to calibrate.
+
+    Args:
+        algorithm: one of ``fp8``, ``int8_sq``, ``int4_awq``, ``w4a8_awq``, ``nvfp4`` (or ``none``).
+        kv_cache: ``fp8`` or ``none``.
+        exclude: HF module-name patterns (fnmatch) left unquantized; ``lm_head`` and MoE routers
+            are never quantized.
+        smoothquant_alpha: migration strength for ``int8_sq``.
+        calibration: see `CalibrationOptions`.
+    """
+
+    algorithm: str = "none"
+    kv_cache: str = "none"
+    exclude: list = field(default_factory=lambda: ["lm_head"])
+    smoothquant_alpha: float = 0.5
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+    @property
+    def algo(self) -> Optional[Algorithm]:
+        return ALGORITHMS.get(self.algorithm)
+
+    @property
+    def enabled(self) -> bool:
+        return self.algo is not None or self.kv_cache != "none"
+
+    @classmethod
+    def from_dict(cls, data, source: str = "quantization") -> "QuantSpec":
+        if data is None:
+            return cls()
+        if isinstance(data, QuantSpec):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping such as {{algorithm: fp8, kv_cache: fp8}}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}; valid options are {sorted(known)}")
+        data = dict(data)
+        calib = data.pop("calibration", None) or {}
+        if not isinstance(calib, dict):
+            raise ConfigError(f"{source}.calibration: expected a mapping")
+        calib_known = {f.name for f in fields(CalibrationOptions)}
+        bad = sorted(set(calib) - calib_known)
+        if bad:
+            raise ConfigError(f"{source}.calibration: unknown option(s) {bad}; valid options are "
+                              f"{sorted(calib_known)}")
+        spec = cls(**data, calibration=CalibrationOptions(**calib))
+        spec.validate(source)
+        return spec
+
+    def validate(self, source: str = "quantization") -> None:
+        if self.algorithm != "none" and self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"{source}.algorithm: unknown {self.algorithm!r}; choose one of "
+                              f"{['none', *ALGORITHMS]}")
+        if self.kv_cache not in KV_CACHE:
+            raise ConfigError(f"{source}.kv_cache: unknown {self.kv_cache!r}; choose one of {list(KV_CACHE)}")
+        if not isinstance(self.exclude, list) or not all(isinstance(p, str) for p in self.exclude):
+            raise ConfigError(f"{source}.exclude: expected a list of module-name patterns such as [lm_head]")
+        if "lm_head" not in self.exclude or set(self.exclude) - {"lm_head"}:
+            raise ConfigError(f"{source}.exclude: this version leaves exactly lm_head (and MoE routers) "
+                              f"unquantized and quantizes every other linear; got {self.exclude}. Use "
+                              "exclude: [lm_head]")
+        if not isinstance(self.smoothquant_alpha, (int, float)) or not 0 <= self.smoothquant_alpha <= 1:
+            raise ConfigError(f"{source}.smoothquant_alpha: expected a number in [0, 1], got "
+                              f"{self.smoothquant_alpha!r}")
+        if self.smoothquant_alpha != 0.5 and self.algorithm != "int8_sq":
+            raise ConfigError(f"{source}.smoothquant_alpha: only used by algorithm int8_sq, not "
+                              f"{self.algorithm!r}; remove it")
+        c = self.calibration
+        if c.source not in SOURCES:
+            raise ConfigError(f"{source}.calibration.source: unknown {c.source!r}; choose one of {list(SOURCES)}")
+        for name in ("num_samples", "seq_len", "batch_size"):
+            value = getattr(c, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{source}.calibration.{name}: expected a positive integer, got {value!r}")
+        if c.source == "jsonl" and (not c.jsonl or not c.tokenizer):
+            raise ConfigError(f"{source}.calibration: source jsonl needs both 'jsonl' (the file) and "
+                              "'tokenizer' (a transformers tokenizer directory)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -116,9 +116,9 @@ def main(argv=None) -> int:
     print(f"\nthe same export in sync mode stalls training {sync.timings['stall_s'] * 1000:.1f} ms; the async "
           f"exports above stalled it {max(stalls) * 1000:.1f} ms at most")
 
-    from transformers import AutoModelForCausalLM
+    from .quant.dequant import load_dequantized
 
-    hf = AutoModelForCausalLM.from_pretrained(str(export / "hf"), dtype=torch.float32)
+    hf = load_dequantized(export / "hf")  # plain from_pretrained, or dequantized for quantized recipes
     prompt = torch.tensor([[37, 38, 39, 40, 41]])
     want = [(42 + i) % VOCAB for i in range(10)]
     out = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)

@@ -39,6 +39,8 @@ def worker_main(conn, job, buffers: dict, addr: str, port: int) -> None:
 
             dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=job.rank,
                                     world_size=job.world_size, timeout=timedelta(seconds=job.config.timeout_s))
+        if job.quant is not None and job.quant.algo is not None:
+            import modelopt.torch.export.quant_utils  # noqa: F401  (seconds to import: not on the first export)
         comm = Comm(job.config.timeout_s, torch.device("cpu"))
         local: dict = {}
         for (name, offset, shape), buf in buffers.items():

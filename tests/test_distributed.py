@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_trt_ext import ExportConfig, Exporter
 from megatron_trt_ext.testing.distributed import run_ranks
@@ -140,3 +141,35 @@ def test_lost_rank_ends_every_other_rank_within_the_timeout(megatron_world, tmp_
         assert value[0][0] == "failed", f"rank {rank}: {value}"
     assert elapsed < 120
     assert not (out / "iter_0000001").exists()
+
+
+def test_fp8_export_from_tp2_equals_tp1(megatron_world, tmp_path):
+    """Calibrated on the TP2 layout (ModelOpt max-reduces amax over TP ranks): weights and weight
+    scales are bit-equal to the TP1 export; activation and KV scales come from activations that a
+    TP2 forward sums in another order, so they agree to float32 rounding."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
+    from safetensors.torch import load_file
+
+    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+    quant = {"algorithm": "fp8", "kv_cache": "fp8", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
+    target = dict(inference_tp=2, quantization=quant, dtype="float32")
+    ckpt = reference(tmp_path, "llama", model_kw, 120, [target])
+    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
+                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
+                        model_kw=model_kw)
+    for rank, (status, value) in outcome.items():
+        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
+    ref, got = tmp_path / "ref0" / "iter_0000001", tmp_path / "dist0" / "iter_0000001"
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*.safetensors"))
+    activation_scales = ("input_scale", "k_scale", "v_scale", "activation_scaling_factor", "kv_cache_scaling_factor")
+    for rel in files:
+        a, b = load_file(str(ref / rel)), load_file(str(got / rel))
+        assert sorted(a) == sorted(b)
+        for name in a:
+            if name.endswith(activation_scales):
+                torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=0, msg=f"{rel}:{name}")
+            else:
+                assert torch.equal(a[name].view(torch.uint8) if a[name].dtype == torch.float8_e4m3fn else a[name],
+                                   b[name].view(torch.uint8) if b[name].dtype == torch.float8_e4m3fn else b[name]), \
+                    f"{rel}:{name}"

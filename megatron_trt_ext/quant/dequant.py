@@ -1,0 +1,67 @@
+"""Load a quantized HF export back as a float transformers model (CPU inspection, demos).
+
+Weights are dequantized with their exported scales and each linear multiplies its input by its
+pre-quant scale; activations and the KV cache stay in float (serving engines quantize those).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out/2, in] uint8 (low nibble: even row, high: odd row) -> [out, in] signed int."""
+    wide = packed.to(torch.int16)
+    low, high = wide & 0x0F, (wide >> 4) & 0x0F
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=1).reshape(-1, packed.shape[1])
+
+
+def dequantize_weight(quant_algo: str, tensors: dict, module: str) -> torch.Tensor:
+    w, s = tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"].float()
+    if quant_algo == "FP8":
+        return w.float() * s
+    if quant_algo == "W8A8_SQ_PER_CHANNEL":
+        return w.float() * s[:, None]
+    if quant_algo in ("W4A16_AWQ", "W4A8_AWQ"):
+        q = _unpack_int4(w).float()
+        weight = q * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+        if quant_algo == "W4A8_AWQ":
+            s2 = tensors[f"{module}.weight_scale_2"].float()
+            weight = (weight / s2).to(torch.float8_e4m3fn).float() * s2
+        return weight
+    raise NotImplementedError(f"dequantizing {quant_algo} is not implemented")
+
+
+def load_dequantized(hf_dir) -> torch.nn.Module:
+    """A float32 transformers model from a (possibly quantized) HF export directory."""
+    import transformers
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    quant = config.pop("quantization_config", None)
+    if quant is None:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    tensors = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
+                                                           dtype=torch.float32)
+    state = {}
+    for name in model.state_dict():
+        module = name[: -len(".weight")]
+        if f"{module}.weight_scale" in tensors:
+            state[name] = dequantize_weight(quant["quant_algo"], tensors, module)
+        else:
+            state[name] = tensors[name].float()
+    model.load_state_dict(state)
+    for name, module in model.named_modules():
+        pqs = tensors.get(f"{name}.pre_quant_scale")
+        if isinstance(module, torch.nn.Linear) and pqs is not None:
+            module.register_forward_pre_hook(lambda m, args, pqs=pqs.float(): (args[0] * pqs,))
+    return model.eval()

@@ -17,6 +17,9 @@ from megatron_trt_ext.testing.distributed import run_ranks
 from megatron_trt_ext.testing.models import randomize
 from megatron_trt_ext.testing.workers import BUILDERS
 
+import sys
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 WORKER = "megatron_trt_ext.testing.workers:export_layout"
 
 # inference targets exported from every layout: HF + TRT-LLM TP1, TRT-LLM TP2, TRT-LLM PP2
@@ -173,3 +176,43 @@ def test_fp8_export_from_tp2_equals_tp1(megatron_world, tmp_path):
                 assert torch.equal(a[name].view(torch.uint8) if a[name].dtype == torch.float8_e4m3fn else a[name],
                                    b[name].view(torch.uint8) if b[name].dtype == torch.float8_e4m3fn else b[name]), \
                     f"{rel}:{name}"
+
+
+@pytest.mark.parametrize("algo", ["int8_sq", "int4_awq"])
+def test_smoothed_exports_from_tp2_reconstruct_the_weights(megatron_world, tmp_path, algo):
+    """SmoothQuant/AWQ calibrate per TP shard (ModelOpt then shares the smoothing scale across
+    the TP group), so a TP2 export is a valid calibration of its own, not bit-equal to TP1. What
+    must hold whatever the layout: every exported linear, dequantized and multiplied back by its
+    pre-quant scale, reconstructs the original weight to within half a quantization step. A
+    pre-quant scale that does not belong to some shard's rows fails this by far."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
+    from safetensors.torch import load_file
+
+    import test_quant as tq
+
+    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+    quant = {"algorithm": algo, "kv_cache": "none", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
+    target = dict(quantization=quant, dtype="float32", formats=["hf"])
+    plain = dict(dtype="float32", formats=["hf"])
+    ckpt = reference(tmp_path, "llama", model_kw, 120, [plain])
+    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
+                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
+                        model_kw=model_kw)
+    for rank, (status, value) in outcome.items():
+        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
+    original = load_file(str(tmp_path / "ref0" / "iter_0000001" / "hf" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "dist0" / "iter_0000001" / "hf" / "model.safetensors"))
+    for layer in range(2):
+        for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _check_reconstruction(algo, tq, exported, original, f"model.layers.{layer}.self_attn.{module}")
+        for module in ("gate_proj", "up_proj", "down_proj"):
+            _check_reconstruction(algo, tq, exported, original, f"model.layers.{layer}.mlp.{module}")
+
+
+def _check_reconstruction(algo, tq, exported, original, name):
+    pqs = exported[f"{name}.pre_quant_scale"]
+    smoothed = tq.dequantize(algo, exported, name)
+    step = tq.quant_step(algo, exported, name, smoothed)
+    error = (smoothed * pqs - original[f"{name}.weight"]).abs()
+    bound = (step / 2) * pqs + 1e-6 * original[f"{name}.weight"].abs()
+    assert bool((error <= bound).all()), f"{algo} {name}: worst excess {float((error - bound).max()):.3e}"

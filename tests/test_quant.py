@@ -298,3 +298,25 @@ def test_iterator_calibration_needs_data_at_attach(megatron_world, tmp_path):
     batches = [torch.randint(0, VOCAB, (2, 16)) for _ in range(3)]
     result = Exporter(quant_model(), cfg, calibration_data=lambda: iter(batches)).export(1)
     assert result.ok
+
+
+def test_jsonl_calibration_with_a_tokenizer(megatron_world, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(100)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    gen = torch.Generator().manual_seed(3)
+    lines = [json.dumps({"text": " ".join(words[int(i)] for i in torch.randint(0, 100, (40,), generator=gen))})
+             for _ in range(6)]
+    (tmp_path / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = ExportConfig(output_dir=str(tmp_path / "out"), vocab_size=VOCAB, mode="sync", quantization={
+        "algorithm": "fp8", "calibration": {"source": "jsonl", "jsonl": str(tmp_path / "calib.jsonl"),
+                                            "tokenizer": str(tmp_path / "tok"), "num_samples": 4, "seq_len": 32}})
+    from megatron_trt_ext.quant.calibrate import calibration_batches
+
+    batches = calibration_batches(cfg.quant.calibration, None, VOCAB, torch.device("cpu"))
+    assert [tuple(b.shape) for b in batches] == [(4, 32)]
+    assert int(batches[0].max()) <= 100 and int(batches[0].min()) >= 1  # real token ids, no <unk>
+    assert Exporter(quant_model(), cfg).export(1).ok

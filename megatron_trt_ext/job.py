@@ -151,7 +151,7 @@ class ExportJob:
         module = hf_name[: -len(".weight")]
         yield hf_name, qlinear.quantized(), trt
         for scale, (value, _) in qlinear.scales.items():
-            yield f"{module}.{scale}", value.float().contiguous(), []
+            yield f"{module}.{scale}", _scale_dtype(value).contiguous(), []
         yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
 
     def _kv_scale(self, converter, quantizer, hf_name, trt_on):
@@ -348,6 +348,11 @@ class ExportJob:
         if self.rank == 0:
             mf.mark_failed(tmp, self.root, iteration, {**meta, "timings": timings}, message)
         raise ExportError(message) from local_exc
+
+
+def _scale_dtype(value: torch.Tensor) -> torch.Tensor:
+    """Scales are float32, except NVFP4's per-block scales, which the format stores as FP8."""
+    return value if value.dtype == torch.float8_e4m3fn else value.float()
 
 
 def failed_path(root: Path, iteration: int) -> Path:

@@ -320,3 +320,40 @@ def test_jsonl_calibration_with_a_tokenizer(megatron_world, tmp_path):
     assert [tuple(b.shape) for b in batches] == [(4, 32)]
     assert int(batches[0].max()) <= 100 and int(batches[0].min()) >= 1  # real token ids, no <unk>
     assert Exporter(quant_model(), cfg).export(1).ok
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _decode_nvfp4(packed, block_scale, scale_2):
+    """Two E2M1 codes per byte (low nibble first, along the input dim), FP8 scales per 16."""
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+    values = E2M1[codes & 0x7] * torch.where(codes & 0x8 > 0, -1.0, 1.0)
+    return values * (block_scale.float() * scale_2).repeat_interleave(16, dim=1)
+
+
+def test_nvfp4_weight_numerics_on_cpu():
+    """NVFP4 calibration needs CUDA, its weight format does not: packed codes and FP8 block scales,
+    decoded independently here, give the same weights as ModelOpt's own NVFP4 dequantizer, and
+    TensorRT-LLM's row split of a linear quantizes to the row split of the HF tensors."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    from megatron_trt_ext.quant.numerics import LinearQuantizer, split_scale
+    from megatron_trt_ext.quant.spec import ALGORITHMS
+
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    q = LinearQuantizer(ALGORITHMS["nvfp4"], weight, {"input_amax": torch.tensor([3.0])}).quantize_part(weight)
+    packed = q.quantized()
+    block, scale_2 = q.scales["weight_scale"][0], q.scales["weight_scale_2"][0]
+    assert packed.dtype == torch.uint8 and packed.shape == (64, 64)
+    assert block.dtype == torch.float8_e4m3fn and block.shape == (64, 8)
+    decoded = _decode_nvfp4(packed, block, scale_2)
+    oracle = NVFP4QTensor((64, 128), torch.float32, packed).dequantize(
+        dtype=torch.float32, scale=block, double_scale=scale_2, block_sizes={-1: 16})
+    torch.testing.assert_close(decoded, oracle, rtol=0, atol=0)
+    # within half a step of the largest code's spacing (2.0 between 4 and 6) of each block
+    assert bool(((decoded - weight).abs() <= (block.float() * scale_2).repeat_interleave(16, dim=1) + 1e-6).all())
+    for rank in range(2):
+        half = q.quantized(weight.chunk(2, dim=1)[rank],
+                           {k: (split_scale(v, kind, "row", 2, rank), kind) for k, (v, kind) in q.scales.items()})
+        assert torch.equal(half, packed.chunk(2, dim=1)[rank])

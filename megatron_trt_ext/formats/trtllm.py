@@ -199,7 +199,7 @@ class TrtllmConverter:
                 ref = q
             yield rank, name, ref.quantized(weight, scales)
             for key, (value, skind) in scales.items():
-                out = value.float()
+                out = value if value.dtype == torch.float8_e4m3fn else value.float()  # NVFP4 block scales: FP8
                 yield rank, f"{module}.{self._TRT_SCALE[key]}", out.reshape(1) if skind == "tensor" else out
 
     def feed_kv_scale(self, hf_name: str, which: str, scale: torch.Tensor) -> Iterator[tuple]:

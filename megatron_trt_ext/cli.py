@@ -53,17 +53,28 @@ def main(argv=None) -> int:
     b.add_argument("--timeout", type=int)
     b.add_argument("--deploy-check", action="store_true")
     args = parser.parse_args(argv)
+    if bool(args.export_dir) == bool(args.watch):
+        return run_build(None, None, error="build: give either EXPORT_DIR or --watch ROOT")
+    try:
+        options = _build_options(args)
+    except ConfigError as exc:
+        return run_build(None, None, error=str(exc))
+    return run_build(args.export_dir, options, watch=args.watch, poll=args.poll, once=args.once)
+
+
+def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = False, error=None) -> int:
+    """Build one export (or watch a root); print the record. Exit status: 0 built, skipped or not
+    buildable by this TensorRT-LLM (recorded), 1 build failed, 2 bad input."""
     from .build import runner
 
     try:
-        if bool(args.export_dir) == bool(args.watch):
-            raise ConfigError("build: give either EXPORT_DIR or --watch ROOT")
-        options = _build_options(args)
-        if args.watch:
-            for export, record in runner.watch(args.watch, options, args.poll, args.once):
+        if error:
+            raise ConfigError(error)
+        if watch:
+            for export, record in runner.watch(watch, options, poll, once):
                 print(f"{export}: {record['status']}", flush=True)
             return 0
-        record = runner.build_export(args.export_dir, options)
+        record = runner.build_export(export_dir, options)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,12 @@
-"""python -m megatron_trt_ext.build EXPORT_DIR [--options JSON]: build one export's engines."""
+"""python -m megatron_trt_ext.build EXPORT_DIR [--options JSON]: build one export's engines
+(what a training run launches after each export; `megatron-trt-ext build` is the user-facing CLI)."""
 
 import argparse
 import json
-import sys
 
+from ..cli import run_build
 from ..errors import ConfigError
 from .options import BuildOptions
-from .runner import build_export
 
 
 def main(argv=None) -> int:
@@ -16,12 +16,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         options = BuildOptions.from_dict(json.loads(args.options), "--options") if args.options else None
-        record = build_export(args.export_dir, options)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(record, indent=2))
-    return 0 if record["status"] in ("complete", "skipped", "no_tensorrt_backend") else 1
+        return run_build(None, None, error=str(exc))
+    return run_build(args.export_dir, options)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ class PeakRss:
 def bench_rank(rank: int, world_size: int, out: str, model_kw: dict, layout: dict, repeats: int) -> dict:
     import gc
 
-    import torch
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from multiprocessing.connection import wait as wait_any
-from pathlib import Path
 from typing import Optional
 
 import torch

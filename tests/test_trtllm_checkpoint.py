@@ -22,7 +22,7 @@ def load_hf(hf_dir):
 
 def expected_llama_rank(hf, cfg, tp, pp, tp_rank, pp_rank, tied, moe_tp=None, moe_ep=1):
     """The format notes' LLaMA table (and MoE section for Mixtral), applied literally."""
-    L, nh, nkv, d = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L, nkv, d = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
     per_stage = L // pp
     out = {}
 

@@ -6,7 +6,7 @@ HF class: ``GPT2LMHeadModel``. It is the transformers class with exactly these s
 table below handles with ``transpose=True``. It has no GQA, hence ``attention_kind: mha``.
 """
 
-from .spec import ArchSpec, Drop, FusedQKV, Rename, Vocab
+from .spec import ArchSpec, FusedQKV, Rename, Vocab
 
 P = "decoder.layers.{L}"
 H = "transformer.h.{L}"

@@ -191,12 +191,6 @@ class Exporter:
         if self.spec.name != "llama":
             raise ConfigError(f"quantization: supported for the llama family (Llama, Qwen2) in this version, "
                               f"not {self.spec.name!r}; export this model unquantized (bf16 recipe)")
-        staged = len(self.chunks) > 1 or any(not (getattr(c, "pre_process", True) and getattr(c, "post_process", True))
-                                             for c in self.chunks)
-        if staged and self.forward_loop is None:
-            raise ConfigError("quantization: the model is pipeline-parallel; calibration needs forward passes "
-                              "through all stages: pass forward_loop=<callable(model)> (e.g. running Megatron's "
-                              "forward_backward_func with forward_only=True) to attach()/Exporter()")
         if spec.calibration.source == "iterator" and self.calibration_data is None and self.forward_loop is None:
             raise ConfigError("quantization.calibration.source is 'iterator': pass calibration_data=<iterator or "
                               "callable> (e.g. a slice of the training data iterator) to attach()/Exporter()")

@@ -111,8 +111,10 @@ def attach(model: Any, config: ExportConfig, calibration_data: Any = None, forwa
         config: ExportConfig (``every_n_saves`` sets N).
         calibration_data: quantized exports with ``calibration.source: iterator``: an iterator of
             token batches (or a callable returning one), e.g. a slice of the training data.
-        forward_loop: quantized exports of pipeline-parallel models: ``callable(model)`` that runs
-            calibration forward passes through all stages.
+        forward_loop: quantized exports: your own ``callable(model)`` running the calibration
+            forward passes (ModelOpt's convention) instead of the built-in loop over the
+            calibration batches (which uses Megatron's pipeline schedule for PP/virtual PP; there
+            ``model`` is a ModuleList of the rank's chunks).
 
     Returns:
         ExportHandle; call ``detach()`` to stop exporting and restore the original save.

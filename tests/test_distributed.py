@@ -146,18 +146,22 @@ def test_lost_rank_ends_every_other_rank_within_the_timeout(megatron_world, tmp_
     assert not (out / "iter_0000001").exists()
 
 
-def test_fp8_export_from_tp2_equals_tp1(megatron_world, tmp_path):
-    """Calibrated on the TP2 layout (ModelOpt max-reduces amax over TP ranks): weights and weight
-    scales are bit-equal to the TP1 export; activation and KV scales come from activations that a
-    TP2 forward sums in another order, so they agree to float32 rounding."""
+@pytest.mark.parametrize("layout,layers", [({"tp": 2}, 2), ({"pp": 2}, 2), ({"pp": 2, "vpp": 2}, 4)],
+                         ids=["tp2", "pp2", "pp2_vpp2"])
+def test_fp8_export_from_parallel_layouts_equals_single_rank(megatron_world, tmp_path, layout, layers):
+    """Calibrated on the training layout (ModelOpt max-reduces amax over TP ranks; pipeline
+    layouts calibrate through Megatron's schedule): weights and weight scales are bit-equal to the
+    single-rank export; activation and KV scales come from activations that a parallel forward
+    computes in another order, so they agree to float32 rounding."""
     pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
     from safetensors.torch import load_file
 
-    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2,
+                    num_layers=layers)
     quant = {"algorithm": "fp8", "kv_cache": "fp8", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
     target = dict(inference_tp=2, quantization=quant, dtype="float32")
     ckpt = reference(tmp_path, "llama", model_kw, 120, [target])
-    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
+    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout=layout, checkpoint_dir=str(ckpt),
                         exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
                         model_kw=model_kw)
     for rank, (status, value) in outcome.items():

@@ -134,6 +134,34 @@ def _forward_loop(batches: list, user_loop: Optional[Callable]):
     return loop
 
 
+def is_staged(chunks: list) -> bool:
+    """Pipeline-parallel (or virtual-pipeline) chunks: forward passes must run through all stages."""
+    return len(chunks) > 1 or any(not (getattr(c, "pre_process", True) and getattr(c, "post_process", True))
+                                  for c in chunks)
+
+
+def _pipeline_loop(batches: list):
+    """Forward passes through every pipeline stage with Megatron's own schedule (forward only):
+    each calibration batch is one microbatch; every rank runs the same schedule."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, positions, attention_mask=None)
+        return output, lambda out: (out.float().sum() * 0.0, {})
+
+    def loop(chunks):
+        chunks = list(chunks)
+        iterators = [iter(batches) for _ in chunks]
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=chunks, num_microbatches=len(batches), seq_length=batches[0].shape[1],
+                micro_batch_size=batches[0].shape[0], forward_only=True)
+    return loop
+
+
 def _kv_hooks(replica: list, info, kv_amax: dict) -> list:
     """Record max |k| and |v| per layer from linear_qkv's output (before RoPE, as ModelOpt's
     k_proj/v_proj output quantizers do for HF models)."""
@@ -170,7 +198,13 @@ def calibrate(chunks: list, spec, info, data: Any = None, forward_loop: Optional
         batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
         kv_amax: dict = {}
         handles = _kv_hooks(replica, info, kv_amax) if spec.kv_cache != "none" else []
-        loop = _forward_loop(batches, forward_loop)
+        staged = is_staged(replica)
+        if forward_loop is not None:
+            loop = forward_loop
+        elif staged:
+            loop = _pipeline_loop(batches)
+        else:
+            loop = _forward_loop(batches, None)
         try:
             if spec.algo is not None:
                 cfg = copy.deepcopy(getattr(mtq, spec.algo.modelopt_cfg))
@@ -183,7 +217,12 @@ def calibrate(chunks: list, spec, info, data: Any = None, forward_loop: Optional
                         cfg["quant_cfg"][pattern] = {"enable": False}
                 if spec.algorithm == "int8_sq":
                     cfg["algorithm"] = {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
-                replica = [mtq.quantize(chunk, cfg, loop) for chunk in replica]
+                if staged:  # one quantize over all chunks: the loop drives them together
+                    replica = list(mtq.quantize(torch.nn.ModuleList(replica), cfg, loop))
+                else:
+                    replica = [mtq.quantize(chunk, cfg, loop) for chunk in replica]
+            elif staged:
+                loop(torch.nn.ModuleList(replica))
             else:
                 for chunk in replica:
                     loop(chunk)

@@ -28,6 +28,12 @@ class BackgroundExporter:
     """Owns the snapshot buffers and the worker process of one rank."""
 
     def __init__(self, exporter):
+        if mp.current_process().daemon:
+            from .errors import ConfigError
+
+            raise ConfigError("mode: async starts an export worker process, and this training process is a "
+                              "daemonic multiprocessing child, which may not have children; use mode: sync "
+                              "(or start training from a non-daemonic process)")
         self.exporter = exporter
         self.job = exporter.job
         self.comm = exporter.comm

@@ -83,6 +83,24 @@ def test_layout_exports_equal_single_rank_export(megatron_world, tmp_path, case)
         assert got_manifest["source"]["world_size"] == world
 
 
+def test_async_export_from_tp2_pp2_equals_single_rank(megatron_world, tmp_path):
+    """The background worker processes of four ranks form their own world, move the snapshots'
+    slices and write: the same bytes as the single-rank export."""
+    ckpt = reference(tmp_path, "llama", {}, 120, [dict(inference_tp=2)])
+    outcome = run_ranks(4, WORKER, timeout_s=240, family="llama", layout={"tp": 2, "pp": 2}, checkpoint_dir=str(ckpt),
+                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, inference_tp=2,
+                                      mode="async")], model_kw={})
+    for rank, (status, value) in outcome.items():
+        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
+    ref_files = exported_files(tmp_path / "ref0" / "iter_0000001")
+    got_files = exported_files(tmp_path / "dist0" / "iter_0000001")
+    assert sorted(ref_files) == sorted(got_files)
+    for name in ref_files:
+        assert ref_files[name] == got_files[name], name
+    manifest = json.loads((tmp_path / "dist0" / "iter_0000001" / "manifest.json").read_text())
+    assert manifest["config"]["mode"] == "async" and "stall_s" in manifest["timings"]
+
+
 def test_writing_is_spread_over_ranks(megatron_world):
     """The plan alone: with TP2 every rank writes about half of the bytes, and DP replicas write
     without receiving anything."""

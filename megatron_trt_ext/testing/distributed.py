@@ -55,7 +55,7 @@ def run_ranks(world_size: int, target: str, timeout_s: float = 300, **kwargs) ->
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, target, kwargs, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, target, kwargs, results))
              for r in range(world_size)]
     for p in procs:
         p.start()

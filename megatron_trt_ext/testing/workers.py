@@ -64,10 +64,17 @@ def export_layout(rank: int, world_size: int, family: str, layout: dict, checkpo
     for options in exports:
         exporter = Exporter(model, ExportConfig(**options))
         try:
-            result = exporter.export(iteration=options.pop("iteration", 1) if "iteration" in options else 1)
-            out.append(("complete", str(result.path), None))
+            result = exporter.export(iteration=1)
+            if result.status == "running":  # async: the worker processes of all ranks finish it
+                result = exporter.wait()
+            if result.ok:
+                out.append(("complete", str(result.path), None))
+            else:
+                out.append((result.status, None, result.error))
         except Exception as exc:  # noqa: BLE001 - the test inspects what each rank saw
             out.append(("failed", None, f"{type(exc).__name__}: {exc}"))
+        finally:
+            exporter.close()
     return out
 
 

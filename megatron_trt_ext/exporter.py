@@ -265,9 +265,9 @@ class Exporter:
             local = replica = None  # noqa: F841 - drop the calibration replica now
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
         self._record(result)
-        from .worker import _launch_build
+        from .build.runner import launch_after_export
 
-        _launch_build(self.job, result)
+        launch_after_export(self.config, self.rank, result)
         return result
 
     def wait(self) -> Optional[ExportResult]:

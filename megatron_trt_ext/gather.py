@@ -52,16 +52,14 @@ class Comm:
         """Every rank's error (None when fine), identical on every rank: one shared decision."""
         return [(rank, err) for rank, err in enumerate(self.all_gather_object(error)) if err]
 
-    def _global(self, rank: int) -> int:
-        return rank  # the groups span the whole world, so group ranks are global ranks
-
     def send(self, tensor: torch.Tensor, dst: int, tag: int):
         t = tensor.detach().to(self.data_device).contiguous()
-        return t, torch.distributed.isend(t, self._global(dst), group=self.data, tag=tag)
+        # the groups span the whole world, so group ranks are global ranks
+        return t, torch.distributed.isend(t, dst, group=self.data, tag=tag)
 
     def recv(self, shape: tuple, dtype: torch.dtype, src: int, tag: int):
         buf = torch.empty(shape, dtype=dtype, device=self.data_device)
-        return buf, torch.distributed.irecv(buf, self._global(src), group=self.data, tag=tag)
+        return buf, torch.distributed.irecv(buf, src, group=self.data, tag=tag)
 
 
 def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.Tensor:

@@ -12,20 +12,12 @@ import sys
 import traceback
 
 
-def _launch_build(job, result) -> None:
-    """Start the engine build for a complete export, detached: it records itself in the manifest."""
-    if "trtllm_engine" not in job.config.formats or job.rank != 0 or not result.ok:
-        return
-    from .build.runner import launch_detached
-
-    launch_detached(result.path, job.config.build_options)
-
-
 def worker_main(conn, job, buffers: dict, addr: str, port: int) -> None:
     """Serve export requests from the trainer until told to stop."""
     import torch
 
     torch.set_num_threads(1)  # leave the cores to training; the work here is mostly copies and I/O
+    from .build.runner import launch_after_export
     from .errors import ExportError
     from .gather import Comm
     from .job import ExportResult
@@ -60,7 +52,7 @@ def worker_main(conn, job, buffers: dict, addr: str, port: int) -> None:
         try:
             result = job.run(comm, local, iteration, timings)
             conn.send(("done", result))
-            _launch_build(job, result)
+            launch_after_export(job.config, job.rank, result)
         except ExportError as exc:
             conn.send(("done", ExportResult(iteration, None, "failed", list(job.config.formats), timings, 0,
                                             str(exc))))

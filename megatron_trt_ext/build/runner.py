@@ -31,6 +31,12 @@ def build_command(export_dir, options: BuildOptions) -> list:
             "--options", json.dumps(options.to_dict(), sort_keys=True)]
 
 
+def launch_after_export(config, rank: int, result) -> None:
+    """Rank 0 starts the engine build of a complete export when the recipe asks for engines."""
+    if "trtllm_engine" in config.formats and rank == 0 and result.ok:
+        launch_detached(result.path, config.build_options)
+
+
 def launch_detached(export_dir, options: BuildOptions) -> subprocess.Popen:
     """Start a build of one export in its own session, off the training path; it records its
     result in the manifest. The lock is taken before the build process even starts."""

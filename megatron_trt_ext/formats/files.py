@@ -66,7 +66,3 @@ class FileSet:
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(w.total_bytes for w in self.writers.values())

@@ -116,7 +116,3 @@ class SafetensorsFileWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    @property
-    def layout(self) -> dict:
-        return self._layout

@@ -67,9 +67,6 @@ def _patch_megatron() -> None:
         moe_utils.te_general_gemm = None
 
 
-def is_installed() -> bool:
-    return _state["installed"]
-
 
 def stub_triton_only_modules() -> list:
     """Stand in for Megatron-Core modules that import ``triton`` unconditionally.

@@ -238,3 +238,36 @@ def _check_reconstruction(algo, tq, exported, original, name):
     error = (smoothed * pqs - original[f"{name}.weight"]).abs()
     bound = (step / 2) * pqs + 1e-6 * original[f"{name}.weight"].abs()
     assert bool((error <= bound).all()), f"{algo} {name}: worst excess {float((error - bound).max()):.3e}"
+
+
+def test_smoothquant_export_from_tp2_matches_tp1(megatron_world, tmp_path):
+    """SmoothQuant's smoothing scale uses the activation amax and the weight's per-input-channel
+    max, which ModelOpt reduces over the TP group: a TP2 calibration is TP1's up to float32
+    rounding of the activation statistics. So pre-quant and activation scales agree to 1e-5 and
+    the INT8 weights are the same grid, except rare elements one step away."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
+    from safetensors.torch import load_file
+
+    import test_quant as tq
+
+    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+    quant = {"algorithm": "int8_sq", "kv_cache": "none", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
+    target = dict(quantization=quant, dtype="float32", formats=["hf"])
+    ckpt = reference(tmp_path, "llama", model_kw, 120, [target])
+    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
+                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
+                        model_kw=model_kw)
+    for rank, (status, value) in outcome.items():
+        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
+    tp1 = load_file(str(tmp_path / "ref0" / "iter_0000001" / "hf" / "model.safetensors"))
+    tp2 = load_file(str(tmp_path / "dist0" / "iter_0000001" / "hf" / "model.safetensors"))
+    assert sorted(tp1) == sorted(tp2)
+    for name in tp1:
+        if name.endswith(("pre_quant_scale", "input_scale", "weight_scale")):
+            torch.testing.assert_close(tp2[name], tp1[name], rtol=1e-5, atol=0, msg=name)
+        elif name.endswith(".weight") and f"{name[:-7]}.weight_scale" in tp1:
+            module = name[: -len(".weight")]
+            tq.assert_same_grid("int8_sq", tp1, module, tq.dequantize("int8_sq", tp2, module),
+                                tq.dequantize("int8_sq", tp1, module), module)
+        else:
+            assert torch.equal(tp1[name], tp2[name]), name

@@ -198,7 +198,9 @@ class BackgroundExporter:
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream), torch.no_grad():
             for key, buf in self.buffers.items():
-                buf.copy_(by_key[key].detach(), non_blocking=True)
+                source = by_key[key].detach()
+                source.record_stream(self._stream)  # a calibration replica's memory must outlive the copy
+                buf.copy_(source, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record(self._stream)
         current.wait_stream(self._stream)

@@ -48,6 +48,14 @@ class Comm:
         torch.distributed.all_gather_object(out, obj, group=self.control)
         return out
 
+    def gather_object(self, obj) -> Optional[list]:
+        """Every rank's ``obj`` on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self.control)
+        return out
+
     def agree(self, error: Optional[str]) -> list:
         """Every rank's error (None when fine), identical on every rank: one shared decision."""
         return [(rank, err) for rank, err in enumerate(self.all_gather_object(error)) if err]

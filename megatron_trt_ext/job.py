@@ -270,10 +270,11 @@ class ExportJob:
             error = error or f"{type(exc).__name__}: {exc}"
 
         timings["total_s"] = base_total + time.perf_counter() - t0
-        gathered = comm.all_gather_object((error, checksums, timings))
-        failures = [(r, e) for r, (e, _, _) in enumerate(gathered) if e]
+        failures = comm.agree(error)
         if failures:
             self._fail(iteration, tmp, meta, timings, t0, base_total, failures, local_exc, [hf, trt])
+        # Checksums and timings only matter to the publisher: gathered to rank 0, not to everyone.
+        gathered = comm.gather_object((error, checksums, timings))
         publish_error, bytes_written = None, 0
         if self.rank == 0:
             try:

@@ -47,7 +47,6 @@ class BackgroundExporter:
         self.conn = None
         self.pending: Optional[tuple] = None
         self.needs_restart = False
-        self._ready = None
         self._start_worker()
 
     # ------------------------------------------------------------------ worker lifecycle
@@ -78,7 +77,6 @@ class BackgroundExporter:
         self.proc.start()
         child.close()
         self.conn = parent
-        self._ready = None
         self.needs_restart = False
 
     def _stop_worker(self, timeout: float = 30) -> None:
@@ -118,8 +116,12 @@ class BackgroundExporter:
             result = msg[1]
             if result.path is None:
                 result.path = root / f".{mf.export_dir_name(iteration)}.failed"
-        else:  # the worker is gone: record it here (rank 0 owns the directory)
-            error = f"export worker of rank {self.comm.rank} died (exit code {msg[1]}) during iteration {iteration}"
+        else:  # the worker is gone or never started: record it here (rank 0 owns the directory)
+            if msg[0] == "broken":
+                error = f"export worker of rank {self.comm.rank} could not start: {msg[1]}"
+            else:
+                error = (f"export worker of rank {self.comm.rank} died (exit code {msg[1]}) "
+                         f"during iteration {iteration}")
             path = root / f".{mf.export_dir_name(iteration)}.failed"
             if self.comm.rank == 0:
                 tmp = root / f".{mf.export_dir_name(iteration)}.partial"
@@ -137,17 +139,12 @@ class BackgroundExporter:
         if self.pending is None:
             return None
         msg = self._recv(block=False)
-        while msg is not None and msg[0] == "ready":
-            msg = self._recv(block=False)
         return self._finish(msg) if msg is not None else None
 
     def wait(self) -> Optional[ExportResult]:
         if self.pending is None:
             return None
-        msg = self._recv(block=True)
-        while msg[0] == "ready":
-            msg = self._recv(block=True)
-        return self._finish(msg)
+        return self._finish(self._recv(block=True))
 
     # ------------------------------------------------------------------ the trigger
     def submit(self, iteration: int) -> ExportResult:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, reject_unknown_keys
 
 FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
 MODES = ("sync", "async")
@@ -192,12 +192,7 @@ class ExportConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", **overrides: Any) -> "ExportConfig":
         known = {f.name for f in dataclasses.fields(cls)} - {"recipe"}
-        for key in list(data) + list(overrides):
-            if key not in known:
-                close = [k for k in known if k.split("_")[0] == str(key).split("_")[0]]
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    f"{source}: unknown option {key!r}{hint}; valid options are {sorted(known)}")
+        reject_unknown_keys(list(data) + list(overrides), known, source)
         merged = {**data, **overrides}
         return cls(**merged, recipe=source)
 

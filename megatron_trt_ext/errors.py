@@ -15,3 +15,13 @@ class UnsupportedModelError(MegatronTrtExtError):
 
 class ExportError(MegatronTrtExtError, RuntimeError):
     """An export failed while running (conversion, gathering, writing)."""
+
+
+def reject_unknown_keys(keys, known, source: str, what: str = "option") -> None:
+    """Raise ConfigError naming every key of a recipe section that is not one of ``known``."""
+    unknown = sorted(str(k) for k in set(keys) - set(known))
+    if not unknown:
+        return
+    close = [k for k in sorted(known) if k.split("_")[0] == unknown[0].split("_")[0]]
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{source}: unknown {what}(s) {unknown}{hint}; valid {what}s are {sorted(known)}")

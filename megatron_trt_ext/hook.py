@@ -99,7 +99,6 @@ def _make_wrapper(original):
             handle.on_checkpoint_saved(None, checkpoint_dir)
         return result
 
-    save_and_export.__megatron_trt_ext_wrapper__ = True
     return save_and_export
 
 

@@ -7,7 +7,6 @@ snapshot from shared memory that the trainer filled.
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 
@@ -37,7 +36,6 @@ def worker_main(conn, job, buffers: dict, addr: str, port: int) -> None:
         local: dict = {}
         for (name, offset, shape), buf in buffers.items():
             local.setdefault(name, []).append(LocalPiece(offset, shape, buf, True))
-        conn.send(("ready", os.getpid()))
     except BaseException as exc:  # noqa: BLE001
         conn.send(("broken", f"{type(exc).__name__}: {exc}"))
         return

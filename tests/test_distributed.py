@@ -164,6 +164,25 @@ def test_lost_rank_ends_every_other_rank_within_the_timeout(megatron_world, tmp_
     assert not (out / "iter_0000001").exists()
 
 
+QUANT_MODEL = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+
+
+def export_quantized_from(tmp_path, layout, algo, kv_cache, target, reference_target=None, num_layers=2):
+    """Single-rank reference export (``reference_target``, default the quantized ``target``) to
+    ref0/, the same weights exported quantized from ``layout`` on 2 ranks to dist0/."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
+    model_kw = dict(QUANT_MODEL, num_layers=num_layers)
+    quant = {"algorithm": algo, "kv_cache": kv_cache, "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
+    target = dict(target, quantization=quant, dtype="float32")
+    ckpt = reference(tmp_path, "llama", model_kw, 120, [reference_target or target])
+    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout=layout, checkpoint_dir=str(ckpt),
+                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
+                        model_kw=model_kw)
+    for rank, (status, value) in outcome.items():
+        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
+    return tmp_path / "ref0" / "iter_0000001", tmp_path / "dist0" / "iter_0000001"
+
+
 @pytest.mark.parametrize("layout,layers", [({"tp": 2}, 2), ({"pp": 2}, 2), ({"pp": 2, "vpp": 2}, 4)],
                          ids=["tp2", "pp2", "pp2_vpp2"])
 def test_fp8_export_from_parallel_layouts_equals_single_rank(megatron_world, tmp_path, layout, layers):
@@ -171,20 +190,9 @@ def test_fp8_export_from_parallel_layouts_equals_single_rank(megatron_world, tmp
     layouts calibrate through Megatron's schedule): weights and weight scales are bit-equal to the
     single-rank export; activation and KV scales come from activations that a parallel forward
     computes in another order, so they agree to float32 rounding."""
-    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
     from safetensors.torch import load_file
 
-    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2,
-                    num_layers=layers)
-    quant = {"algorithm": "fp8", "kv_cache": "fp8", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
-    target = dict(inference_tp=2, quantization=quant, dtype="float32")
-    ckpt = reference(tmp_path, "llama", model_kw, 120, [target])
-    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout=layout, checkpoint_dir=str(ckpt),
-                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
-                        model_kw=model_kw)
-    for rank, (status, value) in outcome.items():
-        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
-    ref, got = tmp_path / "ref0" / "iter_0000001", tmp_path / "dist0" / "iter_0000001"
+    ref, got = export_quantized_from(tmp_path, layout, "fp8", "fp8", dict(inference_tp=2), num_layers=layers)
     files = sorted(p.relative_to(ref) for p in ref.rglob("*.safetensors"))
     assert files == sorted(p.relative_to(got) for p in got.rglob("*.safetensors"))
     activation_scales = ("input_scale", "k_scale", "v_scale", "activation_scaling_factor", "kv_cache_scaling_factor")
@@ -207,23 +215,14 @@ def test_smoothed_exports_from_tp2_reconstruct_the_weights(megatron_world, tmp_p
     must hold whatever the layout: every exported linear, dequantized and multiplied back by its
     pre-quant scale, reconstructs the original weight to within half a quantization step. A
     pre-quant scale that does not belong to some shard's rows fails this by far."""
-    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
     from safetensors.torch import load_file
 
     import test_quant as tq
 
-    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
-    quant = {"algorithm": algo, "kv_cache": "none", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
-    target = dict(quantization=quant, dtype="float32", formats=["hf"])
-    plain = dict(dtype="float32", formats=["hf"])
-    ckpt = reference(tmp_path, "llama", model_kw, 120, [plain])
-    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
-                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
-                        model_kw=model_kw)
-    for rank, (status, value) in outcome.items():
-        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
-    original = load_file(str(tmp_path / "ref0" / "iter_0000001" / "hf" / "model.safetensors"))
-    exported = load_file(str(tmp_path / "dist0" / "iter_0000001" / "hf" / "model.safetensors"))
+    ref, got = export_quantized_from(tmp_path, {"tp": 2}, algo, "none", dict(formats=["hf"]),
+                                     reference_target=dict(dtype="float32", formats=["hf"]))
+    original = load_file(str(ref / "hf" / "model.safetensors"))
+    exported = load_file(str(got / "hf" / "model.safetensors"))
     for layer in range(2):
         for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
             _check_reconstruction(algo, tq, exported, original, f"model.layers.{layer}.self_attn.{module}")
@@ -245,22 +244,13 @@ def test_smoothquant_export_from_tp2_matches_tp1(megatron_world, tmp_path):
     max, which ModelOpt reduces over the TP group: a TP2 calibration is TP1's up to float32
     rounding of the activation statistics. So pre-quant and activation scales agree to 1e-5 and
     the INT8 weights are the same grid, except rare elements one step away."""
-    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
     from safetensors.torch import load_file
 
     import test_quant as tq
 
-    model_kw = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
-    quant = {"algorithm": "int8_sq", "kv_cache": "none", "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
-    target = dict(quantization=quant, dtype="float32", formats=["hf"])
-    ckpt = reference(tmp_path, "llama", model_kw, 120, [target])
-    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
-                        exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
-                        model_kw=model_kw)
-    for rank, (status, value) in outcome.items():
-        assert status == "ok" and value[0][0] == "complete", f"rank {rank}: {status} {value}"
-    tp1 = load_file(str(tmp_path / "ref0" / "iter_0000001" / "hf" / "model.safetensors"))
-    tp2 = load_file(str(tmp_path / "dist0" / "iter_0000001" / "hf" / "model.safetensors"))
+    ref, got = export_quantized_from(tmp_path, {"tp": 2}, "int8_sq", "none", dict(formats=["hf"]))
+    tp1 = load_file(str(ref / "hf" / "model.safetensors"))
+    tp2 = load_file(str(got / "hf" / "model.safetensors"))
     assert sorted(tp1) == sorted(tp2)
     for name in tp1:
         if name.endswith(("pre_quant_scale", "input_scale", "weight_scale")):

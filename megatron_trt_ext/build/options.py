@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown_keys
 
 # TensorRT-LLM PluginConfig fields we pass through (values: "auto", a dtype name, True/False, None).
 PLUGINS = ("gemm_plugin", "gpt_attention_plugin", "paged_kv_cache", "remove_input_padding",
@@ -46,10 +46,7 @@ class BuildOptions:
             return data
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of build options, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown build option(s) {unknown}; valid options are {sorted(known)}")
+        reject_unknown_keys(data, {f.name for f in fields(cls)}, source, "build option")
         opts = cls(**data)
         opts.validate(source)
         return opts

@@ -17,11 +17,6 @@ import torch
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 
-# Which weight dimension each scale follows: "tensor" (per-tensor, replicated), "out" (dim 0),
-# "block" (dim 0 and dim 1 / group), "in" (the input dimension).
-SCALE_KINDS = {"weight_scale": None, "input_scale": "tensor", "weight_scale_2": "tensor",
-               "pre_quant_scale": "in"}
-
 
 @dataclass
 class QuantLinear:
@@ -29,7 +24,9 @@ class QuantLinear:
 
     algo: object
     weight: torch.Tensor
-    scales: dict = field(default_factory=dict)   # name -> (tensor, kind)
+    # name -> (tensor, kind); kind says which weight dims a scale follows when the weight is split:
+    # "tensor" (per-tensor, replicated), "out" (dim 0), "block" (dims 0 and 1/group), "in" (inputs)
+    scales: dict = field(default_factory=dict)
 
     def quantized(self, weight: Optional[torch.Tensor] = None, scales: Optional[dict] = None) -> torch.Tensor:
         """The packed/quantized weight (of a split, when given), via ModelOpt."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -92,19 +92,12 @@ class QuantSpec:
             return data
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping such as {{algorithm: fp8, kv_cache: fp8}}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {unknown}; valid options are {sorted(known)}")
+        reject_unknown_keys(data, {f.name for f in fields(cls)}, source)
         data = dict(data)
         calib = data.pop("calibration", None) or {}
         if not isinstance(calib, dict):
             raise ConfigError(f"{source}.calibration: expected a mapping")
-        calib_known = {f.name for f in fields(CalibrationOptions)}
-        bad = sorted(set(calib) - calib_known)
-        if bad:
-            raise ConfigError(f"{source}.calibration: unknown option(s) {bad}; valid options are "
-                              f"{sorted(calib_known)}")
+        reject_unknown_keys(calib, {f.name for f in fields(CalibrationOptions)}, f"{source}.calibration")
         spec = cls(**data, calibration=CalibrationOptions(**calib))
         spec.validate(source)
         return spec

@@ -1,9 +1,23 @@
 """Async exports: the trainer copies its shards into shared host memory (the only stall) and a
 worker process does the rest.
 
-Decisions that involve several ranks (skip or wait when the last export still runs, restart the
-workers after a failure) are taken together, with one all-gather on the trainers' control group,
-so every rank does the same thing at every save.
+Snapshot slots. A slot is one set of shared buffers (one per local slice an export reads) with a
+small shared header (state, iteration) and a lock. Slot 0 is allocated at attach; slot 1 only
+the first time a save comes while the worker still exports from slot 0, so a save is never lost
+to a busy worker: it is snapshotted into the free slot at once (training waits only for that
+copy) and exported as soon as the running export ends. A newer save replaces an older one that
+has not started yet (newest wins; the older one is recorded as skipped). The worker holds the
+lock of the slot it exports from; the trainer writes into the slot it can lock, so neither ever
+waits on the other for longer than one copy.
+
+Decisions that involve several ranks (restart the workers, wait for them, whether a snapshot
+worked everywhere) are taken together, with an all-gather on the trainers' control group, so
+every rank does the same at every save. The workers of all ranks agree among themselves on which
+iteration to export next (see `worker`).
+
+Every wait is bounded: the worker beats a shared heartbeat while it makes progress; a worker
+silent for longer than ``timeout_s`` while it has work (stopped, hung) is killed, its export is
+recorded as failed, and fresh workers start at the next save.
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import socket
 import threading
 import time
 from multiprocessing.connection import wait as wait_any
@@ -23,9 +38,19 @@ from .job import ExportResult, torch_dtype
 
 logger = logging.getLogger("megatron_trt_ext")
 
+# slot header: [state, iteration]
+EMPTY, PENDING, TAKEN = 0, 1, 2
+NUM_SLOTS = 2
+
+
+def allocate_buffers(needs: list, dtypes: dict) -> dict:
+    """One shared-memory buffer per local slice an export reads."""
+    return {(name, offset, shape): torch.empty(shape, dtype=dtypes[name]).share_memory_()
+            for name, offset, shape in needs}
+
 
 class BackgroundExporter:
-    """Owns the snapshot buffers and the worker process of one rank."""
+    """Owns the snapshot slots and the worker process of one rank."""
 
     def __init__(self, exporter):
         if mp.current_process().daemon:
@@ -37,164 +62,282 @@ class BackgroundExporter:
         self.exporter = exporter
         self.job = exporter.job
         self.comm = exporter.comm
-        dtypes = {u.name: torch_dtype(u.dtype) for u in self.job.units}
-        # One shared-memory buffer per local slice an export reads: allocated once, reused.
-        self.buffers = {(name, offset, shape): torch.empty(shape, dtype=dtypes[name]).share_memory_()
-                        for name, offset, shape in self.job.needed_pieces()}
-        self.snapshot_bytes = sum(b.numel() * b.element_size() for b in self.buffers.values())
-        self._pin()
+        self.timeout_s = float(self.job.config.timeout_s)
+        self._ctx = mp.get_context("spawn")
+        self._dtypes = {u.name: torch_dtype(u.dtype) for u in self.job.units}
+        self._needs = self.job.needed_pieces()
+        self.buffers: list = [allocate_buffers(self._needs, self._dtypes), None]
+        self.snapshot_bytes = sum(b.numel() * b.element_size() for b in self.buffers[0].values())
+        self.headers = torch.zeros(NUM_SLOTS, 2, dtype=torch.int64).share_memory_()
+        self.heartbeat = torch.zeros(1, dtype=torch.float64).share_memory_()
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._pin(self.buffers[0])
         self.proc = None
         self.conn = None
-        self.pending: Optional[tuple] = None
+        self.locks: list = []
+        self.outstanding: dict = {}   # iteration -> (submitted unix time, stall seconds)
+        self.running: Optional[int] = None  # the iteration the worker said it started
+        self.last: Optional[ExportResult] = None
         self.needs_restart = False
+        self.gone = False
+        self.gone_reason = None
+        self._clobbered = None
+        self._event = None
         self._start_worker()
 
     # ------------------------------------------------------------------ worker lifecycle
-    def _pin(self) -> None:
-        """Page-lock the shared buffers on CUDA machines, so device-to-host copies are async."""
-        self._stream = None
-        if not torch.cuda.is_available():
+    def _pin(self, buffers: dict) -> None:
+        """Page-lock shared buffers on CUDA machines, so device-to-host copies are async."""
+        if self._stream is None:
             return
         cudart = torch.cuda.cudart()
-        for buf in self.buffers.values():
+        for buf in buffers.values():
             if buf.numel():
                 cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
-        self._stream = torch.cuda.Stream()
 
     def _start_worker(self) -> None:
-        """Collective: every rank starts its worker; the workers rendezvous on rank 0's port."""
+        """Collective: every rank starts its worker; the workers rendezvous on a store that
+        rank 0's worker serves, whatever launcher environment they inherit."""
         from .utils import free_port
 
-        port = free_port() if self.comm.rank == 0 else None
-        port = self.comm.all_gather_object(port)[0]
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
+        endpoint = (os.environ.get("MASTER_ADDR") or socket.gethostname(), free_port()) if self.comm.rank == 0 else None
+        addr, port = self.comm.all_gather_object(endpoint)[0]
+        # A killed worker may have died holding a slot's lock: every generation gets new locks.
+        self.locks = [self._ctx.Lock() for _ in range(NUM_SLOTS)]
+        for slot in range(NUM_SLOTS):
+            if int(self.headers[slot, 0]) == TAKEN:  # its export died with the old worker
+                self.headers[slot, 0] = EMPTY
+        parent, child = self._ctx.Pipe()
         from .worker import worker_main
 
-        self.proc = ctx.Process(target=worker_main, args=(child, self.job, self.buffers, addr, port),
-                                daemon=True, name=f"megatron-trt-ext-worker-{self.comm.rank}")
+        self.heartbeat[0] = time.time()
+        self.proc = self._ctx.Process(
+            target=worker_main, daemon=True, name=f"megatron-trt-ext-worker-{self.comm.rank}",
+            args=(child, self.job, self.buffers, self.headers, self.locks, self.heartbeat, addr, port))
         self.proc.start()
         child.close()
         self.conn = parent
         self.needs_restart = False
+        self.gone = False
+        self.running = None
+        if any(int(self.headers[s, 0]) == PENDING for s in range(NUM_SLOTS)):
+            self._send(("wake",))  # a save that the previous worker never started
 
-    def _stop_worker(self, timeout: float = 30) -> None:
+    def _stop_worker(self, grace_s: float = 5.0) -> None:
+        """Ask the worker to stop; kill it when it does not within ``grace_s`` (bounded)."""
         if self.proc is None:
             return
-        try:
-            if self.proc.is_alive():
-                self.conn.send(("stop",))
-        except (OSError, BrokenPipeError):
-            pass
-        self.proc.join(timeout)
+        self._send(("stop",))
+        self.proc.join(grace_s)
         if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+            self.proc.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
+            self.proc.join(5)
         self.conn.close()
         self.proc = None
 
-    def _recv(self, block: bool) -> Optional[tuple]:
-        """Next message from the worker; ("died", exitcode) when it is gone."""
-        ready = wait_any([self.conn, self.proc.sentinel], timeout=None if block else 0)
-        if not ready:
-            return None
-        if self.conn in ready:
-            try:
-                return self.conn.recv()
-            except (EOFError, OSError):
-                pass
-        self.proc.join(5)
-        return ("died", self.proc.exitcode)
+    def _send(self, msg) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, BrokenPipeError, ValueError):
+            pass  # a dead worker: its sentinel tells the rest
 
     # ------------------------------------------------------------------ results
-    def _finish(self, msg) -> ExportResult:
-        iteration, submitted = self.pending
-        self.pending = None
-        root = self.job.root
-        if msg[0] == "done":
-            result = msg[1]
-            if result.path is None:
-                result.path = root / f".{mf.export_dir_name(iteration)}.failed"
-        else:  # the worker is gone or never started: record it here (rank 0 owns the directory)
-            if msg[0] == "broken":
-                error = f"export worker of rank {self.comm.rank} could not start: {msg[1]}"
-            else:
-                error = (f"export worker of rank {self.comm.rank} died (exit code {msg[1]}) "
-                         f"during iteration {iteration}")
-            path = root / f".{mf.export_dir_name(iteration)}.failed"
-            if self.comm.rank == 0:
-                tmp = root / f".{mf.export_dir_name(iteration)}.partial"
-                path = mf.mark_failed(tmp, root, iteration, {**self.job.manifest_base(iteration)}, error)
-            result = ExportResult(iteration, path, "failed", list(self.job.config.formats),
-                                  {"stall_s": submitted[1]}, 0, error)
-        result.timings["total_s"] = time.time() - submitted[0]
-        if not result.ok:
-            self.needs_restart = True  # its process group may be broken: start afresh next time
-            logger.error("async export of iteration %d failed, training continues: %s", iteration, result.error)
+    def _record(self, result: ExportResult) -> ExportResult:
+        self.outstanding.pop(result.iteration, None)
+        self.last = result
         self.exporter._record(result)
+        if result.status == "failed":
+            logger.error("async export of iteration %d failed, training continues: %s",
+                         result.iteration, result.error)
+        elif result.status == "skipped":
+            logger.warning("export of iteration %d skipped: %s", result.iteration, result.error)
         return result
 
-    def poll(self) -> Optional[ExportResult]:
-        if self.pending is None:
-            return None
-        msg = self._recv(block=False)
-        return self._finish(msg) if msg is not None else None
+    def _handle(self, msg) -> None:
+        kind = msg[0]
+        if kind == "started":
+            self.running = msg[1]
+        elif kind == "done":
+            result = msg[1]
+            self.running = None
+            if result.iteration in self.outstanding:
+                submitted, stall = self.outstanding[result.iteration]
+                result.timings["stall_s"] = stall
+                result.timings["total_s"] = time.time() - submitted
+            self._record(result)  # a broken process group comes as "broken" next: then the worker restarts
+        elif kind == "superseded":
+            old, new = msg[1], msg[2]
+            if old in self.outstanding:
+                self._skipped(old, new)
+        elif kind == "broken":
+            self._worker_gone(f"export worker of rank {self.comm.rank} stopped: {msg[1]}")
+
+    def _skipped(self, old: int, new: int) -> None:
+        stall = self.outstanding[old][1]
+        self._record(ExportResult(old, None, "skipped", list(self.job.config.formats), {"stall_s": stall}, 0,
+                                  f"replaced by the newer save of iteration {new} before its export started "
+                                  "(busy_policy=skip: newest wins)"))
+
+    def _worker_gone(self, error: str) -> None:
+        """The worker died, was killed or gave up: its running export failed (recorded by rank 0,
+        which owns the directory); saves not yet started stay in their slots for the next worker."""
+        self.needs_restart = True
+        self.gone = True
+        self.gone_reason = error
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        iteration, self.running = self.running, None
+        logger.error("%s", error)
+        if iteration is None or iteration not in self.outstanding:
+            return
+        self._fail(iteration, f"{error} during iteration {iteration}")
+
+    def _fail(self, iteration: int, error: str) -> None:
+        path = None
+        if self.comm.rank == 0:
+            path = mf.record_failure(self.job.root, iteration, self.job.manifest_base(iteration), error)
+        stall = self.outstanding.get(iteration, (0, 0.0))[1]
+        self._record(ExportResult(iteration, path, "failed", list(self.job.config.formats), {"stall_s": stall}, 0,
+                                  error))
+
+    def _drain(self, block_s: float) -> bool:
+        """Handle the worker's messages for up to ``block_s``; False when it is gone."""
+        if self.proc is None or self.gone:
+            return False
+        ready = wait_any([self.conn, self.proc.sentinel], timeout=block_s)
+        try:
+            while self.conn.poll():
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        if self.gone:
+            return False
+        if self.proc.sentinel in ready or not self.proc.is_alive():
+            self.proc.join(5)
+            self._worker_gone(f"export worker of rank {self.comm.rank} died (exit code {self.proc.exitcode})")
+            return False
+        return True
+
+    def _silent_for(self) -> float:
+        return time.time() - float(self.heartbeat[0])
+
+    def _check_hung(self) -> None:
+        """A worker that has work and shows no progress for timeout_s (+ grace) is killed."""
+        limit = self.timeout_s + self.comm.grace_s
+        if self.outstanding and not self.gone and self.proc is not None and self._silent_for() > limit:
+            self._worker_gone(f"export worker of rank {self.comm.rank} made no progress for "
+                              f"{self._silent_for():.0f} s (hung or stopped; timeout_s={self.timeout_s:.0f}); "
+                              "killed")
+
+    def poll(self) -> None:
+        self._drain(0)
 
     def wait(self) -> Optional[ExportResult]:
-        if self.pending is None:
-            return None
-        return self._finish(self._recv(block=True))
+        """Until every submitted save is exported, failed or skipped. Bounded: a worker that shows
+        no progress for ``timeout_s`` (plus a short grace) while it has work is killed, and what it
+        had not exported is recorded as failed."""
+        while self.outstanding:
+            if not self._drain(0.5):
+                for iteration in sorted(self.outstanding):  # nobody is left to export them
+                    self._fail(iteration, f"{self.gone_reason or 'the export worker is gone'}; the save of "
+                                          f"iteration {iteration} was not exported")
+                for slot in range(NUM_SLOTS):
+                    if int(self.headers[slot, 0]) == PENDING:
+                        self.headers[slot, 0] = EMPTY
+                break
+            self._check_hung()
+        return self.last
 
     # ------------------------------------------------------------------ the trigger
     def submit(self, iteration: int) -> ExportResult:
         t_submit, t0 = time.time(), time.perf_counter()
         self.poll()
-        alive = self.proc is not None and self.proc.is_alive()
-        states = self.comm.all_gather_object((self.pending is not None, self.needs_restart or not alive))
+        self._check_hung()
         config = self.job.config
-        if any(busy for busy, _ in states):
-            if config.busy_policy == "skip":
-                logger.warning("export at iteration %d skipped: the previous export is still running "
-                               "(busy_policy=skip)", iteration)
-                result = ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "skipped",
-                                      list(config.formats), {"stall_s": time.perf_counter() - t0})
-                self.exporter._record(result)
-                return result
+        states = self.comm.all_gather_object((self.needs_restart or self.gone, bool(self.outstanding)))
+        if config.busy_policy == "wait" and any(busy for _, busy in states):
             self.wait()
-            states = self.comm.all_gather_object((False, self.needs_restart or not self.proc.is_alive()))
-        if any(restart for _, restart in states):
+            states = self.comm.all_gather_object((self.needs_restart or self.gone, False))
+        if any(restart for restart, _ in states):
             self._stop_worker()
             self._start_worker()
-        s0 = time.perf_counter()
-        self._snapshot()
-        snapshot_s = time.perf_counter() - s0
+        error = None
+        try:
+            s0 = time.perf_counter()
+            slot = self._snapshot(iteration)
+            snapshot_s = time.perf_counter() - s0
+        except Exception as exc:  # noqa: BLE001 - agreed below: every rank gives this save up
+            slot, snapshot_s = None, 0.0
+            error = f"snapshot on rank {self.comm.rank} failed: {type(exc).__name__}: {exc}"
+        failures = self.comm.agree(error)
         stall = time.perf_counter() - t0
+        if self._clobbered is not None and self._clobbered in self.outstanding:
+            self._skipped(self._clobbered, iteration)  # its slot now holds this save (or garbage)
+        if failures:
+            if slot is not None:
+                self._release(slot, publish=False)
+            message = f"export of iteration {iteration} failed on rank {failures[0][0]}: {failures[0][1]}"
+            self.outstanding[iteration] = (t_submit, stall)
+            self._fail(iteration, message)
+            return self.last
+        self.outstanding[iteration] = (t_submit, stall)
         timings = {"stall_s": stall, "snapshot_s": snapshot_s, "snapshot_bytes": self.snapshot_bytes,
                    "submitted_unix": t_submit}
-        self.pending = (iteration, (t_submit, stall))
-        self._send_when_copied(("export", iteration, timings))
+        self._release(slot, publish=True, iteration=iteration, timings=timings)
         running = ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
                                list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
         self.exporter.last_result = running  # replaced by the final result when it arrives
         return running
 
-    def _snapshot(self) -> None:
+    def _lock_free_slot(self) -> int:
+        """The slot the worker is not exporting from (it holds at most one lock at a time)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            for slot in range(NUM_SLOTS):
+                if self.locks[slot].acquire(block=False):
+                    return slot
+            if time.monotonic() > deadline:
+                raise RuntimeError("could not lock a snapshot slot (the worker holds both?)")
+            time.sleep(0.001)
+
+    def _snapshot(self, iteration: int) -> int:
+        """Copy this rank's slices into a free slot and return it, still locked (`_release`
+        publishes it). A pending save whose slot this overwrites is left in ``_clobbered``."""
+        self._clobbered = None
         live, replica = self.exporter._source()  # quantized exports: a calibrated replica
+        slot = self._lock_free_slot()
+        try:
+            if int(self.headers[slot, 0]) == PENDING:
+                self._clobbered = int(self.headers[slot, 1])
+            self.headers[slot, 0] = EMPTY
+            if self.buffers[slot] is None:  # the second slot, the first time a save finds the worker busy
+                self.buffers[slot] = allocate_buffers(self._needs, self._dtypes)
+                self._pin(self.buffers[slot])
+                self._send(("slot", slot, self.buffers[slot]))
+            self._copy(live, self.buffers[slot])
+        except BaseException:
+            self.locks[slot].release()
+            raise
+        finally:
+            del replica
+        self.headers[slot, 1] = iteration
+        return slot
+
+    def _copy(self, live: dict, buffers: dict) -> None:
         by_key = {(name, p.offset, tuple(p.tensor.shape)): p.tensor for name, pieces in live.items() for p in pieces}
-        del replica
+        self._event = None
         if self._stream is None:
             with torch.no_grad():
-                for key, buf in self.buffers.items():
+                for key, buf in buffers.items():
                     buf.copy_(by_key[key].detach())
-            self._event = None
             return
         # GPU: copies on a side stream after the work that produced the weights; later work on the
         # training stream (the optimizer step) waits for the copies, the host thread does not.
         current = torch.cuda.current_stream()
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream), torch.no_grad():
-            for key, buf in self.buffers.items():
+            for key, buf in buffers.items():
                 source = by_key[key].detach()
                 source.record_stream(self._stream)  # a calibration replica's memory must outlive the copy
                 buf.copy_(source, non_blocking=True)
@@ -202,18 +345,27 @@ class BackgroundExporter:
         self._event.record(self._stream)
         current.wait_stream(self._stream)
 
-    def _send_when_copied(self, msg) -> None:
-        if self._event is None:
-            self.conn.send(msg)
-            return
-        event, conn = self._event, self.conn
+    def _release(self, slot: int, publish: bool, iteration: Optional[int] = None, timings=None) -> None:
+        """Unlock the slot; when ``publish``, mark it pending first and wake the worker (on GPU,
+        once the side-stream copies are done, without blocking the trainer)."""
+        event, lock, headers = getattr(self, "_event", None), self.locks[slot], self.headers
 
-        def send():
-            event.synchronize()
-            conn.send(msg)
-        threading.Thread(target=send, daemon=True).start()
+        def finish():
+            if event is not None:
+                event.synchronize()
+            if publish:
+                headers[slot, 0] = PENDING
+            lock.release()
+            if publish:
+                self._send(("wake", iteration, timings))
+
+        if event is None or not publish:
+            finish()
+        else:
+            threading.Thread(target=finish, daemon=True, name="megatron-trt-ext-snapshot").start()
 
     def close(self) -> None:
+        """Finish every submitted export (bounded, see `wait`), then stop the worker."""
         try:
             self.wait()
         finally:

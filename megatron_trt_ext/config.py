@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError, reject_unknown_keys
+from .errors import ConfigError, reject_unknown_keys, short_repr
 
 FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
 MODES = ("sync", "async")
@@ -22,13 +22,20 @@ BUSY_POLICIES = ("skip", "wait")
 DTYPES = ("bfloat16", "float16", "float32")
 FAMILIES = ("auto", "llama", "gpt", "mixtral")
 
+# Integer options and their largest sensible value: a typo such as 10**21 fails here, naming the
+# key, instead of overflowing a timer or an allocation at the first export.
+INT_RANGES = {
+    "inference_tp": 4096, "inference_pp": 4096, "inference_moe_tp": 4096, "inference_moe_ep": 4096,
+    "every_n_saves": 10**9, "timeout_s": 7 * 24 * 3600, "keep_last": 10**6, "vocab_size": 2**31 - 1,
+}
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
 def parse_size(value: Any, what: str) -> int:
     """Parse a byte size given as an int or a string such as "2GB", "500MiB"."""
     if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size such as 2GB, got {value!r}")
+        raise ConfigError(f"{what}: expected a size such as 2GB, got {short_repr(value)}")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and _SIZE_RE.match(value):
@@ -36,9 +43,9 @@ def parse_size(value: Any, what: str) -> int:
         base = 1024 if binary else 1000
         size = int(float(number) * base ** " KMGT".index(unit.upper() or " "))
     else:
-        raise ConfigError(f"{what}: expected a size such as 2GB or a number of bytes, got {value!r}")
+        raise ConfigError(f"{what}: expected a size such as 2GB or a number of bytes, got {short_repr(value)}")
     if size <= 0:
-        raise ConfigError(f"{what}: must be positive, got {value!r}")
+        raise ConfigError(f"{what}: must be positive, got {short_repr(value)}")
     return size
 
 
@@ -126,13 +133,10 @@ class ExportConfig:
             raise ConfigError(f"formats{source}: trtllm_engine is built from the TensorRT-LLM checkpoint; "
                               "add trtllm_checkpoint to formats")
         if self.mode is not None and self.mode not in MODES:
-            raise ConfigError(f"mode{source}: unknown mode {self.mode!r}; choose one of {list(MODES)}")
+            raise ConfigError(f"mode{source}: unknown mode {short_repr(self.mode)}; choose one of {list(MODES)}")
         if self.busy_policy not in BUSY_POLICIES:
-            raise ConfigError(f"busy_policy{source}: unknown policy {self.busy_policy!r}; choose one of "
+            raise ConfigError(f"busy_policy{source}: unknown policy {short_repr(self.busy_policy)}; choose one of "
                               f"{list(BUSY_POLICIES)}")
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ConfigError(f"keep_last{source}: must be >= 1 (the newest export is always kept), "
-                              f"got {self.keep_last}")
         from .build.options import BuildOptions
 
         self.build_options = BuildOptions.from_dict(self.build, f"build{source}")
@@ -140,15 +144,13 @@ class ExportConfig:
 
         self.quant = QuantSpec.from_dict(self.quantization, f"quantization{source}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype{source}: unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+            raise ConfigError(f"dtype{source}: unknown dtype {short_repr(self.dtype)}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
-            raise ConfigError(f"family{source}: unknown family {self.family!r}; choose one of {list(FAMILIES)}")
-        for name in ("inference_tp", "inference_pp", "every_n_saves", "timeout_s",
-                     "inference_moe_tp", "inference_moe_ep"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name}{source}: must be >= 1, got {getattr(self, name)}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ConfigError(f"vocab_size{source}: must be a positive token count, got {self.vocab_size}")
+            raise ConfigError(f"family{source}: unknown family {short_repr(self.family)}; choose one of {list(FAMILIES)}")
+        for name, upper in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= upper:
+                raise ConfigError(f"{name}{source}: must be between 1 and {upper}, got {short_repr(value)}")
         self.max_shard_size_bytes = parse_size(self.max_shard_size, f"max_shard_size{source}")
         self.output_dir = os.fspath(self.output_dir)
         if not self.output_dir:
@@ -158,12 +160,18 @@ class ExportConfig:
 
     def check_output_dir_writable(self) -> Path:
         """Create ``output_dir`` if needed and prove that files can be written there."""
+        import uuid
+
+        from .safe_fs import unlink_name, write_bytes
+
         root = Path(self.output_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            probe = root / f".write-probe-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            if not root.is_dir():
+                raise NotADirectoryError(20, "not a directory", str(root))
+            probe = root / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            write_bytes(probe, b"ok", fsync=False)  # never through a link planted under the root
+            unlink_name(probe)
         except OSError as exc:
             raise ConfigError(
                 f"output_dir: cannot write to {str(root)!r} ({exc.strerror or exc}); "
@@ -174,15 +182,11 @@ class ExportConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "ExportConfig":
         """Load a recipe file (YAML, parsed with ``safe_load``); keyword arguments override it."""
-        import yaml
-
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_recipe_yaml(path.read_text(), str(path))
         except OSError as exc:
             raise ConfigError(f"recipe {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {str(path)!r}: not valid YAML: {exc}") from exc
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -221,4 +225,37 @@ def _check_type(name: str, value: Any, hint: Any, source: str) -> None:
         if base is str and isinstance(value, (str, os.PathLike)):
             return
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError(f"{name}{source}: expected {names}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{name}{source}: expected {names}, got {type(value).__name__} {short_repr(value)}")
+
+
+def load_recipe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate keys (the later one would silently win)
+    and anchors/aliases (a few nested aliases expand into gigabytes: a recipe writes values out)."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"recipe {source!r} line {mark.line + 1}: YAML aliases (*name) are not "
+                                  "allowed in recipes; write the value out")
+            event = self.peek_event()
+            if getattr(event, "anchor", None):
+                raise ConfigError(f"recipe {source!r} line {event.start_mark.line + 1}: YAML anchors (&name) "
+                                  "are not allowed in recipes; write the value out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(f"recipe {source!r} line {key_node.start_mark.line + 1}: key "
+                                      f"{short_repr(key)} appears twice; keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {source!r}: not valid YAML: {exc}") from exc

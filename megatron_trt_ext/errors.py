@@ -1,5 +1,7 @@
 """Exception types. Every message names the offending thing and the fix."""
 
+from typing import Any
+
 
 class MegatronTrtExtError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -25,3 +27,14 @@ def reject_unknown_keys(keys, known, source: str, what: str = "option") -> None:
     close = [k for k in sorted(known) if k.split("_")[0] == unknown[0].split("_")[0]]
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"{source}: unknown {what}(s) {unknown}{hint}; valid {what}s are {sorted(known)}")
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters: error messages stay readable whatever the input."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxdict = r.maxtuple = 6
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -90,6 +90,11 @@ class Exporter:
             self._check_inference_layout()
             self.vocab_size = self._export_vocab_size()
             self.root = config.check_output_dir_writable()
+            if self.rank == 0:  # what interrupted runs left behind (never what a live process holds)
+                from . import manifest as mf
+
+                for path in mf.cleanup_leftovers(self.root, stale_after_s=2 * config.timeout_s):
+                    logger.info("removed %s, left by an interrupted export", path)
             if "trtllm_engine" in config.formats:
                 config.build_options.check_devices(torch.cuda.device_count())
             local = local_shards(self.chunks)
@@ -251,24 +256,43 @@ class Exporter:
         if self._background is not None:
             return self._background.submit(iteration)
         t0 = time.perf_counter()
+        replica = None
         try:
-            local, replica = self._source()
-            result = self.job.run(self.comm, local, iteration)
-        except ExportError as exc:
-            from .job import failed_path
-
-            self._record(ExportResult(iteration, failed_path(self.root, iteration), "failed",
-                                      list(self.config.formats), {"stall_s": time.perf_counter() - t0}, 0,
-                                      str(exc)))
-            raise
+            try:
+                local, replica = self._source()
+                source_error = None
+            except Exception as exc:  # noqa: BLE001 - shared with the peers in the run's first decision
+                local, source_error = {}, exc
+            result = self.job.run(self.comm, local, iteration, source_error=source_error)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded and raised as ExportError
+            error = exc if isinstance(exc, ExportError) else self._unexpected_failure(iteration, exc)
+            result = getattr(error, "result", None) or ExportResult(
+                iteration, None, "failed", list(self.config.formats), {}, 0, str(error))
+            result.timings["stall_s"] = time.perf_counter() - t0
+            self._record(result)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
-            local = replica = None  # noqa: F841 - drop the calibration replica now
+            replica = None  # noqa: F841 - drop the calibration replica now
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
         self._record(result)
         from .build.runner import launch_after_export
 
         launch_after_export(self.config, self.rank, result)
         return result
+
+    def _unexpected_failure(self, iteration: int, exc: BaseException) -> ExportError:
+        """A failure outside the export's own agreed paths (calibration, an unforeseen error):
+        named, recorded on disk by this rank (the first record wins), raised as ExportError."""
+        from . import manifest as mf
+
+        message = f"export of iteration {iteration} failed on rank {self.rank}: {type(exc).__name__}: {exc}"
+        logger.error("%s", message)
+        recorded = mf.record_failure(self.root, iteration, self.job.manifest_base(iteration), message)
+        error = ExportError(message)
+        error.result = ExportResult(iteration, recorded, "failed", list(self.config.formats), {}, 0, message)
+        return error
 
     def wait(self) -> Optional[ExportResult]:
         """Block until the background export (if any) is done; returns its result."""
@@ -300,10 +324,13 @@ class Exporter:
             raise ExportError(self.last_result.error)
         try:
             return self.export(iteration)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - training goes on; the failure is recorded
             if self.config.strict:
                 raise
             logger.error("export at iteration %s failed, training continues: %s", iteration, exc)
+            if self.last_result is None or self.last_result.iteration != iteration or self.last_result.ok:
+                # never hand back an older (complete) result for a save that failed
+                self._record(ExportResult(iteration, None, "failed", list(self.config.formats), {}, 0, str(exc)))
             return self.last_result
 
     def state_dict(self) -> dict:

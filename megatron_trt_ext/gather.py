@@ -17,33 +17,59 @@ from .plan import Unit, torch_dtype
 
 
 class Comm:
-    """The export's own process groups, created once (collectively) when the exporter is built.
+    """The export's process groups, created once (collectively) when the exporter is built.
 
     ``control``: a gloo group with a bounded timeout, for plans and decisions (objects).
     ``data``: for tensor slices; NCCL when the default group is NCCL and the model is on CUDA,
     else the gloo group (slices then travel through host memory).
+    With ``own_world`` (the export workers, whose whole world is the export's) both are the
+    default group.
+
+    After a communication failure (a peer lost, a timeout), `abort` tears the groups down, so
+    peers blocked on this rank fail at once instead of at their timeout, and `lost_ranks` names
+    the ranks that did not check in through the store within a short grace period.
     """
 
-    def __init__(self, timeout_s: float, model_device: torch.device):
+    def __init__(self, timeout_s: float, model_device: torch.device, own_world: bool = False, store=None):
         dist = torch.distributed
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.timeout_s = timeout_s
+        self.grace_s = max(1.0, min(10.0, timeout_s / 4))
         self.data_device = torch.device("cpu")
         self.control = self.data = None
+        self.own_world = own_world
+        self.store = store
+        self.broken: Optional[str] = None
+        self._round = 0
+        self.token = "local"
         if self.distributed:
             timeout = timedelta(seconds=timeout_s)
-            self.control = dist.new_group(backend="gloo", timeout=timeout)
-            if model_device.type == "cuda" and dist.get_backend() == "nccl":
-                self.data = dist.new_group(backend="nccl", timeout=timeout)
-                self.data_device = model_device
-            else:
-                self.data = self.control
+            if not own_world:
+                self.control = dist.new_group(backend="gloo", timeout=timeout)
+                if model_device.type == "cuda" and dist.get_backend() == "nccl":
+                    self.data = dist.new_group(backend="nccl", timeout=timeout)
+                    self.data_device = model_device
+                else:
+                    self.data = self.control
+            if self.store is None:
+                try:
+                    self.store = dist.distributed_c10d._get_default_store()
+                except Exception:  # noqa: BLE001 - no store: failures are reported without naming ranks
+                    self.store = None
+            import uuid
+
+            self.token = self.all_gather_object(uuid.uuid4().hex)[0]
+
+    def _check(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"the export's process groups were torn down after an earlier failure ({self.broken})")
 
     def all_gather_object(self, obj) -> list:
         if not self.distributed:
             return [obj]
+        self._check()
         out = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj, group=self.control)
         return out
@@ -52,6 +78,7 @@ class Comm:
         """Every rank's ``obj`` on rank 0 (None elsewhere)."""
         if not self.distributed:
             return [obj]
+        self._check()
         out = [None] * self.world_size if self.rank == 0 else None
         torch.distributed.gather_object(obj, out, dst=0, group=self.control)
         return out
@@ -61,13 +88,63 @@ class Comm:
         return [(rank, err) for rank, err in enumerate(self.all_gather_object(error)) if err]
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int):
+        self._check()
         t = tensor.detach().to(self.data_device).contiguous()
         # the groups span the whole world, so group ranks are global ranks
         return t, torch.distributed.isend(t, dst, group=self.data, tag=tag)
 
     def recv(self, shape: tuple, dtype: torch.dtype, src: int, tag: int):
+        self._check()
         buf = torch.empty(shape, dtype=dtype, device=self.data_device)
         return buf, torch.distributed.irecv(buf, src, group=self.data, tag=tag)
+
+    # ------------------------------------------------------------------ failures
+    def next_round(self, iteration: int) -> str:
+        """A name for one export attempt, the same on every rank (they all count alike)."""
+        self._round += 1
+        return f"{iteration}.{self._round}"
+
+    def abort(self, why: str) -> None:
+        """Tear the export's groups down: peers waiting on this rank get an error at once."""
+        if not self.distributed or self.broken:
+            return
+        self.broken = why
+        dist = torch.distributed
+        groups = {id(g): g for g in (self.control, self.data) if g is not None}
+        self.control = self.data = None  # the last references: the connections close with them
+        try:
+            if self.own_world:
+                dist.destroy_process_group()
+            else:
+                for group in groups.values():
+                    dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+        groups.clear()
+        import gc
+
+        gc.collect()
+
+    def lost_ranks(self, round_name: str) -> Optional[list]:
+        """After a communication failure: the ranks that did not check in within the grace period
+        (None when there is no store to ask). Every surviving rank checks in, then waits."""
+        if not self.distributed:
+            return []
+        if self.store is None:
+            return None
+        import time
+
+        prefix = f"megatron_trt_ext/{self.token}/{round_name}/alive/"
+        try:
+            self.store.set(prefix + str(self.rank), "1")
+            deadline = time.monotonic() + self.grace_s
+            while True:
+                missing = [r for r in range(self.world_size) if not self.store.check([prefix + str(r)])]
+                if not missing or time.monotonic() >= deadline:
+                    return missing
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - the store itself is gone: its host (rank 0) is lost
+            return [0]
 
 
 def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.Tensor:

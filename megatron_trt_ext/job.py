@@ -220,28 +220,51 @@ class ExportJob:
         }
 
     # ------------------------------------------------------------------ the run
-    def run(self, comm, local: dict, iteration: int, timings: Optional[dict] = None) -> ExportResult:
-        """Run one export on this rank. Raises ExportError (on every rank alike) on failure."""
+    def run(self, comm, local: dict, iteration: int, timings: Optional[dict] = None,
+            source_error: Optional[BaseException] = None, on_progress=None) -> ExportResult:
+        """Run one export on this rank. Raises ExportError (on every rank alike) on failure; its
+        ``result`` attribute is the failed ExportResult (``path``: the failure record, or None
+        when nothing could be written). ``source_error``: this rank could not produce its
+        slices (e.g. calibration failed); it joins the run's first decision, so every rank
+        fails together instead of waiting for it. ``on_progress``: called after every unit (the
+        worker's heartbeat)."""
         t0 = time.perf_counter()
         timings = {"gather_s": 0.0, "convert_s": 0.0, "write_s": 0.0, **(timings or {})}
         submitted = timings.pop("submitted_unix", None)  # async: count the time since the save
         base_total = time.time() - submitted if submitted else 0.0
-        tmp = self.root / f".{mf.export_dir_name(iteration)}.partial"
-        meta = self.manifest_base(iteration)
+        run = _Run(iteration=iteration, tmp=mf.partial_path(self.root, iteration),
+                   meta=self.manifest_base(iteration), timings=timings, t0=t0, base_total=base_total,
+                   round_name=comm.next_round(iteration) if not comm.broken else "broken",
+                   on_progress=on_progress or (lambda: None))
+        try:
+            return self._run(comm, local, run, source_error)
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a collective broke: a peer is lost or timed out
+            raise self._broken(comm, run, exc) from exc
+        finally:
+            if run.lock is not None:
+                run.lock.release()
 
+    def _run(self, comm, local: dict, run: "_Run", source_error) -> ExportResult:
+        iteration, timings = run.iteration, run.timings
+        if comm.broken:
+            raise RuntimeError(comm.broken)
         hf = trt = None
-        local_exc = None
+        local_exc = source_error
         try:
             if self.rank == 0:
-                tmp = mf.start(self.root, iteration)
-                hf, trt = self.writers(tmp, create=True)
+                run.lock = mf.IterationLock(self.root, iteration, stale_after_s=2 * self.config.timeout_s).acquire()
+                run.tmp = mf.start(self.root, iteration, run.lock)
+                if local_exc is None:
+                    hf, trt = self.writers(run.tmp, create=True)
         except Exception as exc:  # noqa: BLE001 - any failure must become a shared decision
-            local_exc = exc
+            local_exc = local_exc or exc
         failures = comm.agree(f"{type(local_exc).__name__}: {local_exc}" if local_exc else None)
         if failures:
-            self._fail(iteration, tmp, meta, timings, t0, base_total, failures, local_exc, [hf, trt])
+            self._fail(comm, run, failures, local_exc, [hf, trt])
         if self.rank != 0:
-            hf, trt = self.writers(tmp, create=False)
+            hf, trt = self.writers(run.tmp, create=False)
 
         error = None
         checksums: dict = {}
@@ -252,6 +275,9 @@ class ExportJob:
             g0 = time.perf_counter()
             full = exchange(unit, local, comm)
             timings["gather_s"] += time.perf_counter() - g0
+            if run.lock is not None:
+                run.lock.refresh()
+            run.on_progress()
             if full is None or error is not None:
                 continue
             try:
@@ -268,36 +294,42 @@ class ExportJob:
                         checksums[f"{name}/{fname}"] = sums
         except Exception as exc:  # noqa: BLE001
             error = error or f"{type(exc).__name__}: {exc}"
+            local_exc = local_exc or exc
 
-        timings["total_s"] = base_total + time.perf_counter() - t0
+        timings["total_s"] = run.base_total + time.perf_counter() - run.t0
         failures = comm.agree(error)
         if failures:
-            self._fail(iteration, tmp, meta, timings, t0, base_total, failures, local_exc, [hf, trt])
+            self._fail(comm, run, failures, local_exc, [hf, trt])
         # Checksums and timings only matter to the publisher: gathered to rank 0, not to everyone.
         gathered = comm.gather_object((error, checksums, timings))
         publish_error, bytes_written = None, 0
         if self.rank == 0:
             try:
-                bytes_written = self._publish(iteration, tmp, meta, hf, trt, gathered)
+                bytes_written = self._publish(iteration, run.tmp, run.meta, hf, trt, gathered)
             except Exception as exc:  # noqa: BLE001
                 publish_error = f"{type(exc).__name__}: {exc}"
         publish_error, bytes_written = comm.all_gather_object((publish_error, bytes_written))[0]
         if publish_error:
-            self._fail(iteration, tmp, meta, timings, t0, base_total, [(0, publish_error)], None, [])
-        timings["total_s"] = base_total + time.perf_counter() - t0
+            self._fail(comm, run, [(0, publish_error)], None, [])
+        timings["total_s"] = run.base_total + time.perf_counter() - run.t0
         path = self.root / mf.export_dir_name(iteration)
         if self.rank == 0:
             logger.info("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
                         timings["total_s"], bytes_written)
+            mf.apply_retention(self.root, self.config.keep_last)  # never fails the export
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
 
     def _export_unit(self, unit, full, converter, dtype, hf, trt, timings, stats) -> None:
-        if self.config.check_finite and full.is_floating_point() and not bool(torch.isfinite(full).all()):
-            raise ExportError("contains NaN or Inf values; refusing to export a broken model")
         c0 = time.perf_counter()
         for hf_name, out, trt_parts in self.convert(converter, unit.name, full, dtype, stats):
             w0 = time.perf_counter()
             timings["convert_s"] += w0 - c0
+            if self.config.check_finite:
+                # checked as written (after the cast): 70000.0 is finite in float32, inf in float16
+                check_finite(hf_name, out)
+                for _, trt_name, t in trt_parts:
+                    if t.dtype != out.dtype:
+                        check_finite(trt_name, t)
             if hf is not None:
                 hf.write(hf_name, out)
             for rank, name, t in trt_parts:
@@ -336,19 +368,86 @@ class ExportJob:
         meta.update(files={k: {"sha256": v} for k, v in sorted(files.items())},
                     timings={**per_rank[0], "per_rank": per_rank}, bytes_written=bytes_written)
         mf.publish(tmp, self.root, iteration, meta)
-        mf.apply_retention(self.root, self.config.keep_last)
         return bytes_written
 
-    def _fail(self, iteration, tmp, meta, timings, t0, base_total, failures, local_exc, writers):
+    # ------------------------------------------------------------------ failures
+    def _failed_result(self, run: "_Run", message: str, path) -> ExportResult:
+        run.timings["total_s"] = run.base_total + time.perf_counter() - run.t0
+        return ExportResult(run.iteration, path, "failed", list(self.config.formats), run.timings, 0, message)
+
+    def _fail(self, comm, run: "_Run", failures, local_exc, writers):
+        """An agreed failure (every rank knows it): the lock holder records it, then every rank
+        learns whether the record exists and raises the same ExportError."""
         for w in writers:
             if w is not None:
                 w.abort()
-        timings["total_s"] = base_total + time.perf_counter() - t0
         first_rank, cause = failures[0]
-        message = f"export of iteration {iteration} failed on rank {first_rank}: {cause}"
-        if self.rank == 0:
-            mf.mark_failed(tmp, self.root, iteration, {**meta, "timings": timings}, message)
-        raise ExportError(message) from local_exc
+        message = f"export of iteration {run.iteration} failed on rank {first_rank}: {cause}"
+        recorded = None
+        if self.rank == 0 and isinstance(local_exc, mf.LockedError):
+            # another live process exports this iteration: its directories are not ours to touch
+            logger.error("%s (nothing recorded on disk: the iteration belongs to that process)", message)
+        elif self.rank == 0:
+            recorded = mf.record_failure(self.root, run.iteration, {**run.meta, "timings": run.timings}, message,
+                                         partial=run.tmp if run.lock is not None else None)
+        recorded = comm.all_gather_object(str(recorded) if recorded else None)[0]
+        exc = ExportError(message)
+        exc.result = self._failed_result(run, message, Path(recorded) if recorded else None)
+        raise exc from local_exc
+
+    def _broken(self, comm, run: "_Run", exc: BaseException) -> ExportError:
+        """A collective broke (a peer was lost, or timed out): tear the groups down so every peer
+        fails now, find out who is gone, record the failure from whoever is left."""
+        import traceback
+
+        # The failed frames hold pending transfers, which keep the group's connections open.
+        traceback.clear_frames(exc.__traceback__)
+        comm.abort(f"iteration {run.iteration}: {type(exc).__name__}: {exc}")
+        lost = comm.lost_ranks(run.round_name)
+        if lost:
+            who = f"rank(s) {lost} lost (no sign of life within {comm.grace_s:.0f} s)"
+        elif lost is None:
+            who = "a peer rank was lost or timed out"
+        else:
+            who = "a collective failed or timed out"
+        message = (f"export of iteration {run.iteration} failed on rank {self.rank}: {who}: "
+                   f"{type(exc).__name__}: {str(exc)[:300]}")
+        logger.error("%s", message)
+        # Whoever survives records it (the first record wins); the lock holder also drops its
+        # partial directory.
+        recorded = mf.record_failure(self.root, run.iteration, {**run.meta, "timings": run.timings}, message,
+                                     partial=run.tmp if run.lock is not None else None)
+        error = ExportError(message)
+        error.result = self._failed_result(run, message, recorded)
+        return error
+
+
+@dataclass
+class _Run:
+    """The state of one export attempt on one rank."""
+
+    iteration: int
+    tmp: Path
+    meta: dict
+    timings: dict
+    t0: float
+    base_total: float
+    round_name: str
+    on_progress: object = None
+    lock: Optional[object] = None
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN/Inf in a floating tensor as it is written (FP8 has no Inf: NaN only)."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta":
+        return
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        bad = bool(torch.isnan(tensor.float()).any())
+    else:
+        bad = not bool(torch.isfinite(tensor).all())
+    if bad:
+        raise ExportError(f"{name}: contains NaN or Inf values as written ({tensor.dtype}); refusing to export "
+                          "a broken model (values out of the export dtype's range become Inf)")
 
 
 def _scale_dtype(value: torch.Tensor) -> torch.Tensor:
@@ -357,4 +456,4 @@ def _scale_dtype(value: torch.Tensor) -> torch.Tensor:
 
 
 def failed_path(root: Path, iteration: int) -> Path:
-    return Path(root) / f".{mf.export_dir_name(iteration)}.failed"
+    return mf.failed_path(root, iteration)

@@ -1,109 +1,59 @@
-"""Export directories: atomic publication, manifest.json and the `latest` pointer.
+"""Export directories: locks, atomic publication, failure records, `latest`, retention.
 
-An export is written into a hidden sibling (``.iter_XXXXXXX.partial``), its manifest is written last
-with ``status: complete``, and only then the directory is renamed into place. So a directory named
-``iter_XXXXXXX`` always holds a complete export; anything else is visibly partial or failed.
+An export is written into a hidden sibling (``.iter_XXXXXXX.partial``) by the one process that
+holds the iteration's lock (``.iter_XXXXXXX.lock``, created with O_EXCL, naming host, pid and the
+process start time). Its manifest is written last with ``status: complete``, and only then the
+directory takes its final name: a rename, or an atomic exchange when the iteration already exists
+(a resumed run re-saving it), so ``iter_XXXXXXX`` and ``latest`` always name a complete export.
+A failed export leaves ``.iter_XXXXXXX.failed/manifest.json``. Nothing here follows a symbolic
+link planted under the root (see `safe_fs`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
+import re
+import socket
 import time
+import uuid
 from pathlib import Path
 
-from .formats.files import write_json
+from . import safe_fs
+from .errors import ExportError
+
+logger = logging.getLogger("megatron_trt_ext")
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+_ITER_NAME = re.compile(r"^iter_(\d+)$")
 
 
 def export_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def partial_path(root: Path, iteration: int) -> Path:
+    return Path(root) / f".{export_dir_name(iteration)}.partial"
+
+
+def failed_path(root: Path, iteration: int) -> Path:
+    return Path(root) / f".{export_dir_name(iteration)}.failed"
+
+
+def lock_path(root: Path, iteration: int) -> Path:
+    return Path(root) / f".{export_dir_name(iteration)}.lock"
+
+
+# ---------------------------------------------------------------------- process identity
+def _start_ticks(pid: int):
+    """The process start time (Linux), so a reused pid is not mistaken for the lock's owner."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def start(root: Path, iteration: int) -> Path:
-    """Create a fresh partial directory for this iteration."""
-    tmp = root / f".{export_dir_name(iteration)}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish(tmp: Path, root: Path, iteration: int, manifest: dict) -> Path:
-    """Write the complete manifest into ``tmp`` and rename it to its final name atomically."""
-    manifest = {**manifest, "status": "complete"}
-    write_json(tmp / MANIFEST, manifest)
-    _fsync_dir(tmp)
-    final = root / export_dir_name(iteration)
-    if final.exists():
-        # Re-export of an iteration (e.g. after a resume): move the old one aside first so the
-        # final name never points at a half-replaced directory.
-        old = root / f".{final.name}.replaced-{int(time.time())}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    update_latest(root, final.name)
-    return final
-
-
-def mark_failed(tmp: Path, root: Path, iteration: int, manifest: dict, error: str) -> Path:
-    """Keep what a failed export wrote, visibly failed: ``.iter_XXXXXXX.failed/manifest.json``."""
-    failed = root / f".{export_dir_name(iteration)}.failed"
-    if failed.exists():
-        shutil.rmtree(failed, ignore_errors=True)
-    if tmp.exists():
-        os.replace(tmp, failed)
-    else:
-        failed.mkdir(parents=True, exist_ok=True)
-    try:
-        write_json(failed / MANIFEST, {**manifest, "status": "failed", "error": error})
-    except OSError:
-        pass  # a full disk may prevent even this; the directory name still says "failed"
-    return failed
-
-
-def update_latest(root: Path, name: str) -> None:
-    tmp = root / ".latest.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "latest")
-
-
-def read_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
-
-
-def latest_export(root: Path) -> Path | None:
-    """The newest complete export under ``root`` (by the `latest` pointer, else by name)."""
-    root = Path(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / MANIFEST).is_file():
-            return candidate
-    complete = complete_exports(root)
-    return complete[-1] if complete else None
-
-
-BUILD_LOCK = ".build.lock"
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -116,28 +66,298 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def owner_record(pid: int | None = None) -> dict:
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_ticks(pid), "created_unix": time.time()}
+
+
+def owner_alive(owner: dict, age_s: float, stale_after_s: float) -> bool:
+    """Whether the process an owner record names still runs. On this host: its pid (and start
+    time) is checked. On another host: it counts as alive while the record was refreshed
+    within ``stale_after_s``."""
+    try:
+        host, pid = owner["host"], int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
+        return age_s < stale_after_s
+    if host != socket.gethostname():
+        return age_s < stale_after_s
+    if not _pid_alive(pid):
+        return False
+    start = owner.get("start")
+    return start is None or _start_ticks(pid) in (None, start)
+
+
+def _read_owner(path: Path):
+    """(owner dict, age in seconds) of a lock file, or (None, None) when there is none."""
+    try:
+        st = os.lstat(path)
+        fd = safe_fs.open_existing(path, os.O_RDONLY)
+    except OSError:
+        return None, None
+    try:
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        owner = json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        owner = {}
+    return owner, max(0.0, time.time() - st.st_mtime)
+
+
+# ---------------------------------------------------------------------- the iteration lock
+class LockedError(ExportError):
+    """Another live process holds the iteration's lock."""
+
+
+class IterationLock:
+    """One writer per export: an O_EXCL lock file per iteration under the root.
+
+    A lock whose owner is gone (same host: pid dead or reused; other host: not refreshed for
+    ``stale_after_s``) is taken over. Otherwise `acquire` raises ExportError naming the owner.
+    """
+
+    def __init__(self, root: Path, iteration: int, stale_after_s: float = 1200.0):
+        self.path = lock_path(root, iteration)
+        self.iteration = iteration
+        self.stale_after_s = stale_after_s
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    def acquire(self) -> "IterationLock":
+        record = json.dumps({**owner_record(), "token": self.token}).encode()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                owner, age = _read_owner(self.path)
+                if owner is None:  # vanished meanwhile, or a planted link (never followed)
+                    safe_fs.unlink_name(self.path)
+                    continue
+                # an empty record is a lock being written right now: young means alive
+                if (owner and owner_alive(owner, age, self.stale_after_s)) or (not owner and age < 30):
+                    raise LockedError(
+                        f"iteration {self.iteration}: another process is exporting it into the same output_dir "
+                        f"(host {owner.get('host')}, pid {owner.get('pid')}, lock {self.path}); two jobs (or a "
+                        "restarted job and an orphaned export worker) must not share an output_dir. Give each "
+                        "job its own output_dir, or delete the lock if that process is gone")
+                logger.warning("taking over the stale export lock %s (owner %s)", self.path, owner)
+                safe_fs.unlink_name(self.path)
+                continue
+            try:
+                os.write(fd, record)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.held = True
+            return self
+        raise ExportError(f"iteration {self.iteration}: could not take the export lock {self.path}")
+
+    def refresh(self) -> None:
+        """Show other hosts that the owner is alive (long exports)."""
+        if self.held:
+            try:
+                os.utime(self.path, follow_symlinks=False)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        owner, _ = _read_owner(self.path)
+        if owner and owner.get("token") == self.token:
+            safe_fs.unlink_name(self.path)
+
+
+def lock_is_live(root: Path, iteration: int, stale_after_s: float = 1200.0) -> bool:
+    owner, age = _read_owner(lock_path(root, iteration))
+    return owner is not None and owner_alive(owner, age, stale_after_s)
+
+
+# ---------------------------------------------------------------------- one export's life
+def start(root: Path, iteration: int, lock: IterationLock) -> Path:
+    """Under the iteration's lock: a fresh partial directory (a leftover one, or an older
+    failure record of this iteration, belongs to a dead attempt and goes)."""
+    assert lock.held
+    tmp = partial_path(root, iteration)
+    safe_fs.remove_tree(tmp)
+    safe_fs.remove_tree(failed_path(root, iteration))
+    safe_fs.make_dir(tmp)
+    return tmp
+
+
+def publish(tmp: Path, root: Path, iteration: int, manifest: dict) -> Path:
+    """Write the complete manifest into ``tmp`` and give it its final name atomically.
+
+    Re-exporting an existing iteration swaps the two directories in one step (``renameat2``
+    exchange), so the final name never misses a manifest; an old export that a live build is
+    reading is left in place and this export fails instead.
+    """
+    manifest = {**manifest, "status": "complete"}
+    safe_fs.write_json(tmp / MANIFEST, manifest)
+    safe_fs.fsync_dir(tmp)
+    final = Path(root) / export_dir_name(iteration)
+    if safe_fs.lexists(final) and not safe_fs.is_real_dir(final):
+        safe_fs.unlink_name(final)  # a planted link or file holds the name: it goes, never followed
+    if not safe_fs.lexists(final):
+        os.rename(tmp, final)
+    else:
+        if is_being_read(final):
+            raise ExportError(f"iteration {iteration} already exists at {final} and a live build process is "
+                              "reading it; it was not replaced (build it later, or export again after the build)")
+        if safe_fs.exchange(tmp, final):
+            old = tmp  # the previous export now has the partial name
+        else:  # file systems without RENAME_EXCHANGE (e.g. NFS): a short window without the name
+            old = Path(root) / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+        if is_being_read(old):  # a build took the lock meanwhile: keep its files, clean up later
+            os.rename(old, Path(root) / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
+        else:
+            _remove_quietly(old)
+    safe_fs.fsync_dir(root)
+    try:
+        update_latest(root, final.name)
+    except OSError as exc:  # the export is complete; `latest` keeps naming an older complete one
+        logger.error("export %s is complete but `latest` could not be updated: %s", final, exc)
+    return final
+
+
+def record_failure(root: Path, iteration: int, manifest: dict, error: str, partial: Path | None = None):
+    """Leave ``.iter_XXXXXXX.failed/manifest.json`` saying why. ``partial`` (the lock holder's
+    own partial directory) is removed first, which frees the space a full disk needs for the
+    record. The first record of an attempt wins; returns its path, or None when the disk cannot
+    take even that (then the error is logged, and the caller raises it anyway)."""
+    root = Path(root)
+    failed = failed_path(root, iteration)
+    try:
+        if partial is not None:
+            _remove_quietly(partial)
+        if safe_fs.is_real_dir(failed) and safe_fs.lexists(failed / MANIFEST):
+            return failed
+        staging = root / f".{export_dir_name(iteration)}.failed-{uuid.uuid4().hex[:8]}.tmp"
+        safe_fs.make_dir(staging)
+        try:
+            safe_fs.write_json(staging / MANIFEST, {**manifest, "status": "failed", "error": error})
+            if safe_fs.lexists(failed) and not safe_fs.is_real_dir(failed):
+                safe_fs.unlink_name(failed)
+            try:
+                os.rename(staging, failed)  # fails when another rank's record is already there
+            except OSError:
+                if not safe_fs.lexists(failed / MANIFEST):
+                    raise
+        finally:
+            _remove_quietly(staging)
+        return failed
+    except OSError as exc:
+        logger.error("export of iteration %d failed and the failure could not be recorded under %s (%s): %s",
+                     iteration, root, exc, error)
+        return None
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        safe_fs.remove_tree(path)
+    except OSError as exc:
+        logger.warning("could not remove %s: %s", path, exc)
+
+
+def _iteration_of(name: str):
+    m = _ITER_NAME.match(name.strip())
+    return int(m.group(1)) if m else None
+
+
+def update_latest(root: Path, name: str) -> None:
+    """Point `latest` at ``name`` unless it already names a newer complete export (two exporters
+    of one root, or a re-export of an older iteration, never move it backwards)."""
+    root = Path(root)
+    current = read_latest(root)
+    if current is not None and _iteration_of(current.name) > _iteration_of(name):
+        return
+    safe_fs.write_atomic(root / "latest", (name + "\n").encode())
+
+
+def read_latest(root: Path):
+    pointer = Path(root) / "latest"
+    try:
+        fd = safe_fs.open_existing(pointer, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        name = os.read(fd, 256).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    candidate = Path(root) / name
+    if _iteration_of(name) is None or not safe_fs.is_real_dir(candidate) or not (candidate / MANIFEST).is_file():
+        return None
+    return candidate
+
+
+def cleanup_leftovers(root: Path, stale_after_s: float = 1200.0) -> list:
+    """What interrupted runs left under the root: partial directories whose lock owner is gone
+    (with their stale locks), half-deleted and replaced exports no live build reads, temporary
+    files. Run at attach, by one rank. Returns what was removed."""
+    root = Path(root)
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        name, path = entry.name, Path(entry.path)
+        m = re.match(r"^\.iter_(\d+)\.(partial|lock)$", name)
+        if m:
+            iteration = int(m.group(1))
+            if lock_is_live(root, iteration, stale_after_s):
+                continue
+            doomed = [partial_path(root, iteration), lock_path(root, iteration)]
+        elif re.match(r"^\.iter_\d+\.(deleting|replaced|failed-).*", name) and not is_being_read(path):
+            doomed = [path]
+        elif name.startswith((".latest.tmp", ".write-probe", ".latest.")) or (
+                name.startswith(".") and ".tmp-" in name):
+            doomed = [path]
+        else:
+            continue
+        for p in doomed:
+            if safe_fs.lexists(p):
+                _remove_quietly(p)
+                removed.append(p)
+    return removed
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def latest_export(root: Path) -> Path | None:
+    """The newest complete export under ``root`` (by the `latest` pointer, else by name)."""
+    found = read_latest(root)
+    if found is not None:
+        return found
+    complete = complete_exports(root)
+    return complete[-1] if complete else None
+
+
+BUILD_LOCK = ".build.lock"
+
+
 def is_being_read(export: Path) -> bool:
     """Whether a live build process holds this export's lock (a stale lock does not count)."""
-    lock = Path(export) / BUILD_LOCK
-    try:
-        host, pid = lock.read_text().split()
-    except (OSError, ValueError):
+    owner, age = _read_owner(Path(export) / BUILD_LOCK)
+    if owner is None:
         return False
-    import socket
-
-    return host != socket.gethostname() or _pid_alive(int(pid))
+    if "host" not in owner:
+        return False
+    return owner_alive(owner, age, stale_after_s=float("inf"))
 
 
 def write_build_lock(export: Path, pid: int) -> None:
-    import socket
-
-    tmp = Path(export) / (BUILD_LOCK + ".tmp")
-    tmp.write_text(f"{socket.gethostname()} {pid}\n")
-    os.replace(tmp, Path(export) / BUILD_LOCK)
+    safe_fs.write_json(Path(export) / BUILD_LOCK, owner_record(pid))
 
 
 class build_lock:
-    """Marks an export as being read by a build, so retention leaves it alone."""
+    """Marks an export as being read by a build, so retention and re-exports leave it alone."""
 
     def __init__(self, export: Path):
         self.export = Path(export)
@@ -148,37 +368,43 @@ class build_lock:
         return self
 
     def __exit__(self, *exc):
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
+        safe_fs.unlink_name(self.path)
 
 
 def complete_exports(root: Path) -> list:
-    """Complete exports under ``root``, oldest first (by iteration)."""
+    """Complete exports under ``root``, oldest first (by iteration); links are not exports."""
     found = []
-    for p in Path(root).glob("iter_*"):
-        try:
-            found.append((int(p.name[len("iter_"):]), p))
-        except ValueError:
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for entry in entries:
+        iteration = _iteration_of(entry.name)
+        if iteration is None or not safe_fs.is_real_dir(entry.path):
             continue
-    return [p for _, p in sorted(found) if (p / MANIFEST).is_file()]
+        if (Path(entry.path) / MANIFEST).is_file():
+            found.append((iteration, Path(entry.path)))
+    return [p for _, p in sorted(found)]
 
 
 def apply_retention(root: Path, keep_last) -> list:
     """Delete complete exports beyond the newest ``keep_last``; never the newest complete one,
-    never one a build is reading. Returns what was removed."""
+    never one a build is reading. Never raises: a deletion that fails is logged and retried by
+    the next export's pass. Returns what was removed."""
     if not keep_last:
         return []
-    exports = complete_exports(root)
     removed = []
-    for old in exports[:-max(int(keep_last), 1)]:
-        if is_being_read(old):
-            continue
-        doomed = old.parent / f".{old.name}.deleting"
-        os.replace(old, doomed)  # the name disappears atomically, the bytes follow
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(old)
+    try:
+        exports = complete_exports(root)
+        for old in exports[:-max(int(keep_last), 1)]:
+            if is_being_read(old):
+                continue
+            doomed = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
+            os.rename(old, doomed)  # the name disappears atomically, the bytes follow
+            _remove_quietly(doomed)
+            removed.append(old)
+    except OSError as exc:
+        logger.warning("retention under %s stopped early: %s", root, exc)
     return removed
 
 
@@ -186,7 +412,7 @@ def update_manifest(export: Path, **fields) -> dict:
     """Atomically merge ``fields`` into a published manifest (build results come later)."""
     data = read_manifest(export)
     data.update(fields)
-    write_json(Path(export) / MANIFEST, data)
+    safe_fs.write_json(Path(export) / MANIFEST, data)
     return data
 
 

@@ -20,7 +20,7 @@ def test_defaults_are_valid():
     ({"formats": []}, ["formats"]),
     ({"formats": ["hf", "hf"]}, ["formats", "twice"]),
     ({"dtype": "fp64"}, ["dtype", "fp64", "bfloat16"]),
-    ({"inference_tp": 0}, ["inference_tp", ">= 1"]),
+    ({"inference_tp": 0}, ["inference_tp", "between 1 and"]),
     ({"inference_pp": "2"}, ["inference_pp", "expected int", "str"]),
     ({"every_n_saves": True}, ["every_n_saves", "expected int"]),
     ({"vocab_size": 0}, ["vocab_size"]),

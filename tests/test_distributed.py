@@ -159,9 +159,37 @@ def test_lost_rank_ends_every_other_rank_within_the_timeout(megatron_world, tmp_
     for rank in (0, 1, 2):
         status, value = outcome[rank]
         assert status == "ok", f"rank {rank}: {status} {value}"  # returned, did not hang
-        assert value[0][0] == "failed", f"rank {rank}: {value}"
+        state, path, error = value[0]
+        assert state == "failed", f"rank {rank}: {value}"
+        assert "rank(s) [3] lost" in error, f"rank {rank}: {error}"
+        assert path is not None and Path(path).is_dir(), f"rank {rank}: {path}"
     assert elapsed < 120
+    assert not (out / "iter_0000001").exists() and not list(out.glob(".iter_*.partial"))
+    record = json.loads((out / ".iter_0000001.failed" / "manifest.json").read_text())
+    assert record["status"] == "failed" and "[3] lost" in record["error"]
+
+
+@pytest.mark.heavy
+def test_lost_worker_in_an_async_export_fails_every_rank_naming_it(megatron_world, tmp_path):
+    """SIGKILL of rank 1's export worker in the middle of a 2-rank async export: rank 0's worker
+    fails at once naming rank 1, rank 1's trainer records its worker's death, a failure record
+    exists, and nothing waits for the timeout."""
+    ckpt = reference(tmp_path, "llama", {"num_layers": 8}, 120, [])
+    out = tmp_path / "exports"
+    start = time.monotonic()
+    outcome = run_ranks(2, WORKER, timeout_s=120, family="llama", layout={"tp": 2}, checkpoint_dir=str(ckpt),
+                        model_kw={"num_layers": 8},
+                        exports=[dict(output_dir=str(out), vocab_size=120, timeout_s=60, mode="async")],
+                        inject={"kill_worker_rank": 1})
+    assert time.monotonic() - start < 60
+    for rank, (status, value) in outcome.items():
+        assert status == "ok", f"rank {rank}: {status} {value}"
+        assert value[0][0] == "failed", f"rank {rank}: {value}"
+    assert "rank(s) [1] lost" in outcome[0][1][0][2], outcome[0]
+    assert "died (exit code -9)" in outcome[1][1][0][2], outcome[1]
     assert not (out / "iter_0000001").exists()
+    record = json.loads((out / ".iter_0000001.failed" / "manifest.json").read_text())
+    assert record["status"] == "failed"
 
 
 QUANT_MODEL = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)

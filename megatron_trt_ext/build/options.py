@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from ..errors import ConfigError, reject_unknown_keys
+from ..errors import ConfigError, reject_unknown_keys, short_repr
 
 # TensorRT-LLM PluginConfig fields we pass through (values: "auto", a dtype name, True/False, None).
 PLUGINS = ("gemm_plugin", "gpt_attention_plugin", "paged_kv_cache", "remove_input_padding",
@@ -56,7 +56,7 @@ class BuildOptions:
                      "timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{source}.{name}: expected a positive integer, got {value!r}")
+                raise ConfigError(f"{source}.{name}: expected a positive integer, got {short_repr(value)}")
         if self.max_input_len > self.max_seq_len:
             raise ConfigError(f"{source}: max_input_len={self.max_input_len} exceeds max_seq_len="
                               f"{self.max_seq_len}; raise max_seq_len or lower max_input_len")
@@ -66,13 +66,13 @@ class BuildOptions:
             if key not in PLUGINS:
                 raise ConfigError(f"{source}.plugins: unknown plugin {key!r}; known: {list(PLUGINS)}")
             if not (value is None or isinstance(value, bool) or value in _PLUGIN_VALUES):
-                raise ConfigError(f"{source}.plugins.{key}: {value!r} is not one of {list(_PLUGIN_VALUES)}, "
+                raise ConfigError(f"{source}.plugins.{key}: {short_repr(value)} is not one of {list(_PLUGIN_VALUES)}, "
                                   "true, false or null")
         if self.devices is not None:
             if not isinstance(self.devices, list) or not self.devices or not all(
                     isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.devices):
                 raise ConfigError(f"{source}.devices: expected a list of CUDA device indices such as [0, 1], "
-                                  f"got {self.devices!r}")
+                                  f"got {short_repr(self.devices)}")
         if not isinstance(self.deploy_check, bool):
             raise ConfigError(f"{source}.deploy_check: expected true or false")
 

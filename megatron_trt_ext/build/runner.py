@@ -12,13 +12,13 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .. import manifest as mf
+from .. import safe_fs
 from ..errors import ConfigError
 from .options import BuildOptions
 
@@ -86,10 +86,9 @@ def _devices(options: BuildOptions) -> list:
 def _build_ranks(export_dir: Path, world: int, options: BuildOptions) -> tuple:
     """One subprocess per rank, as many at a time as there are devices."""
     partial = export_dir / ".trtllm_engine.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    logs = export_dir / "build_logs"
-    logs.mkdir(exist_ok=True)
+    safe_fs.remove_tree(partial)
+    safe_fs.make_dir(partial)
+    logs = safe_fs.make_dir(export_dir / "build_logs", exist_ok=True)
     devices = _devices(options)
     opts = json.dumps(options.to_dict())
     pending = list(range(world))
@@ -103,7 +102,8 @@ def _build_ranks(export_dir: Path, world: int, options: BuildOptions) -> tuple:
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)}
             cmd = [sys.executable, "-m", "megatron_trt_ext.build.engine", "rank",
                    str(export_dir / "trtllm_checkpoint"), str(rank), str(partial), opts]
-            log = open(logs / f"rank{rank}.log", "w+")  # builders log a lot: never a pipe
+            # builders log a lot: a file, never a pipe (and never through a planted link)
+            log = os.fdopen(safe_fs.open_new(logs / f"rank{rank}.log", access=os.O_RDWR), "w+")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
             running[(rank, proc, log)] = device
         for (rank, proc, log) in list(running):
@@ -129,7 +129,7 @@ def _build_ranks(export_dir: Path, world: int, options: BuildOptions) -> tuple:
     if failed:
         return False, failed
     final = export_dir / "trtllm_engine"
-    shutil.rmtree(final, ignore_errors=True)
+    safe_fs.remove_tree(final)
     os.replace(partial, final)
     return True, {}
 

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from ..safe_fs import make_dir, write_json  # noqa: F401  (write_json re-exported for the writers)
 from .safetensors_stream import SafetensorsFileWriter
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FileSet:
@@ -31,7 +20,7 @@ class FileSet:
     def __init__(self, directory: Path, files: dict, metadata: dict | None = None, create: bool = True):
         self.directory = Path(directory)
         if create:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_dir(self.directory, exist_ok=True)
         self.writers = {}
         self.route = {}
         try:

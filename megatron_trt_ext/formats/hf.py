@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from ..safe_fs import write_bytes
 from .files import FileSet, write_json
 from .safetensors_stream import nbytes_of
 
@@ -61,7 +61,7 @@ class HFWriter:
             for fname in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / fname
                 if src.is_file():
-                    shutil.copy2(src, self.directory / fname)
+                    write_bytes(self.directory / fname, src.read_bytes())
 
     def abort(self) -> None:
         self.fileset.abort()

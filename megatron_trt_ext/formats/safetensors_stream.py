@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from ..safe_fs import open_existing, open_new
+
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -76,7 +78,7 @@ class SafetensorsFileWriter:
         self._file = None
         self.checksums: dict = {}
         if create:
-            with open(path, "wb") as f:
+            with os.fdopen(open_new(path), "wb") as f:
                 f.write(self._header)
                 f.truncate(self.total_bytes)
 
@@ -92,7 +94,7 @@ class SafetensorsFileWriter:
                              f"planned {dtype}{shape}")
         data = tensor_bytes(tensor)
         if self._file is None:
-            self._file = open(self.path, "r+b")
+            self._file = os.fdopen(open_existing(self.path), "r+b")
         self._file.seek(self._data_start + offset)
         self._file.write(data)
         digest = hashlib.sha256(data).hexdigest()

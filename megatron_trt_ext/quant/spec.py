@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from pathlib import Path
+from typing import ClassVar, Optional
 
-from ..errors import ConfigError, reject_unknown_keys
+from ..errors import ConfigError, reject_unknown_keys, short_repr
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,41 @@ class CalibrationOptions:
     tokenizer: Optional[str] = None
     seed: int = 1234
 
+    # Largest sensible values: calibration runs inside the training stall, so a typo such as
+    # num_samples: 1000000000000 must fail at attach, not allocate at the first export.
+    LIMITS: ClassVar[dict] = {"num_samples": 100_000, "seq_len": 1 << 20, "batch_size": 100_000, "seed": 2**63 - 1}
+    MAX_TOKENS: ClassVar[int] = 1 << 28
+
+    def validate(self, source: str) -> None:
+        if not isinstance(self.source, str) or self.source not in SOURCES:
+            raise ConfigError(f"{source}.source: unknown {short_repr(self.source)}; choose one of {list(SOURCES)}")
+        for name, upper in self.LIMITS.items():
+            value = getattr(self, name)
+            lower = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not lower <= value <= upper:
+                raise ConfigError(f"{source}.{name}: expected an integer between {lower} and {upper}, got "
+                                  f"{short_repr(value)}")
+        if self.num_samples * self.seq_len > self.MAX_TOKENS:
+            raise ConfigError(f"{source}: num_samples x seq_len = {self.num_samples * self.seq_len} tokens is more "
+                              f"than {self.MAX_TOKENS}; calibration needs a few hundred samples")
+        for name in ("jsonl", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"{source}.{name}: expected a path, got {short_repr(value)}")
+        if self.source == "jsonl":
+            if not self.jsonl or not self.tokenizer:
+                raise ConfigError(f"{source}: source jsonl needs both 'jsonl' (the file) and "
+                                  "'tokenizer' (a transformers tokenizer directory)")
+            if not Path(self.jsonl).is_file():
+                raise ConfigError(f"{source}.jsonl: {str(self.jsonl)!r} is not a file; give the JSON-lines "
+                                  "calibration file (one {\"text\": ...} per line)")
+            if not Path(self.tokenizer).is_dir():
+                raise ConfigError(f"{source}.tokenizer: {str(self.tokenizer)!r} is not a directory; give a local "
+                                  "transformers tokenizer directory (exports never download during training)")
+        elif self.jsonl is not None or self.tokenizer is not None:
+            raise ConfigError(f"{source}: 'jsonl'/'tokenizer' are only used with source: jsonl, not "
+                              f"{self.source!r}; remove them or set source: jsonl")
+
 
 @dataclass
 class QuantSpec:
@@ -103,33 +140,24 @@ class QuantSpec:
         return spec
 
     def validate(self, source: str = "quantization") -> None:
-        if self.algorithm != "none" and self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"{source}.algorithm: unknown {self.algorithm!r}; choose one of "
+        if not isinstance(self.algorithm, str) or (self.algorithm != "none" and self.algorithm not in ALGORITHMS):
+            raise ConfigError(f"{source}.algorithm: unknown {short_repr(self.algorithm)}; choose one of "
                               f"{['none', *ALGORITHMS]}")
-        if self.kv_cache not in KV_CACHE:
-            raise ConfigError(f"{source}.kv_cache: unknown {self.kv_cache!r}; choose one of {list(KV_CACHE)}")
+        if not isinstance(self.kv_cache, str) or self.kv_cache not in KV_CACHE:
+            raise ConfigError(f"{source}.kv_cache: unknown {short_repr(self.kv_cache)}; choose one of {list(KV_CACHE)}")
         if not isinstance(self.exclude, list) or not all(isinstance(p, str) for p in self.exclude):
             raise ConfigError(f"{source}.exclude: expected a list of module-name patterns such as [lm_head]")
         if "lm_head" not in self.exclude or set(self.exclude) - {"lm_head"}:
             raise ConfigError(f"{source}.exclude: this version leaves exactly lm_head (and MoE routers) "
-                              f"unquantized and quantizes every other linear; got {self.exclude}. Use "
+                              f"unquantized and quantizes every other linear; got {short_repr(self.exclude)}. Use "
                               "exclude: [lm_head]")
         if not isinstance(self.smoothquant_alpha, (int, float)) or not 0 <= self.smoothquant_alpha <= 1:
             raise ConfigError(f"{source}.smoothquant_alpha: expected a number in [0, 1], got "
-                              f"{self.smoothquant_alpha!r}")
+                              f"{short_repr(self.smoothquant_alpha)}")
         if self.smoothquant_alpha != 0.5 and self.algorithm != "int8_sq":
             raise ConfigError(f"{source}.smoothquant_alpha: only used by algorithm int8_sq, not "
                               f"{self.algorithm!r}; remove it")
-        c = self.calibration
-        if c.source not in SOURCES:
-            raise ConfigError(f"{source}.calibration.source: unknown {c.source!r}; choose one of {list(SOURCES)}")
-        for name in ("num_samples", "seq_len", "batch_size"):
-            value = getattr(c, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{source}.calibration.{name}: expected a positive integer, got {value!r}")
-        if c.source == "jsonl" and (not c.jsonl or not c.tokenizer):
-            raise ConfigError(f"{source}.calibration: source jsonl needs both 'jsonl' (the file) and "
-                              "'tokenizer' (a transformers tokenizer directory)")
+        self.calibration.validate(f"{source}.calibration")
 
     def to_dict(self) -> dict:
         return asdict(self)

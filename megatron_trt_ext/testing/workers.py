@@ -66,16 +66,33 @@ def export_layout(rank: int, world_size: int, family: str, layout: dict, checkpo
         try:
             result = exporter.export(iteration=1)
             if result.status == "running":  # async: the worker processes of all ranks finish it
+                if (inject or {}).get("kill_worker_rank") == rank:  # a lost worker, mid-export
+                    _kill_own_worker(exporter)
                 result = exporter.wait()
             if result.ok:
                 out.append(("complete", str(result.path), None))
             else:
-                out.append((result.status, None, result.error))
+                out.append((result.status, str(result.path) if result.path else None, result.error))
         except Exception as exc:  # noqa: BLE001 - the test inspects what each rank saw
-            out.append(("failed", None, f"{type(exc).__name__}: {exc}"))
+            result = getattr(exc, "result", None)
+            out.append(("failed", str(result.path) if result is not None and result.path else None,
+                        f"{type(exc).__name__}: {exc}"))
         finally:
             exporter.close()
     return out
+
+
+def _kill_own_worker(exporter) -> None:
+    """SIGKILL this rank's export worker once it has started the export."""
+    import signal
+    import time
+
+    background = exporter._background
+    deadline = time.monotonic() + 60
+    while background.running is None and time.monotonic() < deadline:
+        background.poll()
+        time.sleep(0.005)
+    os.kill(background.proc.pid, signal.SIGKILL)
 
 
 def _inject(rank: int, inject: dict) -> None:

@@ -1,5 +1,8 @@
 """megatron-trt-ext command line.
 
+    megatron-trt-ext run SCRIPT [args]           run a Megatron-LM training script with exports on
+    megatron-trt-ext export CKPT_DIR --recipe R --output-dir D [--iteration N]
+                                                 export a saved torch_dist checkpoint (under torchrun too)
     megatron-trt-ext build EXPORT_DIR            build the engines of one complete export
     megatron-trt-ext build --watch ROOT [--once] build each new complete export under ROOT
 """
@@ -36,9 +39,27 @@ def _build_options(args):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after `run` belongs to the training script
+        from .launch import main as launch
+
+        return launch(argv[1:])
     parser = argparse.ArgumentParser(prog="megatron-trt-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run a Megatron-LM training script (e.g. pretrain_gpt.py) with the --export-* flags")
+    e = sub.add_parser("export", help="export a saved torch_dist checkpoint (run under torchrun for several ranks)")
+    e.add_argument("checkpoint", help="a Megatron-LM --save directory, or one of its iter_NNNNNNN directories")
+    e.add_argument("--recipe", help="export recipe (recipes/*.yaml); default: unquantized, hf + trtllm_checkpoint")
+    e.add_argument("--output-dir", required=True)
+    e.add_argument("--iteration", type=int, help="default: the checkpoint's latest")
+    e.add_argument("--formats", help="comma-separated formats (overrides the recipe)")
+    e.add_argument("--dtype")
+    e.add_argument("--vocab-size", type=int, help="default: the saved tokenizer's size")
+    e.add_argument("--inference-tp", type=int)
+    e.add_argument("--inference-pp", type=int)
+    e.add_argument("--tp", type=int, help="tensor parallel size used to load it (default: all ranks if it fits)")
+    e.add_argument("--pp", type=int, help="pipeline parallel size used to load it")
     b = sub.add_parser("build", help="build TensorRT-LLM engines of exports (outside training)")
     b.add_argument("export_dir", nargs="?", help="an iter_XXXXXXX export with a complete manifest")
     b.add_argument("--watch", metavar="ROOT", help="build every new complete export under ROOT as it lands")
@@ -53,6 +74,8 @@ def main(argv=None) -> int:
     b.add_argument("--timeout", type=int)
     b.add_argument("--deploy-check", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return run_export(args)
     if bool(args.export_dir) == bool(args.watch):
         return run_build(None, None, error="build: give either EXPORT_DIR or --watch ROOT")
     try:
@@ -60,6 +83,31 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         return run_build(None, None, error=str(exc))
     return run_build(args.export_dir, options, watch=args.watch, poll=args.poll, once=args.once)
+
+
+def run_export(args) -> int:
+    """Exit status: 0 complete, 1 the export failed, 2 bad input."""
+    from .errors import ExportError
+    from .offline import export_checkpoint
+
+    formats = [f.strip() for f in args.formats.split(",")] if args.formats else None
+    try:
+        result = export_checkpoint(args.checkpoint, args.recipe, args.output_dir, iteration=args.iteration,
+                                   tp=args.tp, pp=args.pp, formats=formats, dtype=args.dtype,
+                                   vocab_size=args.vocab_size, inference_tp=args.inference_tp,
+                                   inference_pp=args.inference_pp)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"status": result.status, "path": str(result.path), "iteration": result.iteration,
+                          "bytes": result.bytes_written}))
+    return 0
 
 
 def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = False, error=None) -> int:

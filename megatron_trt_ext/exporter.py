@@ -117,8 +117,9 @@ class Exporter:
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
-                             rank=self.rank, world_size=self.world_size, root=self.root)
+                             rank=self.rank, world_size=self.world_size, root=self.root, mode=self.mode)
         self.saves_seen = 0
+        self.save_counts: dict = {}  # iteration -> saves counted up to it (resume bookkeeping)
         self.last_result: Optional[ExportResult] = None
         self.results: list = []
         self._background = None
@@ -318,6 +319,7 @@ class Exporter:
         goes on, unless ``config.strict``.
         """
         self.saves_seen += 1
+        self.save_counts[iteration] = self.saves_seen
         if self.saves_seen % self.config.every_n_saves:
             return None
         if self.config.strict and self.last_result is not None and self.last_result.status == "failed":

@@ -36,12 +36,30 @@ def iteration_from_path(checkpoint_dir: Any) -> Optional[int]:
     return None
 
 
+def _is_sub_save(checkpoint_dir: Any) -> bool:
+    """A save into a directory inside a checkpoint (``iter_0000100/modelopt_state``): part of the
+    checkpoint's save, not a checkpoint of its own."""
+    parts = Path(str(checkpoint_dir)).parts
+    return bool(parts) and not _ITER_RE.search(parts[-1]) and any(_ITER_RE.fullmatch(p) for p in parts[:-1])
+
+
 class ExportHandle:
     """An attached exporter. ``detach()`` stops it; ``exporter`` gives direct access."""
 
-    def __init__(self, exporter: Exporter):
+    def __init__(self, exporter: Exporter, save_root: Any = None):
         self.exporter = exporter
         self.attached = False
+        self.save_root = Path(save_root).resolve() if save_root is not None else None
+
+    def _wanted(self, checkpoint_dir: Any) -> bool:
+        """Whether a dist_checkpointing save is a checkpoint to count (see `attach`)."""
+        if _is_sub_save(checkpoint_dir):
+            return False
+        if self.save_root is not None and Path(str(checkpoint_dir)).resolve().parent != self.save_root:
+            logger.debug("save to %s is not a checkpoint under %s (non-persistent?): not counted",
+                         checkpoint_dir, self.save_root)
+            return False
+        return True
 
     @property
     def last_result(self) -> Optional[ExportResult]:
@@ -71,7 +89,8 @@ class ExportHandle:
             return
         self.attached = False
         self.exporter.close()
-        _active.remove(self)
+        if self in _active:
+            _active.remove(self)
         if not _active and _original_save is not None:
             _set_save(_original_save)
             _original_save = None
@@ -96,13 +115,15 @@ def _make_wrapper(original):
     def save_and_export(sharded_state_dict, checkpoint_dir, *args, **kwargs):
         result = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
         for handle in list(_active):
-            handle.on_checkpoint_saved(None, checkpoint_dir)
+            if handle._wanted(checkpoint_dir):
+                handle.on_checkpoint_saved(None, checkpoint_dir)
         return result
 
     return save_and_export
 
 
-def attach(model: Any, config: ExportConfig, calibration_data: Any = None, forward_loop: Any = None) -> ExportHandle:
+def attach(model: Any, config: ExportConfig, calibration_data: Any = None, forward_loop: Any = None,
+           wrap_dist_checkpointing: bool = True, save_root: Any = None) -> ExportHandle:
     """Validate ``model`` against ``config`` now and export at every Nth checkpoint save.
 
     Args:
@@ -115,18 +136,26 @@ def attach(model: Any, config: ExportConfig, calibration_data: Any = None, forwa
             calibration batches (which uses Megatron's pipeline schedule for PP/virtual PP; there
             ``model`` is a ModuleList of the rank's chunks).
 
+        wrap_dist_checkpointing: trigger on ``megatron.core.dist_checkpointing.save`` (the default,
+            for loops built on megatron-core). False when something else calls
+            ``handle.on_checkpoint_saved`` (Megatron-LM's save hook, a framework callback).
+        save_root: only saves into a directory directly under it count (``<save_root>/iter_N``):
+            a framework's non-persistent saves elsewhere neither export nor count. Saves into a
+            directory inside a checkpoint (``iter_N/modelopt_state``) never count.
+
     Returns:
         ExportHandle; call ``detach()`` to stop exporting and restore the original save.
     """
     global _original_save
     exporter = Exporter(model, config, default_mode="async", calibration_data=calibration_data,
                         forward_loop=forward_loop)
-    handle = ExportHandle(exporter)
-    import megatron.core.dist_checkpointing as dc
+    handle = ExportHandle(exporter, save_root)
+    if wrap_dist_checkpointing:
+        import megatron.core.dist_checkpointing as dc
 
-    if _original_save is None:
-        _original_save = dc.save
-        _set_save(_make_wrapper(_original_save))
-    _active.append(handle)
+        if _original_save is None:
+            _original_save = dc.save
+            _set_save(_make_wrapper(_original_save))
+        _active.append(handle)
     handle.attached = True
     return handle

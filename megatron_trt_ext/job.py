@@ -72,6 +72,7 @@ class ExportJob:
     rank: int
     world_size: int
     root: Path
+    mode: str = "sync"
     out_specs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -211,6 +212,7 @@ class ExportJob:
             "producer": {"name": "megatron-trt-ext", "version": __version__},
             "family": self.family,
             "formats": list(c.formats),
+            "mode": self.mode,
             "dtype": c.dtype,
             "vocab_size": self.vocab_size,
             "inference": {"tp": c.inference_tp, "pp": c.inference_pp, "moe_tp": self.moe_tp, "moe_ep": self.moe_ep},

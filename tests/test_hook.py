@@ -129,3 +129,23 @@ def test_save_count_survives_resume(megatron_world, tmp_path):
 ])
 def test_iteration_from_path(path, iteration):
     assert iteration_from_path(path) == iteration
+
+
+def test_only_checkpoint_saves_under_the_save_root_count(megatron_world, tmp_path):
+    """Frameworks save more than checkpoints through dist_checkpointing.save: ModelOpt's state
+    inside a checkpoint (iter_N/modelopt_state) and non-persistent saves elsewhere. Neither
+    exports nor counts toward every_n_saves."""
+    model = tiny_llama()
+    out = tmp_path / "exports"
+    ckpt = tmp_path / "ckpt"
+    handle = attach(model, ExportConfig(mode="sync", output_dir=str(out), vocab_size=120, every_n_saves=2,
+                                        formats=["hf"]), save_root=ckpt)
+    try:
+        save(model, ckpt / "iter_0000001")
+        save(model, ckpt / "iter_0000001" / "modelopt_state")
+        save(model, ckpt / "non_persistent" / "iter_0000002")
+        save(model, ckpt / "iter_0000003")
+    finally:
+        handle.detach()
+    assert exported(out) == ["iter_0000003"]
+    assert handle.exporter.save_counts == {1: 1, 3: 2}

@@ -25,7 +25,7 @@ def test_export_is_off_without_dir_or_recipe():
 def test_flags_override_the_recipe():
     args = parse("--export-recipe", str(RECIPE), "--export-dir", "/tmp/x", "--export-formats", "hf",
                  "--export-interval", "5", "--export-inference-tp", "2", "--export-mode", "sync",
-                 "--export-keep-last", "3", "--vocab-size", "32000")
+                 "--export-keep-last", "3", "--export-vocab-size", "32000")
     cfg = config_from_args(args)
     assert (cfg.output_dir, cfg.formats, cfg.every_n_saves, cfg.inference_tp, cfg.mode, cfg.keep_last,
             cfg.vocab_size) == ("/tmp/x", ["hf"], 5, 2, "sync", 3, 32000)
@@ -42,9 +42,33 @@ def test_bad_flag_values_are_named():
 def test_attach_from_args(megatron_world, tmp_path):
     assert attach_from_args(tiny_llama(), parse()) is None
     handle = attach_from_args(tiny_llama(), parse("--export-dir", str(tmp_path), "--export-mode", "sync",
-                                                  "--vocab-size", "120", "--export-formats", "hf"))
+                                                  "--export-formats", "hf"), tokenizer_vocab=120)
     try:
         assert handle.on_checkpoint_saved(iteration=4).ok
     finally:
         handle.detach()
     assert (tmp_path / "iter_0000004" / "hf" / "config.json").is_file()
+
+
+def test_the_tokenizer_size_is_the_default_and_the_floor():
+    """Megatron-LM's tokenizer decides the exported rows (NullTokenizer's EOD is its last id);
+    a recipe or flag may ask for more rows, never fewer."""
+    assert config_from_args(parse("--export-dir", "/tmp/x"), tokenizer_vocab=101).vocab_size == 101
+    assert config_from_args(parse("--export-dir", "/tmp/x", "--export-vocab-size", "128"),
+                            tokenizer_vocab=101).vocab_size == 128
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's 101 ids"):
+        config_from_args(parse("--export-dir", "/tmp/x", "--export-vocab-size", "100"), tokenizer_vocab=101)
+
+
+def test_export_flags_chain_after_the_script_s_own_provider():
+    """Megatron-LM's pretrain_gpt.py passes add_modelopt_args as its extra_args_provider: the
+    export flags come on top, never instead; adding them twice is harmless."""
+    from megatron_trt_ext.megatron_lm import chain_export_args
+
+    def modelopt_like(parser):
+        parser.add_argument("--export-quant-cfg")
+        return parser
+
+    parser = chain_export_args(chain_export_args(modelopt_like))(argparse.ArgumentParser())
+    args = parser.parse_args(["--export-quant-cfg", "fp8", "--export-dir", "/tmp/x"])
+    assert (args.export_quant_cfg, args.export_dir) == ("fp8", "/tmp/x")

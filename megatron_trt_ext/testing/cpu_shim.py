@@ -102,3 +102,77 @@ def stub_triton_only_modules() -> list:
         sys.modules[name] = module
         stubbed.append(name)
     return stubbed
+
+
+def install_megatron_training() -> bool:
+    """CPU stand-ins for Megatron-LM's training loop (``megatron.training``, megatron-core >= 0.18),
+    for tests and the demo ONLY. Does nothing when CUDA is available. What it changes:
+
+    * everything `install` does, plus ``typing.override`` on Python 3.11 (0.19's training models
+      use the 3.12 decorator) and the Triton-only module stand-in;
+    * ``torch.cuda.Stream``/``current_stream``/``stream`` (DDP wrapping) as inert objects, and
+      ``torch.cuda.get_rng_state``/``set_rng_state`` mapped to the CPU generator (checkpoint RNG);
+    * ``pretrain`` may initialise without CUDA (``allow_no_cuda``), argument checks see a Hopper-class
+      device, Megatron's dataset helpers are
+      not compiled with ``make``, and the model-parallel groups and RNG tracker that Megatron
+      skips when no GPU is visible are set up.
+    """
+    import contextlib
+    import functools
+    import typing
+
+    if torch.cuda.is_available():
+        return False
+    if not hasattr(typing, "override"):
+        typing.override = lambda fn: fn
+    stub_triton_only_modules()
+    install()
+    if _state.get("training"):
+        return True
+
+    class _InertStream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, *args, **kwargs):
+            pass
+
+        def synchronize(self):
+            pass
+
+    torch.cuda.Stream = _InertStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _InertStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda *args, **kwargs: None
+
+    import megatron.core.datasets.utils as dataset_utils
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+    from megatron.core import mpu, tensor_parallel
+
+    import megatron.training.arguments as arguments
+
+    arguments.get_device_arch_version = lambda: 9  # argument checks ask the GPU's architecture (TP > 1)
+    training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+    dataset_utils.compile_helpers = lambda: None
+    original = initialize._initialize_distributed
+
+    def _initialize_distributed(get_embedding_ranks, get_position_embedding_ranks, store,
+                                skip_model_parallel_init=False):
+        original(get_embedding_ranks, get_position_embedding_ranks, store,
+                 skip_model_parallel_init=skip_model_parallel_init)
+        args = initialize.get_args()
+        if not skip_model_parallel_init and not mpu.model_parallel_is_initialized():
+            mpu.initialize_model_parallel(
+                args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                args.virtual_pipeline_model_parallel_size, context_parallel_size=args.context_parallel_size,
+                expert_model_parallel_size=args.expert_model_parallel_size,
+                get_embedding_ranks=get_embedding_ranks,
+                get_position_embedding_ranks=get_position_embedding_ranks,
+                create_gloo_process_groups=args.use_gloo_process_groups)
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True)
+
+    initialize._initialize_distributed = _initialize_distributed
+    _state["training"] = True
+    return True

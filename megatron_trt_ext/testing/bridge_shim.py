@@ -25,7 +25,6 @@ import importlib.util
 import sys
 import types
 
-import torch
 
 _done = {"installed": False}
 

@@ -20,7 +20,7 @@ FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
 MODES = ("sync", "async")
 BUSY_POLICIES = ("skip", "wait")
 DTYPES = ("bfloat16", "float16", "float32")
-FAMILIES = ("auto", "llama", "gpt", "mixtral")
+FAMILIES = ("auto", "llama", "qwen3", "gemma", "nemotron", "starcoder2", "gpt", "mixtral", "nemotron_h")
 
 # Integer options and their largest sensible value: a typo such as 10**21 fails here, naming the
 # key, instead of overflowing a timer or an allocation at the first export.

@@ -87,6 +87,7 @@ class Exporter:
         try:
             self.info = read_model_info(self.chunks)
             self.spec = select_family(self.info, config.family)
+            self._check_trtllm_support()
             self._check_inference_layout()
             self.vocab_size = self._export_vocab_size()
             self.root = config.check_output_dir_writable()
@@ -97,7 +98,10 @@ class Exporter:
                     logger.info("removed %s, left by an interrupted export", path)
             if "trtllm_engine" in config.formats:
                 config.build_options.check_devices(torch.cuda.device_count())
-            local = local_shards(self.chunks)
+            from .source import canonical_namer
+
+            self.rename = canonical_namer(self.info)
+            local = local_shards(self.chunks, self.rename)
             if self.quant is not None:
                 self._check_quantization()
                 from .quant.stats import stat_pieces
@@ -113,7 +117,14 @@ class Exporter:
             _raise_agreed(failures, local_exc, "export set-up")
         from .quant.stats import is_stat, weight_of
 
-        units = build_units((d for _, d in gathered), group_key=lambda n: expert_group(weight_of(n)))
+        from .arch.spec import unit_group
+
+        def group_key(name: str) -> str:
+            """Units converted together: a Concat's parts; one layer's experts (TensorRT-LLM stacks them)."""
+            name = weight_of(name)
+            return unit_group(self.spec, name) or expert_group(name)
+
+        units = build_units((d for _, d in gathered), group_key=group_key)
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
@@ -138,6 +149,14 @@ class Exporter:
         return self.job.ctx
 
     # ------------------------------------------------------------------ validation
+    def _check_trtllm_support(self) -> None:
+        wanted = [f for f in self.config.formats if f.startswith("trtllm")]
+        reason = self.spec.trtllm_unsupported(self.info) if (wanted and self.spec.trtllm_unsupported) else None
+        if reason:
+            raise ConfigError(
+                f"formats {wanted}: {reason}. Export formats: [hf] and deploy hf/ with TensorRT-LLM's PyTorch "
+                "backend (trtllm-serve), vLLM or SGLang")
+
     def _check_inference_layout(self) -> None:
         info, tp, pp = self.info, self.config.inference_tp, self.config.inference_pp
         heads, groups = info.num_attention_heads, info.num_query_groups
@@ -194,9 +213,9 @@ class Exporter:
         if algo is not None and algo.needs_cuda and not torch.cuda.is_available():
             raise ConfigError(f"{where}: ModelOpt's {algo.quant_algo} calibration needs CUDA and this "
                               "machine has no GPU; run on GPUs, or pick fp8, int8_sq, int4_awq or w4a8_awq")
-        if self.spec.name != "llama":
-            raise ConfigError(f"quantization: supported for the llama family (Llama, Qwen2) in this version, "
-                              f"not {self.spec.name!r}; export this model unquantized (bf16 recipe)")
+        if self.spec.quantization_unsupported:
+            raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
+                              "(recipes/bf16.yaml)")
         if spec.calibration.source == "iterator" and self.calibration_data is None and self.forward_loop is None:
             raise ConfigError("quantization.calibration.source is 'iterator': pass calibration_data=<iterator or "
                               "callable> (e.g. a slice of the training data iterator) to attach()/Exporter()")
@@ -216,13 +235,13 @@ class Exporter:
         """The slices an export reads, and what to drop afterwards: the live model's own, or
         (quantized exports) a calibrated replica's plus its calibration statistics."""
         if self.quant is None:
-            return local_shards(self.chunks), None
+            return local_shards(self.chunks, self.rename), None
         from .quant.calibrate import calibrate
         from .quant.stats import stat_pieces
 
         replica, kv_amax = calibrate(self.chunks, self.quant, self.info, self.calibration_data,
                                      self.forward_loop, self.comm)
-        local = local_shards(replica)
+        local = local_shards(replica, self.rename)
         local.update(stat_pieces(local, self.quant, replica, kv_amax))
         return local, replica
 

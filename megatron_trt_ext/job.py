@@ -92,8 +92,10 @@ class ExportJob:
         return self.spec.trtllm(self.info)
 
     # ------------------------------------------------------------------ conversion
-    def new_converter(self) -> TrtllmConverter:
+    def new_converter(self):
         c = self.config
+        if "trtllm_checkpoint" not in c.formats:
+            return _NoTrtllm()
         return TrtllmConverter(self.family_trt, self.info, c.inference_tp, c.inference_pp,
                                torch_dtype(c.dtype), self.moe_tp, self.moe_ep)
 
@@ -103,22 +105,23 @@ class ExportJob:
         return spec if spec.enabled else None
 
     def convert(self, converter: TrtllmConverter, name: str, tensor: torch.Tensor, dtype: torch.dtype,
-                stats: Optional[dict] = None):
+                state: "ConvertState"):
         """The one conversion pipeline, shared by the shape-only plan and the real export.
 
         Yields (hf_name, hf_tensor, [(rank, trt_name, trt_tensor), ...]). Casting is elementwise,
         so casting before or after a split gives the same bits; the TensorRT-LLM side casts itself
         because a few tensors (MoE router, scales) stay float32. Calibration statistics (quantized
-        exports) are kept in ``stats`` until their linear's weight arrives.
+        exports) wait in ``state.stats`` until their linear's weight arrives, parts of
+        concatenated tensors in ``state.pending`` until the last part arrives.
         """
         from .quant.stats import is_stat
 
         if is_stat(name):
-            stats[name] = tensor
+            state.stats[name] = tensor
             return
         trt_on = "trtllm_checkpoint" in self.config.formats
-        quantizer = self._quantizer(name, tensor, stats)
-        for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)]):
+        quantizer = self._quantizer(name, tensor, state.stats)
+        for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)], state.pending):
             if quantizer is not None and self._quantized(hf_name):
                 yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on)
                 continue
@@ -167,13 +170,14 @@ class ExportJob:
         dtype = torch_dtype(self.config.dtype)
         converter = self.new_converter()
         hf_specs, rank_specs = [], {r: [] for r in range(self.config.inference_tp * self.config.inference_pp)}
-        stats: dict = {}
+        state = ConvertState()
         for name, meta in iter_meta(self.units):
-            for hf_name, out, trt in self.convert(converter, name, meta, dtype, stats):
+            for hf_name, out, trt in self.convert(converter, name, meta, dtype, state):
                 hf_specs.append((hf_name, out.dtype, tuple(out.shape)))
                 for rank, trt_name, t in trt:
                     rank_specs[rank].append((trt_name, t.dtype, tuple(t.shape)))
         converter.finish()
+        state.finish()
         return {"hf": hf_specs, "trtllm": {f"rank{r}.safetensors": s for r, s in rank_specs.items()}}
 
     def writers(self, tmp: Path, create: bool) -> tuple:
@@ -272,7 +276,7 @@ class ExportJob:
         checksums: dict = {}
         converter = self.new_converter()
         dtype = torch_dtype(self.config.dtype)
-        stats: dict = {}
+        state = ConvertState()
         for unit in self.units:
             g0 = time.perf_counter()
             full = exchange(unit, local, comm)
@@ -283,13 +287,14 @@ class ExportJob:
             if full is None or error is not None:
                 continue
             try:
-                self._export_unit(unit, full, converter, dtype, hf, trt, timings, stats)
+                self._export_unit(unit, full, converter, dtype, hf, trt, timings, state)
             except Exception as exc:  # noqa: BLE001
                 error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
                 local_exc = exc
         try:
             if error is None:
                 converter.finish()
+                state.finish()
             for name, writer in (("hf", hf), ("trtllm_checkpoint", trt)):
                 if writer is not None:
                     for fname, sums in writer.close().items():
@@ -321,9 +326,9 @@ class ExportJob:
             mf.apply_retention(self.root, self.config.keep_last)  # never fails the export
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
 
-    def _export_unit(self, unit, full, converter, dtype, hf, trt, timings, stats) -> None:
+    def _export_unit(self, unit, full, converter, dtype, hf, trt, timings, state) -> None:
         c0 = time.perf_counter()
-        for hf_name, out, trt_parts in self.convert(converter, unit.name, full, dtype, stats):
+        for hf_name, out, trt_parts in self.convert(converter, unit.name, full, dtype, state):
             w0 = time.perf_counter()
             timings["convert_s"] += w0 - c0
             if self.config.check_finite:
@@ -422,6 +427,31 @@ class ExportJob:
         error = ExportError(message)
         error.result = self._failed_result(run, message, recorded)
         return error
+
+
+class _NoTrtllm:
+    """Stands in for the TensorRT-LLM converter when that format is not written."""
+
+    def feed(self, *args):
+        return iter(())
+
+    feed_kv_scale = feed
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class ConvertState:
+    """What one conversion holds between source tensors: calibration statistics waiting for their
+    linear, and parts of concatenated tensors waiting for the rest."""
+
+    stats: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
+
+    def finish(self) -> None:
+        if self.pending:
+            raise ExportError(f"incomplete concatenated tensors (parts never arrived): {sorted(self.pending)[:4]}")
 
 
 @dataclass

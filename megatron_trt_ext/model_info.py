@@ -27,29 +27,63 @@ def unwrap_chunks(model: Any) -> list:
             seen += 1
         if not hasattr(chunk, "config") or not hasattr(chunk, "sharded_state_dict"):
             raise UnsupportedModelError(
-                f"model: {type(chunk).__name__} is not a Megatron-Core GPTModel (nor a DDP/Float16Module "
-                "wrapper of one, nor a list of such chunks); pass the model you hand to the optimizer")
+                f"model: {type(chunk).__name__} is not a Megatron-Core GPTModel or HybridModel (nor a "
+                "DDP/Float16Module wrapper of one, nor a list of such chunks); pass the model you hand to the "
+                "optimizer")
         out.append(chunk)
     return out
 
 
 def _activation_name(config) -> str:
+    """The activation the MLP really computes (gated variants named after their GLU)."""
+    import functools
+
     import torch.nn.functional as F
 
     fn = config.activation_func
     gated = bool(config.gated_linear_unit)
+    keywords = {}
+    if isinstance(fn, functools.partial):
+        fn, keywords = fn.func, dict(fn.keywords or {})
     name = getattr(fn, "__name__", repr(fn))
     if fn is F.silu or name == "silu":
         base = "silu"
     elif fn is F.gelu or name == "gelu":
-        base = "gelu_tanh" if getattr(config, "openai_gelu", False) else "gelu"
+        # Megatron's fused bias-GeLU (bias_activation_fusion) is the tanh approximation.
+        tanh = keywords.get("approximate") == "tanh" or bool(getattr(config, "bias_activation_fusion", False))
+        base = "gelu_tanh" if tanh or getattr(config, "openai_gelu", False) else "gelu"
     elif name in ("quick_gelu", "squared_relu", "relu", "openai_gelu", "fast_gelu"):
         base = {"openai_gelu": "gelu_tanh", "fast_gelu": "gelu_tanh"}.get(name, name)
     else:
         base = name
     if gated:
-        return {"silu": "swiglu", "gelu": "geglu"}.get(base, f"gated_{base}")
+        return {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(base, f"gated_{base}")
     return base
+
+
+HYBRID_CLASSES = ("HybridModel", "MambaModel")
+
+
+def hybrid_pattern(chunk) -> tuple:
+    """(main layer symbols, MTP pattern or None) of a HybridModel: ``|`` (pipeline segments) removed."""
+    pattern = getattr(chunk, "hybrid_layer_pattern", None) or getattr(chunk, "hybrid_override_pattern", None) or ""
+    main, _, mtp = pattern.partition("/")
+    return main.replace("|", ""), (mtp or None)
+
+
+def _source_layout(cls: str, symbols: str) -> str:
+    """How source layers map to target layers: ``gpt`` (one GPT layer each), ``hybrid_paired``
+    (a HybridModel whose pattern is attention + MLP/MoE pairs: GPT layer i = hybrid layers 2i and
+    2i+1), ``hybrid_per_layer`` (anything else: one target layer per pattern symbol)."""
+    if cls not in HYBRID_CLASSES:
+        return "gpt"
+    if not symbols:
+        raise UnsupportedModelError(f"model: {cls} without a hybrid_layer_pattern (or hybrid_override_pattern); "
+                                    "build it with one")
+    pairs = [symbols[i:i + 2] for i in range(0, len(symbols), 2)]
+    if symbols and len(symbols) % 2 == 0 and all(p in ("*-", "*E") for p in pairs):
+        return "hybrid_paired"
+    return "hybrid_per_layer"
 
 
 @dataclass
@@ -78,6 +112,14 @@ class ModelInfo:
     num_experts: int = 0
     moe_top_k: int = 0
     moe_ffn_hidden_size: int = 0
+    source_layout: str = "gpt"
+    layer_symbols: str = ""           # HybridModel: one pattern symbol per source layer
+    qk_layernorm: bool = False
+    zero_centered_gamma: bool = False
+    sliding_window: Optional[int] = None   # HF semantics: attend to this many tokens, self included
+    sliding_window_layers: Optional[list] = None  # per target layer: True where the window applies
+    embedding_multiplier: Optional[float] = None
+    mamba: Optional[dict] = None
     features: dict = field(default_factory=dict)
 
     @property
@@ -88,7 +130,7 @@ class ModelInfo:
 
 
 def read_model_info(chunks: list) -> ModelInfo:
-    """Read the architecture of a GPTModel (all chunks share one TransformerConfig)."""
+    """Read the architecture of a GPTModel or HybridModel (all chunks share one TransformerConfig)."""
     first = chunks[0]
     config = first.config
     cls = type(first).__name__
@@ -98,61 +140,90 @@ def read_model_info(chunks: list) -> ModelInfo:
     vocab = getattr(first, "vocab_size", None)
     max_pos = getattr(first, "max_sequence_length", None)
     pos = getattr(first, "position_embedding_type", "learned_absolute")
+    symbols, mtp_pattern = hybrid_pattern(first) if cls in HYBRID_CLASSES else ("", None)
+    source_layout = _source_layout(cls, symbols)
+    layers = _source_layers(chunks)
+    has_moe = bool(getattr(config, "num_moe_experts", None)) and (not symbols or "E" in symbols)
 
     features = {
         "model_class": cls,
+        "source_layout": source_layout,
         "normalization": config.normalization,
         "activation": _activation_name(config),
         "position_embedding": pos,
         "multi_latent_attention": bool(getattr(config, "multi_latent_attention", False)),
-        "moe": bool(getattr(config, "num_moe_experts", None)),
+        "moe": has_moe,
+        "mamba": "M" in symbols,
+        "hybrid_symbols": "".join(sorted(set(symbols))) or None,
         "qk_layernorm": bool(getattr(config, "qk_layernorm", False)),
         "layernorm_zero_centered_gamma": bool(getattr(config, "layernorm_zero_centered_gamma", False)),
         "residual_post_layernorm": bool(getattr(config, "apply_residual_connection_post_layernorm", False)),
-        "multi_token_prediction": bool(getattr(config, "mtp_num_layers", None)),
+        "multi_token_prediction": bool(getattr(config, "mtp_num_layers", None)) or mtp_pattern is not None,
         "heterogeneous_layers": bool(getattr(config, "heterogeneous_block_specs", False)),
         "rotary_interleaved": bool(getattr(config, "rotary_interleaved", False)),
         "query_key_layer_scaling": bool(getattr(config, "apply_query_key_layer_scaling", False)),
-        "softmax_scale": getattr(config, "softmax_scale", None) is not None,
+        # a scale other than the standard 1/sqrt(head_dim) (MuP sets the standard one explicitly)
+        "softmax_scale": getattr(config, "softmax_scale", None) is not None and abs(
+            config.softmax_scale * head_dim ** 0.5 - 1) > 1e-6,
+        "mup_output_scale": abs(float(getattr(config, "mup_output_mult", 1.0) or 1.0) - 1) > 1e-12
+        if getattr(config, "use_mup", False) else False,
         "attention_window": getattr(config, "window_size", None) is not None,
+        "embedding_multiplier": bool(getattr(config, "use_mup", False)),
+        "softmax_type": getattr(config, "softmax_type", "vanilla"),
     }
-    attention_types = {type(layer.self_attention).__name__
-                       for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])
-                       if hasattr(layer, "self_attention")}
-    layer_types = {type(layer).__name__
-                   for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])}
-    if features["moe"]:
-        expert_types = {type(layer.mlp.experts).__name__ for c in chunks
-                        for layer in getattr(getattr(c, "decoder", None), "layers", [])
+    # HybridModel's MLP layers hold an IdentityOp where attention would be
+    attention_types = {type(layer.self_attention).__name__ for layer in layers
+                       if hasattr(layer, "self_attention")} - ({"IdentityOp"} if symbols else set())
+    layer_types = {type(layer).__name__ for layer in layers}
+    if has_moe:
+        expert_types = {type(layer.mlp.experts).__name__ for layer in layers
                         if hasattr(getattr(layer, "mlp", None), "experts")}
         features["moe_expert_module"] = ",".join(sorted(expert_types))
         freq = getattr(config, "moe_layer_freq", 1)
         score = getattr(config, "moe_router_score_function", "softmax")
         pre_softmax = bool(getattr(config, "moe_router_pre_softmax", False))
+        every_layer = (set(symbols[1::2]) == {"E"}) if source_layout == "hybrid_paired" else (
+            freq == 1 or (isinstance(freq, list) and all(freq)))
         features.update({
             # Mixtral routing: softmax over the top-k logits (== softmax, top-k, renormalize).
             "moe_routing": ("topk_softmax" if score == "softmax" and not pre_softmax
                             else "softmax_topk" if score == "softmax" else f"{score}_topk"),
-            "moe_every_layer": freq == 1 or (isinstance(freq, list) and all(freq)),
+            "moe_every_layer": every_layer,
             "moe_shared_expert": getattr(config, "moe_shared_expert_intermediate_size", None) is not None,
             "moe_router_bias": bool(getattr(config, "moe_router_enable_expert_bias", False)),
             "moe_group_routing": getattr(config, "moe_router_num_groups", None) is not None,
             "moe_topk_scaling": getattr(config, "moe_router_topk_scaling_factor", None) is not None,
         })
-    features["attention_module"] = ",".join(sorted(attention_types)) or "SelfAttention"
+    features["attention_module"] = ",".join(sorted(attention_types)) or ("none" if symbols else "SelfAttention")
+    # A HybridModel's MLP, MoE and Mamba layers are the standard classes for their symbols.
+    layer_types -= {"MLPLayer", "MoETransformerLayer", "MambaLayer"} if symbols else set()
     features["layer_module"] = ",".join(sorted(layer_types)) or "TransformerLayer"
 
-    rotary_base = float(getattr(first, "rotary_base", 10000))
-    rotary_percent = float(getattr(first, "rotary_percent", 1.0))
+    rotary = next((getattr(c, "rotary_pos_emb", None) for c in chunks
+                   if getattr(c, "rotary_pos_emb", None) is not None), None)
+    rotary_base = float(getattr(first, "rotary_base", 0) or 0) or None
+    rotary_percent = float(getattr(first, "rotary_percent", 0) or 0) or None
+    if rotary is not None and (rotary_base is None or rotary_percent is None):
+        # HybridModel keeps neither: read them back from the rotary module's frequencies.
+        rotary_base, rotary_percent = _rotary_from_inv_freq(rotary, head_dim)
+    rotary_base = rotary_base or 10000.0
+    rotary_percent = rotary_percent or 1.0
     rope_scaling = None
     if pos == "rope":
         rope_scaling = _infer_rope_scaling(chunks, rotary_base, head_dim, rotary_percent)
 
     if vocab is None:
-        raise UnsupportedModelError(f"model: {cls} has no vocab_size attribute; only GPTModel is supported")
+        raise UnsupportedModelError(f"model: {cls} has no vocab_size attribute; only GPTModel and HybridModel "
+                                    "are supported")
+    num_layers = config.num_layers
+    if source_layout == "hybrid_paired":
+        num_layers = len(symbols) // 2
+    elif source_layout == "hybrid_per_layer":
+        num_layers = len(symbols)
+    window, window_layers = _sliding_window(config, num_layers)
     return ModelInfo(
         model_class=cls,
-        num_layers=config.num_layers,
+        num_layers=num_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=heads,
         num_query_groups=groups,
@@ -170,11 +241,72 @@ def read_model_info(chunks: list) -> ModelInfo:
         rotary_base=rotary_base,
         rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
-        num_experts=int(getattr(config, "num_moe_experts", None) or 0),
-        moe_top_k=int(getattr(config, "moe_router_topk", 0) or 0) if features["moe"] else 0,
-        moe_ffn_hidden_size=int(getattr(config, "moe_ffn_hidden_size", None) or 0) if features["moe"] else 0,
+        num_experts=int(getattr(config, "num_moe_experts", None) or 0) if has_moe else 0,
+        moe_top_k=int(getattr(config, "moe_router_topk", 0) or 0) if has_moe else 0,
+        moe_ffn_hidden_size=int(getattr(config, "moe_ffn_hidden_size", None) or 0) if has_moe else 0,
+        source_layout=source_layout,
+        layer_symbols=symbols,
+        qk_layernorm=features["qk_layernorm"],
+        zero_centered_gamma=features["layernorm_zero_centered_gamma"],
+        sliding_window=window,
+        sliding_window_layers=window_layers,
+        embedding_multiplier=(float(getattr(config, "mup_embedding_mult", 1.0))
+                              if features["embedding_multiplier"] else None),
+        mamba=_mamba_info(layers) if "M" in symbols else None,
         features=features,
     )
+
+
+def _source_layers(chunks: list) -> list:
+    return [layer for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])]
+
+
+def _rotary_from_inv_freq(rotary, head_dim: int) -> tuple:
+    """(base, percent) that reproduce the rotary module's ``inv_freq`` exactly (float32, as
+    Megatron computes it); round values are preferred, so 10000 is not read as 9999.98."""
+    inv = rotary.inv_freq.detach().to("cpu", torch.float32)
+    dim = 2 * inv.numel()
+    percent = dim / head_dim
+    if inv.numel() < 2:
+        return 10000.0, percent
+    estimate = float(inv[1].double() ** (-dim / 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    candidates = [estimate] + [float(f"{estimate:.{digits}g}") for digits in range(1, 8)]
+    for candidate in sorted(set(candidates), key=lambda c: (len(repr(c)), c)):
+        if torch.equal(1.0 / (candidate ** exponents), inv):
+            return candidate, percent
+    return estimate, percent
+
+
+def _sliding_window(config, num_layers: int) -> tuple:
+    """Megatron's ``window_size=(left, right)`` attends to left+1 tokens (self included): HF's
+    ``sliding_window`` is that count. Per layer: ``window_attn_skip_freq`` (int N: every Nth layer
+    attends fully; list: 1 marks a windowed layer)."""
+    window = getattr(config, "window_size", None)
+    if window is None:
+        return None, None
+    left, right = window
+    if right not in (0, None) or left is None or left < 0:
+        raise UnsupportedModelError(f"window_size={tuple(window)}: only causal windows (left, 0) export; "
+                                    "supported: (W-1, 0) for a W-token sliding window")
+    skip = getattr(config, "window_attn_skip_freq", None)
+    if skip is None:
+        layers = [True] * num_layers
+    elif isinstance(skip, int):
+        layers = [(i + 1) % skip != 0 for i in range(num_layers)]
+    else:
+        layers = [bool(x) for x in list(skip)[:num_layers]]
+    return int(left) + 1, layers
+
+
+def _mamba_info(layers: list) -> dict:
+    """The global sizes of the Mamba-2 mixers (megatron keeps them global; per-rank sizes are
+    the ``*_local_tp`` ones)."""
+    mixer = next(layer.mixer for layer in layers if hasattr(layer, "mixer"))
+    return {"d_inner": int(mixer.d_inner), "num_heads": int(mixer.nheads), "head_dim": int(mixer.headdim),
+            "num_groups": int(mixer.ngroups), "state_dim": int(mixer.d_state), "conv_kernel": int(mixer.d_conv),
+            "chunk_size": int(getattr(mixer, "chunk_size", 128)),
+            "norm_epsilon": 1e-5}  # Megatron's gated mixer norm fixes its epsilon at 1e-5
 
 
 def _llama3_inv_freq(base_inv: torch.Tensor, factor: float, low: float = 1.0, high: float = 4.0,

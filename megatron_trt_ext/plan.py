@@ -67,15 +67,26 @@ def _is_main_replica(replica_id) -> bool:
     return all(r == 0 for r in replica_id)
 
 
+_KEY_LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
+
+
 def unit_name(key: str, prepend_offsets: tuple) -> str:
     """Per-layer (and per-expert) name of a stacked checkpoint key.
 
     ``decoder.layers.X`` with offsets (l,) -> ``decoder.layers.l.X``; MoE expert keys
     ``decoder.layers.mlp.experts.experts.Y`` with offsets (l, e) ->
-    ``decoder.layers.l.mlp.experts.experts.e.Y``.
+    ``decoder.layers.l.mlp.experts.experts.e.Y``. Keys that already carry their layer number
+    (HybridModel, heterogeneous or MTP layers, MoE at some layers only) stack experts alone:
+    ``decoder.layers.3.mlp.experts.experts.Y`` with offsets (e,) -> ``...experts.experts.e.Y``.
     """
     if not prepend_offsets:
         return key
+    if _KEY_LAYER_RE.search(key):
+        if len(prepend_offsets) == 1 and ".experts." in key:
+            before, after = key.rsplit(".experts.", 1)
+            return f"{before}.experts.{prepend_offsets[0]}.{after}"
+        raise ExportError(f"tensor {key!r}: {len(prepend_offsets)} stacked axes on a key with a layer number; "
+                          "only an expert axis is supported there")
     if ".layers." not in key and not key.startswith("layers."):
         raise ExportError(f"tensor {key!r}: stacked axes on a key without '.layers.' are not supported")
     head, tail = key.split("layers.", 1)
@@ -89,12 +100,13 @@ def unit_name(key: str, prepend_offsets: tuple) -> str:
                       "(known: layer, and layer x expert for MoE experts)")
 
 
-def local_shards(chunks: list) -> dict:
+def local_shards(chunks: list, rename=None) -> dict:
     """Every local slice of every weight: {unit name: [LocalPiece, ...]}.
 
     The tensors are the live parameters (views, never copies). Replicas (DP copies, TP-replicated
     norms on other TP ranks, the tied output copy on the last stage) are kept but flagged: they
     send nothing, but a rank holding a full replica can write that tensor without any transfer.
+    ``rename`` maps a source's names to the canonical ones the families use (`source.canonical_namer`).
     """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
@@ -113,6 +125,8 @@ def local_shards(chunks: list) -> dict:
             name = unit_name(st.key, tuple(st.global_offset[:p]))
             offset, global_shape = tuple(st.global_offset[p:]), tuple(st.global_shape[p:])
             name, offset, global_shape = _merge_gated_halves(name, offset, global_shape)
+            if rename is not None:
+                name = rename(name)
             out.setdefault(name, []).append(LocalPiece(offset, global_shape, st.data,
                                                        _is_main_replica(st.replica_id)))
     return out

@@ -26,8 +26,19 @@ WORKER = "megatron_trt_ext.testing.workers:export_layout"
 TARGETS = [dict(inference_tp=1), dict(inference_tp=2, formats=["trtllm_checkpoint"]),
            dict(inference_pp=2, formats=["trtllm_checkpoint"])]
 
+HF_ONLY = [dict(inference_tp=1, formats=["hf"])]
+
+
+def _hybrid():
+    """HybridModel and MuP (Gemma's embedding scale) arrived in megatron-core 0.19."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.core.models.hybrid") is None:
+        pytest.skip("HybridModel arrived in megatron-core 0.19 (scripts/test-mcore-latest runs this)")
+
+
 CASES = {
-    # name: (family, world size, layout, model kwargs, export vocab)
+    # name: (family, world size, layout, model kwargs, export vocab[, targets, requirement])
     "tp2": ("llama", 2, {"tp": 2}, {}, 120),
     "tp2_vocab_padding_across_shards": ("llama", 2, {"tp": 2}, {"vocab_size": 256}, 200),
     "pp2_tied": ("llama", 2, {"pp": 2}, {"tied": True}, 120),
@@ -36,11 +47,21 @@ CASES = {
     "dp2_gpt": ("gpt", 2, {}, {}, 120),
     "ep2_mixtral": ("mixtral", 2, {"ep": 2}, {}, 120),
     "ep2_tp2_mixtral": ("mixtral", 4, {"ep": 2, "tp": 2}, {}, 120),
+    "tp2_qwen3": ("qwen3", 2, {"tp": 2}, {}, 120),
+    "pp2_nemotron": ("nemotron", 2, {"pp": 2}, {}, 120),
+    "tp2_starcoder2": ("starcoder2", 2, {"tp": 2}, {}, 120),
+    "tp2_gemma": ("gemma", 2, {"tp": 2}, {}, 120, TARGETS, _hybrid),
+    "pp2_hybrid_segments": ("hybrid", 2, {"pp": 2}, {"pattern": "*-|*-"}, 120, TARGETS, _hybrid),
+    "pp2_vpp2_hybrid": ("hybrid", 2, {"pp": 2, "vpp": 2}, {"pattern": "*-|*-|*-|*-"}, 120, TARGETS, _hybrid),
+    "tp2_nemotron_h": ("nemotron_h", 2, {"tp": 2}, {}, 120, HF_ONLY, _hybrid),
 }
 
 
 def reference(tmp: Path, family: str, model_kw: dict, vocab: int, targets: list) -> Path:
-    """Single-rank model, saved as a distributed checkpoint and exported to each target."""
+    """Single-rank model, saved as a distributed checkpoint and exported to each target. (A
+    HybridModel's "|" marks pipeline segments, one per stage: one rank holds the whole pattern.)"""
+    if "pattern" in model_kw:
+        model_kw = dict(model_kw, pattern=model_kw["pattern"].replace("|", ""))
     model = BUILDERS[family](**model_kw)
     randomize(model, seed=17)
     from megatron.core import dist_checkpointing
@@ -60,9 +81,12 @@ def exported_files(path: Path) -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_exports_equal_single_rank_export(megatron_world, tmp_path, case):
-    family, world, layout, model_kw, vocab = CASES[case]
+    family, world, layout, model_kw, vocab, *rest = CASES[case]
+    targets, requirement = (rest + [TARGETS, None])[:2] if rest else (TARGETS, None)
+    if requirement:
+        requirement()
     targets = [dict(t, **({"inference_moe_ep": 2} if family == "mixtral" and t.get("inference_tp") == 2 else {}))
-               for t in TARGETS]
+               for t in targets]
     ckpt = reference(tmp_path, family, model_kw, vocab, targets)
     exports = [dict(output_dir=str(tmp_path / f"dist{i}"), vocab_size=vocab, **t) for i, t in enumerate(targets)]
     outcome = run_ranks(world, WORKER, timeout_s=240, family=family, layout=layout,

@@ -69,3 +69,21 @@ def test_repeat_kv_heads_gives_each_rank_its_head():
 def test_split_for_rank_refuses_uneven():
     with pytest.raises(ValueError, match="does not divide"):
         layouts.split_for_rank(torch.zeros(5, 2), 0, 2, 0)
+
+
+def test_concat_transform_buffers_parts_and_concatenates_in_order():
+    """Concat (a Mamba in_proj saved as z, x, B, C, dt) yields once, when its last part arrives,
+    whatever order the parts come in; splitting the result gives the parts back."""
+    from megatron_trt_ext.arch.spec import Concat
+
+    t = Concat("decoder.layers.{L}.mixer.in_proj.weight.{P}", dst="backbone.layers.{L}.mixer.in_proj.weight",
+               parts=("z", "x", "B", "C", "dt"))
+    sizes = {"z": 4, "x": 4, "B": 2, "C": 2, "dt": 1}
+    parts = {p: torch.randn(n, 3) for p, n in sizes.items()}
+    pending, out = {}, []
+    for p in ("C", "z", "dt", "x", "B"):
+        groups = t.matches(f"decoder.layers.7.mixer.in_proj.weight.{p}")
+        out += list(t.apply(parts[p], groups, None, pending))
+    assert [name for name, _ in out] == ["backbone.layers.7.mixer.in_proj.weight"] and pending == {}
+    back = torch.split(out[0][1], [sizes[p] for p in t.parts])
+    assert all(torch.equal(a, parts[p]) for a, p in zip(back, t.parts))

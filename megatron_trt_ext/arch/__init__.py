@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError
+from .gemma import GEMMA
 from .gpt import GPT
 from .llama import LLAMA
 from .mixtral import MIXTRAL
+from .nemotron import NEMOTRON
+from .nemotron_h import NEMOTRON_H
+from .qwen3 import QWEN3
 from .spec import ArchSpec
+from .starcoder2 import STARCODER2
 
-FAMILIES = {spec.name: spec for spec in (LLAMA, GPT, MIXTRAL)}
+FAMILIES = {spec.name: spec for spec in (LLAMA, QWEN3, GEMMA, NEMOTRON, STARCODER2, GPT, MIXTRAL, NEMOTRON_H)}
+
+
+# Models Megatron-Core can train that no exporter here writes, and why (README's model table).
+FEATURE_NOTES = {
+    "heterogeneous_layers": "Llama-Nemotron (NAS, heterogeneous layers): its HF class DeciLMForCausalLM is "
+                            "remote code outside transformers, so no export here could be checked against it",
+}
 
 
 def family_features(info) -> dict:
@@ -39,6 +51,9 @@ def select_family(info, requested: str = "auto") -> ArchSpec:
     for name, bad in sorted(problems.items(), key=lambda kv: len(kv[1])):
         detail = "; ".join(f"{feat}={val!r} (supported: {', '.join(allowed)})" for feat, val, allowed in bad)
         lines.append(f"  {name}: {detail}")
+    notes = {FEATURE_NOTES[feat] for bad in problems.values() for feat, val, _ in bad
+             if feat in FEATURE_NOTES and val}
+    lines += [f"  note: {note}" for note in sorted(notes)]
     raise UnsupportedModelError(
         "model: no supported architecture family matches this model. Unsupported features per family:\n"
         + "\n".join(lines)

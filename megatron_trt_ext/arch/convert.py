@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from ..errors import ExportError
-from .spec import ArchSpec, Context
+from .spec import ArchSpec, Concat, Context
 
 
 def canonical_name(spec: ArchSpec, name: str) -> str:
@@ -35,10 +35,12 @@ def expected_sources(spec: ArchSpec, info) -> list:
         if not transform.is_required(info):
             continue
         templates = [transform.src]
+        if "{P}" in transform.src:
+            templates = [t.replace("{P}", p) for t in templates for p in transform.parts]
         if "{E}" in transform.src:
             templates = [t.replace("{E}", str(e)) for t in templates for e in range(info.num_experts)]
         if "{L}" in transform.src:
-            templates = [t.replace("{L}", str(i)) for t in templates for i in range(info.num_layers)]
+            templates = [t.replace("{L}", str(i)) for t in templates for i in transform.layers(info)]
         names.extend(templates)
     return names
 
@@ -56,10 +58,14 @@ def check_sources(spec: ArchSpec, info, names: Iterable[str]) -> None:
             "This model variant is not supported; pass family= explicitly or report the layout.")
 
 
-def megatron_to_hf(spec: ArchSpec, ctx: Context, stream: Iterable) -> Iterator[tuple]:
-    """Convert a stream of full Megatron tensors to HF-named tensors, one source at a time."""
+def megatron_to_hf(spec: ArchSpec, ctx: Context, stream: Iterable, pending: dict = None) -> Iterator[tuple]:
+    """Convert a stream of full Megatron tensors to HF-named tensors, one source at a time.
+    ``pending`` holds the parts of concatenated tensors between calls (one per export)."""
     for name, tensor in stream:
         transform, groups = find_transform(spec, canonical_name(spec, name))
         if transform is None:
             raise ExportError(f"family {spec.name!r}: no mapping for Megatron tensor {name!r}")
-        yield from transform.apply(tensor, groups, ctx)
+        if isinstance(transform, Concat):
+            yield from transform.apply(tensor, groups, ctx, pending)
+        else:
+            yield from transform.apply(tensor, groups, ctx)

@@ -6,7 +6,7 @@ HF class: ``GPT2LMHeadModel``. It is the transformers class with exactly these s
 table below handles with ``transpose=True``. It has no GQA, hence ``attention_kind: mha``.
 """
 
-from .spec import ArchSpec, FusedQKV, Rename, Vocab
+from .spec import ArchSpec, FusedQKV, Rename, Vocab, requirements
 
 P = "decoder.layers.{L}"
 H = "transformer.h.{L}"
@@ -79,29 +79,17 @@ def _check(info):
 
 GPT = ArchSpec(
     name="gpt",
-    requires={
-        "model_class": {"GPTModel"},
-        "layer_module": {"TransformerLayer"},
-        "attention_module": {"SelfAttention"},
-        "normalization": {"LayerNorm"},
-        "activation": set(_HF_ACT),
-        "position_embedding": {"learned_absolute"},
-        "attention_kind": {"mha"},
-        "linear_bias": {True},
-        "multi_latent_attention": {False},
-        "moe": {False},
-        "qk_layernorm": {False},
-        "layernorm_zero_centered_gamma": {False},
-        "residual_post_layernorm": {False},
-        "multi_token_prediction": {False},
-        "heterogeneous_layers": {False},
-        "query_key_layer_scaling": {False},
-        "softmax_scale": {False},
-        "attention_window": {False},
-    },
+    requires=requirements(
+        normalization={"LayerNorm"},
+        activation=set(_HF_ACT),
+        position_embedding={"learned_absolute"},
+        attention_kind={"mha"},
+        linear_bias={True},
+    ),
     mappings=MAPPINGS,
     aliases=ALIASES,
     hf_config=hf_config,
     trtllm=trtllm,
     checks=(_check,),
+    quantization_unsupported="quantized GPT-2 exports are not supported yet (GPT2LMHeadModel stores Conv1D weights, which ModelOpt's unified checkpoint does not describe)",
 )

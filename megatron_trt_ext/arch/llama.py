@@ -4,7 +4,7 @@ HF class: ``LlamaForCausalLM``; with a bias on q/k/v only (``add_qkv_bias`` with
 ``add_bias_linear``) ``Qwen2ForCausalLM``, whose attention has exactly that bias pattern.
 """
 
-from .spec import ArchSpec, Drop, GatedMLP, QKV, Rename, Vocab
+from .spec import ArchSpec, Drop, GatedMLP, QKV, Rename, Vocab, requirements
 
 P = "decoder.layers.{L}"
 H = "model.layers.{L}"
@@ -109,26 +109,12 @@ def _check(info):
 
 LLAMA = ArchSpec(
     name="llama",
-    requires={
-        "model_class": {"GPTModel"},
-        "layer_module": {"TransformerLayer"},
-        "attention_module": {"SelfAttention"},
-        "normalization": {"RMSNorm"},
-        "activation": {"swiglu"},
-        "position_embedding": {"rope"},
-        "attention_kind": {"mha", "gqa", "mqa"},
-        "multi_latent_attention": {False},
-        "moe": {False},
-        "qk_layernorm": {False},
-        "layernorm_zero_centered_gamma": {False},
-        "residual_post_layernorm": {False},
-        "multi_token_prediction": {False},
-        "heterogeneous_layers": {False},
-        "rotary_interleaved": {False},
-        "query_key_layer_scaling": {False},
-        "softmax_scale": {False},
-        "attention_window": {False},
-    },
+    requires=requirements(
+        normalization={"RMSNorm"},
+        activation={"swiglu"},
+        position_embedding={"rope"},
+        attention_kind={"mha", "gqa", "mqa"},
+    ),
     mappings=MAPPINGS,
     aliases=ALIASES,
     hf_config=hf_config,

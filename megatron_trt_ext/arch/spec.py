@@ -24,9 +24,11 @@ class Context:
     vocab_size: int
 
 
-def _pattern(template: str) -> re.Pattern:
-    """``{L}`` matches a layer number, ``{E}`` an expert number."""
+def _pattern(template: str, parts: tuple = ()) -> re.Pattern:
+    """``{L}`` matches a layer number, ``{E}`` an expert number, ``{P}`` one of ``parts``."""
     body = re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+    if parts:
+        body = body.replace(r"\{P\}", "(?P<P>" + "|".join(re.escape(p) for p in parts) + ")")
     return re.compile("^" + body + "$")
 
 
@@ -39,6 +41,13 @@ class Transform:
     """
 
     src: str
+    on: str = ""  # per-layer models: the layer kinds (pattern symbols) it applies to; "" = every layer
+
+    def layers(self, info) -> list:
+        """The target layers whose sources this transform expects."""
+        if not self.on:
+            return list(range(info.num_layers))
+        return [i for i, kind in enumerate(info.layer_symbols) if kind in self.on]
 
     def matches(self, name: str) -> Optional[dict]:
         m = _pattern(self.src).match(name)
@@ -57,7 +66,8 @@ class Transform:
 
 
 def _fill(template: str, groups: dict) -> str:
-    return template.replace("{L}", groups.get("L") or "").replace("{E}", groups.get("E") or "")
+    return (template.replace("{L}", groups.get("L") or "").replace("{E}", groups.get("E") or "")
+            .replace("{P}", groups.get("P") or ""))
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,37 @@ class GatedMLP(Transform):
 
 
 @dataclass(frozen=True)
+class Concat(Transform):
+    """Several source tensors (``src`` with ``{P}`` = each of ``parts``) -> one, concatenated in
+    ``parts`` order along ``dim``. Megatron saves some fused tensors as separate components (a
+    Mamba mixer's in_proj as z, x, B, C, dt; its conv1d as x, B, C) because each TP rank holds a
+    slice of every component; the target stores the fused tensor. The parts are buffered in
+    ``pending`` until the last arrives; the plan gives them one writer (`unit_group`)."""
+
+    dst: str = ""
+    parts: tuple = ()
+    dim: int = 0
+    required: Optional[str] = None
+
+    def matches(self, name: str) -> Optional[dict]:
+        m = _pattern(self.src, self.parts).match(name)
+        return m.groupdict() if m else None
+
+    def group(self, groups: dict) -> str:
+        return _fill(self.dst, groups)
+
+    def apply(self, tensor, groups, ctx, pending=None):
+        if pending is None:
+            raise ValueError(f"{self.dst}: a concatenation needs the conversion's pending buffer")
+        key = self.group(groups)
+        got = pending.setdefault(key, {})
+        got[groups["P"]] = tensor
+        if len(got) == len(self.parts):
+            del pending[key]
+            yield key, torch.cat([got[p] for p in self.parts], dim=self.dim)
+
+
+@dataclass(frozen=True)
 class Drop(Transform):
     """Intentionally not exported."""
 
@@ -154,6 +195,8 @@ class ArchSpec:
         aliases: other Megatron spellings (local-spec norms ...) -> the canonical (TE) spelling.
         hf_config: builds the HF ``config.json`` dict from (ModelInfo, Context, torch dtype name).
         trtllm: builds the TensorRT-LLM family description (see `formats.trtllm`).
+        trtllm_unsupported: for models TensorRT-LLM's checkpoint format cannot hold, the reason
+            (the TensorRT-LLM formats are then refused at attach).
     """
 
     name: str
@@ -163,6 +206,10 @@ class ArchSpec:
     trtllm: Callable
     aliases: dict = field(default_factory=dict)
     checks: tuple = ()
+    # (info) -> None when TensorRT-LLM (<= 1.2) has this model, else the reason it has not.
+    trtllm_unsupported: Optional[Callable] = None
+    # None when quantized exports are supported, else why not
+    quantization_unsupported: Optional[str] = None
 
     def mismatches(self, features: dict) -> list:
         out = []
@@ -173,3 +220,43 @@ class ArchSpec:
         if any(feature == "moe" for feature, _, _ in out):  # MoE details only matter for MoE
             out = [m for m in out if not m[0].startswith("moe_")]
         return out
+
+
+def unit_group(spec: ArchSpec, name: str) -> Optional[str]:
+    """Source tensors that must be converted on one rank: the parts of a `Concat`."""
+    for transform in spec.mappings:
+        if isinstance(transform, Concat):
+            groups = transform.matches(name)
+            if groups is not None:
+                return transform.group(groups)
+    return None
+
+
+# The features every family pins unless it supports something else: a family's ``requires`` starts
+# from these, so a model with a feature no table handles is refused instead of exported wrongly.
+STANDARD = {
+    "model_class": {"GPTModel", "HybridModel"},
+    "source_layout": {"gpt", "hybrid_paired"},
+    "layer_module": {"TransformerLayer"},
+    "attention_module": {"SelfAttention"},
+    "multi_latent_attention": {False},
+    "moe": {False},
+    "mamba": {False},
+    "qk_layernorm": {False},
+    "layernorm_zero_centered_gamma": {False},
+    "residual_post_layernorm": {False},
+    "multi_token_prediction": {False},
+    "heterogeneous_layers": {False},
+    "rotary_interleaved": {False},
+    "query_key_layer_scaling": {False},
+    "softmax_scale": {False},
+    "attention_window": {False},
+    "embedding_multiplier": {False},
+    "mup_output_scale": {False},
+    "softmax_type": {"vanilla"},
+}
+
+
+def requirements(**overrides) -> dict:
+    """`STANDARD` with a family's own allowed values."""
+    return {**STANDARD, **overrides}

@@ -162,23 +162,30 @@ def _pipeline_loop(batches: list):
     return loop
 
 
+def target_layer(info, layer_number: int) -> int:
+    """The exported layer a source layer (Megatron's 1-based global layer_number) belongs to."""
+    index = layer_number - 1
+    return index // 2 if info.source_layout == "hybrid_paired" else index
+
+
 def _kv_hooks(replica: list, info, kv_amax: dict) -> list:
-    """Record max |k| and |v| per layer from linear_qkv's output (before RoPE, as ModelOpt's
-    k_proj/v_proj output quantizers do for HF models)."""
+    """Record max |k| and |v| per layer where the KV cache holds them: at the core attention's
+    input, K after RoPE (and after the k-norm), as ModelOpt's Megatron KV quantizers measure."""
     handles = []
-    per_group = info.num_attention_heads // info.num_query_groups
     for chunk in replica:
         for layer in chunk.decoder.layers:
-            index = layer.layer_number - 1  # Megatron's 1-based global layer number
+            core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
+            if core is None:
+                continue
+            index = target_layer(info, layer.layer_number)
 
-            def hook(module, args, output, index=index):
-                out = output[0] if isinstance(output, tuple) else output
-                grouped = out.detach().reshape(*out.shape[:-1], -1, per_group + 2, info.head_dim)
-                k = grouped[..., per_group, :].abs().max().float()
-                v = grouped[..., per_group + 1, :].abs().max().float()
+            def hook(module, args, kwargs, index=index):
+                key = args[1] if len(args) > 1 else kwargs["key"]
+                value = args[2] if len(args) > 2 else kwargs["value"]
+                k, v = key.detach().abs().amax().float().cpu(), value.detach().abs().amax().float().cpu()
                 old = kv_amax.get(index, (torch.tensor(0.0), torch.tensor(0.0)))
-                kv_amax[index] = (torch.maximum(old[0], k.cpu()), torch.maximum(old[1], v.cpu()))
-            handles.append(layer.self_attention.linear_qkv.register_forward_hook(hook))
+                kv_amax[index] = (torch.maximum(old[0], k), torch.maximum(old[1], v))
+            handles.append(core.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
 

@@ -57,9 +57,13 @@ def load_dequantized(hf_dir) -> torch.nn.Module:
         module = name[: -len(".weight")]
         if f"{module}.weight_scale" in tensors:
             state[name] = dequantize_weight(quant["quant_algo"], tensors, module)
-        else:
+        elif name in tensors:
             state[name] = tensors[name].float()
-    model.load_state_dict(state)
+    missing, _ = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+    if set(missing) - tied:
+        raise ValueError(f"{hf_dir}: tensors missing from the export: {sorted(set(missing) - tied)[:8]}")
+    model.tie_weights()
     for name, module in model.named_modules():
         pqs = tensors.get(f"{name}.pre_quant_scale")
         if isinstance(module, torch.nn.Linear) and pqs is not None:

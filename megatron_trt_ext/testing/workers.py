@@ -9,7 +9,15 @@ import torch
 
 from .models import tiny_gpt, tiny_llama
 
-BUILDERS = {"llama": tiny_llama, "gpt": tiny_gpt, "mixtral": lambda **kw: tiny_llama(moe=True, **kw)}
+def _families():
+    from . import families
+
+    return {"qwen3": families.tiny_qwen3, "nemotron": families.tiny_nemotron, "starcoder2": families.tiny_starcoder2,
+            "gemma": families.tiny_gemma, "hybrid": families.tiny_hybrid, "nemotron_h": families.tiny_nemotron_h}
+
+
+BUILDERS = {"llama": tiny_llama, "gpt": tiny_gpt, "mixtral": lambda **kw: tiny_llama(moe=True, **kw),
+            **_families()}
 
 
 def build(family: str, tp: int = 1, pp: int = 1, vpp=None, ep: int = 1, etp=None, **model_kw):

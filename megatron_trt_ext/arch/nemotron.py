@@ -1,0 +1,101 @@
+"""Nemotron-3/4 (and the GPT-Next / Nemotron GPT models): LayerNorm with zero-centred gamma
+(LayerNorm1P: the stored weight w is applied as 1 + w), a squared-ReLU non-gated MLP, RoPE on a
+leading fraction of each head (``rotary_percent``), GQA.
+
+HF class: ``NemotronForCausalLM``, whose norm stores the same zero-centred w (a plain copy, no +1).
+TensorRT-LLM (<= 1.2): ``NemotronForCausalLM`` = its ``GPTForCausalLM`` with ``gpt_variant:
+nemotron``; its LayerNorm is plain, so the +1 is added to every norm weight there.
+"""
+
+from .spec import QKV, ArchSpec, Drop, Rename, Vocab, requirements
+
+P = "decoder.layers.{L}"
+H = "model.layers.{L}"
+
+MAPPINGS = (
+    Vocab("embedding.word_embeddings.weight", dst="model.embed_tokens.weight"),
+    Rename(f"{P}.self_attention.linear_qkv.layer_norm_weight", dst=f"{H}.input_layernorm.weight"),
+    Rename(f"{P}.self_attention.linear_qkv.layer_norm_bias", dst=f"{H}.input_layernorm.bias"),
+    QKV(f"{P}.self_attention.linear_qkv.weight",
+        q=f"{H}.self_attn.q_proj.weight", k=f"{H}.self_attn.k_proj.weight", v=f"{H}.self_attn.v_proj.weight"),
+    QKV(f"{P}.self_attention.linear_qkv.bias", required="add_qkv_bias",
+        q=f"{H}.self_attn.q_proj.bias", k=f"{H}.self_attn.k_proj.bias", v=f"{H}.self_attn.v_proj.bias"),
+    Rename(f"{P}.self_attention.linear_proj.weight", dst=f"{H}.self_attn.o_proj.weight"),
+    Rename(f"{P}.self_attention.linear_proj.bias", dst=f"{H}.self_attn.o_proj.bias", required="add_bias_linear"),
+    Rename(f"{P}.mlp.linear_fc1.layer_norm_weight", dst=f"{H}.post_attention_layernorm.weight"),
+    Rename(f"{P}.mlp.linear_fc1.layer_norm_bias", dst=f"{H}.post_attention_layernorm.bias"),
+    Rename(f"{P}.mlp.linear_fc1.weight", dst=f"{H}.mlp.up_proj.weight"),
+    Rename(f"{P}.mlp.linear_fc1.bias", dst=f"{H}.mlp.up_proj.bias", required="add_bias_linear"),
+    Rename(f"{P}.mlp.linear_fc2.weight", dst=f"{H}.mlp.down_proj.weight"),
+    Rename(f"{P}.mlp.linear_fc2.bias", dst=f"{H}.mlp.down_proj.bias", required="add_bias_linear"),
+    Rename("decoder.final_layernorm.weight", dst="model.norm.weight"),
+    Rename("decoder.final_layernorm.bias", dst="model.norm.bias"),
+    Vocab("output_layer.weight", dst="lm_head.weight", required="!tied_embeddings"),
+    Drop("rotary_pos_emb.inv_freq"),
+)
+
+ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),
+    "self_attention.linear_qkv.layer_norm_bias": ("input_layernorm.bias",),
+    "mlp.linear_fc1.layer_norm_weight": ("pre_mlp_layernorm.weight",),
+    "mlp.linear_fc1.layer_norm_bias": ("pre_mlp_layernorm.bias",),
+}
+
+
+def hf_config(info, ctx, dtype: str) -> dict:
+    rope = {"rope_type": "default", "rope_theta": info.rotary_base, "partial_rotary_factor": info.rotary_percent}
+    return {
+        "architectures": ["NemotronForCausalLM"],
+        "model_type": "nemotron",
+        "vocab_size": ctx.vocab_size,
+        "hidden_size": info.hidden_size,
+        "intermediate_size": info.ffn_hidden_size,
+        "num_hidden_layers": info.num_layers,
+        "num_attention_heads": info.num_attention_heads,
+        "num_key_value_heads": info.num_query_groups,
+        "head_dim": info.head_dim,
+        "hidden_act": "relu2",
+        "max_position_embeddings": info.max_position_embeddings,
+        "norm_eps": info.norm_epsilon,
+        "tie_word_embeddings": info.tied_embeddings,
+        "attention_bias": info.add_qkv_bias,
+        "mlp_bias": info.add_bias_linear,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        # transformers >= 5 reads rope_parameters; 4.x (and TensorRT-LLM's converter) the flat keys
+        "rope_parameters": rope,
+        "rope_theta": info.rotary_base,
+        "partial_rotary_factor": info.rotary_percent,
+    }
+
+
+def trtllm(info) -> dict:
+    return {"layout": "gpt_nemotron", "architecture": "NemotronForCausalLM",
+            "config": {"gpt_variant": "nemotron", "position_embedding_type": "rope_gpt_neox",
+                       "rotary_base": info.rotary_base, "rotary_pct": info.rotary_percent,
+                       "hidden_act": "squared-relu", "bias": info.add_bias_linear}}
+
+
+def _check(info):
+    if info.add_qkv_bias != info.add_bias_linear:
+        return ("add_qkv_bias", info.add_qkv_bias, "Nemotron biases every linear or none")
+    return None
+
+
+NEMOTRON = ArchSpec(
+    name="nemotron",
+    requires=requirements(
+        normalization={"LayerNorm"},
+        layernorm_zero_centered_gamma={True},
+        activation={"squared_relu"},
+        position_embedding={"rope"},
+        attention_kind={"mha", "gqa", "mqa"},
+    ),
+    mappings=MAPPINGS,
+    aliases=ALIASES,
+    hf_config=hf_config,
+    trtllm=trtllm,
+    checks=(_check,),
+)

@@ -1,0 +1,267 @@
+"""Tiny models of the newer families, for tests and GPU checks ONLY, with the stand-ins they need on
+a machine without Transformer Engine.
+
+* `ZeroCenteredNorm`: LayerNorm/RMSNorm with zero-centred gamma (stores ``w``, applies ``1 + w``),
+  what Transformer Engine's norms do with ``layernorm_zero_centered_gamma``; Megatron has no
+  plain-torch module for it. Same parameter names as Megatron's wrapped torch norms.
+* HybridModel's final norm is hard-wired to Transformer Engine (``hybrid_block.TENorm``):
+  `hybrid_stack_spec` points it at Megatron's plain-torch norm (or the zero-centred stand-in), and
+  provides a local (non-TE) stack spec with the same sharded names as the TE spec.
+* Mamba mixers need ``mamba_ssm`` (and einops) even to be built: `allow_mamba_build` lets them be
+  built (never run) on CPU, with a plain gated-norm module standing in for mamba_ssm's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .models import _config
+
+
+class ZeroCenteredNorm(torch.nn.Module):
+    """Zero-centred gamma: ``norm(x) * (1 + weight)`` (+ bias for LayerNorm)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        self.config = config
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+        if not self.rms:
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size))
+        setattr(self.weight, "sequence_parallel", False)
+
+    def forward(self, x):
+        if self.rms:
+            x32 = x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * (1 + self.weight)
+        return F.layer_norm(x, (x.shape[-1],), self.weight + 1, self.bias, self.eps)
+
+
+def _layer_spec(config, qk_layernorm=False, zero_centered=False, num_experts=None):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=config.normalization,
+                                    qk_layernorm=qk_layernorm)
+    if zero_centered:
+        spec.submodules.input_layernorm = ZeroCenteredNorm
+        spec.submodules.pre_mlp_layernorm = ZeroCenteredNorm
+    return spec
+
+
+def _gpt(config, spec, zero_centered, vocab_size, max_seq, tied, model_kwargs, **model_kw):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import transformer_block
+
+    # The final norm is the block's LayerNormImpl (Transformer Engine's when installed): the
+    # zero-centred stand-in replaces it while this model is built.
+    original = transformer_block.LayerNormImpl
+    if zero_centered:
+        transformer_block.LayerNormImpl = ZeroCenteredNorm
+    try:
+        return GPTModel(config, spec, vocab_size=vocab_size, max_sequence_length=max_seq,
+                        share_embeddings_and_output_weights=tied, **model_kw, **(model_kwargs or {}))
+    finally:
+        transformer_block.LayerNormImpl = original
+
+
+def tiny_qwen3(vocab_size=128, max_seq=64, tied=False, model_kwargs=None, **kw):
+    """Qwen3: RMSNorm, per-head q/k RMSNorm before RoPE, head_dim independent of hidden/heads."""
+    base = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                bias_activation_fusion=False, qk_layernorm=True, kv_channels=16, layernorm_epsilon=1e-6)
+    config = _config(**{**base, **kw})
+    return _gpt(config, _layer_spec(config, qk_layernorm=True), False, vocab_size, max_seq, tied, model_kwargs,
+                position_embedding_type="rope", rotary_base=1000000)
+
+
+def tiny_nemotron(vocab_size=128, max_seq=64, tied=False, model_kwargs=None, **kw):
+    """Nemotron-3/4: LayerNorm with zero-centred gamma, squared-ReLU MLP, RoPE on half the head."""
+    from megatron.core.activations import squared_relu
+
+    base = dict(normalization="LayerNorm", layernorm_zero_centered_gamma=True, gated_linear_unit=False,
+                activation_func=squared_relu, add_bias_linear=False, bias_activation_fusion=False)
+    config = _config(**{**base, **kw})
+    return _gpt(config, _layer_spec(config, zero_centered=True), True, vocab_size, max_seq, tied, model_kwargs,
+                position_embedding_type="rope", rotary_percent=0.5, rotary_base=10000)
+
+
+def tiny_starcoder2(vocab_size=128, max_seq=64, tied=True, model_kwargs=None, window=None, **kw):
+    """Starcoder2: LayerNorm with bias, tanh-GeLU MLP, biases on every linear, GQA, RoPE, and an
+    optional W-token sliding window (Megatron's window_size=(W-1, 0))."""
+    base = dict(normalization="LayerNorm", gated_linear_unit=False, add_bias_linear=True,
+                activation_func=functools.partial(F.gelu, approximate="tanh"), bias_activation_fusion=False,
+                window_size=(window - 1, 0) if window else None)
+    config = _config(**{**base, **kw})
+    return _gpt(config, _layer_spec(config), False, vocab_size, max_seq, tied, model_kwargs,
+                position_embedding_type="rope", rotary_base=100000)
+
+
+def tiny_gemma(vocab_size=128, max_seq=64, tied=True, model_kwargs=None, **kw):
+    """Gemma: RMSNorm with zero-centred gamma, tanh-GeGLU, embeddings scaled by sqrt(hidden) (MuP's
+    embedding multiplier with the standard 1/sqrt(head_dim) attention scale), head_dim 16."""
+    hidden = kw.get("hidden_size", 64)
+    base = dict(normalization="RMSNorm", layernorm_zero_centered_gamma=True, gated_linear_unit=True,
+                activation_func=functools.partial(F.gelu, approximate="tanh"), add_bias_linear=False,
+                bias_activation_fusion=False, kv_channels=16, use_mup=True, mup_embedding_mult=hidden ** 0.5,
+                mup_attn_scale_power=0.5, layernorm_epsilon=1e-6)
+    config = _config(**{**base, **kw})
+    return _gpt(config, _layer_spec(config, zero_centered=True), True, vocab_size, max_seq, tied, model_kwargs,
+                position_embedding_type="rope", rotary_base=10000)
+
+
+# ---------------------------------------------------------------------- HybridModel
+def allow_mamba_build() -> None:
+    """Let MambaMixer be constructed without mamba_ssm (its forward still needs the kernels)."""
+    from megatron.core.ssm import mamba_mixer
+
+    class GatedNormStandIn(torch.nn.Module):
+        def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=False, device=None,
+                     dtype=None, **kwargs):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+            self.group_size = group_size
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                       {"weight": 0}, sharded_offsets, tp_group=self.tp_group,
+                                                       dp_cp_group=(metadata or {}).get("dp_cp_group"))
+
+    mamba_mixer.HAVE_MAMBA_SSM = True
+    mamba_mixer.HAVE_EINOPS = True
+    mamba_mixer.RMSNormGated = GatedNormStandIn
+    mamba_mixer.ExtendedRMSNorm = GatedNormStandIn
+
+
+def hybrid_stack_spec(config, num_experts=None, zero_centered=False):
+    """A HybridStack spec from Megatron's local (plain-torch) modules, with the TE spec's sharded
+    names; the final norm (hard-wired to Transformer Engine) is pointed at the plain-torch one."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import (MoETransformerLayer, TransformerLayer,
+                                                             TransformerLayerSubmodules)
+
+    norm = ZeroCenteredNorm if zero_centered else WrappedTorchNorm
+    hybrid_block.TENorm = norm  # test stand-in for the final norm
+    dense = get_gpt_layer_local_submodules(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    moe = get_gpt_layer_local_submodules(normalization=config.normalization, num_experts=num_experts) \
+        if num_experts else None
+    layers = dict(
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=dense.self_attention, self_attn_bda=dense.self_attn_bda,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"})),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm, mlp=dense.mlp, mlp_bda=dense.mlp_bda,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})),
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+            norm=norm, mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+                in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+            mamba_bda=get_bias_dropout_add, sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"})),
+    )
+    if moe is not None:
+        layers["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm, mlp=moe.mlp, mlp_bda=moe.mlp_bda))
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(**layers))
+
+
+def tiny_hybrid(pattern: str = "*-*-", vocab_size=128, max_seq=64, tied=False, model_kwargs=None,
+                position_embedding_type="rope", rotary_base=10000, **kw):
+    """A HybridModel (megatron-core >= 0.19) of the tiny Llama's sizes by default; ``kw`` go to the
+    TransformerConfig (e.g. MoE or Mamba sizes)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    symbols = pattern.split("/")[0].replace("|", "")
+    base = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                bias_activation_fusion=False, is_hybrid_model=True, num_layers=len(symbols))
+    config = _config(**{**base, **kw})
+    if "M" in symbols:
+        allow_mamba_build()
+    spec = hybrid_stack_spec(config, num_experts=config.num_moe_experts,
+                             zero_centered=config.layernorm_zero_centered_gamma)
+    return HybridModel(config, spec, vocab_size=vocab_size, max_sequence_length=max_seq,
+                       hybrid_layer_pattern=pattern, share_embeddings_and_output_weights=tied,
+                       position_embedding_type=position_embedding_type, rotary_base=rotary_base,
+                       **(model_kwargs or {}))
+
+
+# ---------------------------------------------------------------------- Nemotron-H round trips
+def tiny_nemotron_h(pattern: str = "M*-M", **kw):
+    """A Nemotron-H-shaped HybridModel: Mamba-2 mixers, attention without RoPE, squared-ReLU MLPs."""
+    from megatron.core.activations import squared_relu
+
+    base = dict(gated_linear_unit=False, activation_func=squared_relu, position_embedding_type="none",
+                mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2, layernorm_epsilon=1e-5)
+    return tiny_hybrid(pattern, **{**base, **kw})
+
+
+def nemotron_h_hf_config(model, vocab_size: int):
+    """The transformers config of a tiny Nemotron-H with ``model``'s sizes (the test oracle)."""
+    import transformers
+
+    config, mixer = model.config, next(layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer"))
+    pattern = model.hybrid_layer_pattern.split("/")[0].replace("|", "")
+    types = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+    return transformers.NemotronHConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, layers_block_type=[types[s] for s in pattern],
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_query_groups,
+        head_dim=config.kv_channels or config.hidden_size // config.num_attention_heads,
+        intermediate_size=config.ffn_hidden_size, mlp_hidden_act="relu2", ssm_state_size=mixer.d_state,
+        mamba_num_heads=mixer.nheads, mamba_head_dim=mixer.headdim, n_groups=mixer.ngroups,
+        conv_kernel=mixer.d_conv, chunk_size=mixer.chunk_size, layer_norm_epsilon=config.layernorm_epsilon,
+        tie_word_embeddings=False, time_step_min=1e-9)
+
+
+@torch.no_grad()
+def load_hf_nemotron_h(model, hf_state: dict) -> None:
+    """Test-only HF -> Megatron loader (single rank): Nemotron-H weights into ``model`` (built by
+    `tiny_nemotron_h`), so the export can be compared with the HF tensors it came from. HF names
+    may be the hub's (``backbone.``) or transformers' internal ones (``model.``)."""
+    from .. import layouts
+
+    hf = {k.replace("model.", "backbone.", 1) if k.startswith("model.") else k: v for k, v in hf_state.items()}
+    params = dict(model.named_parameters())
+    config = model.config
+    heads, groups = config.num_attention_heads, config.num_query_groups
+    head_dim = config.kv_channels or config.hidden_size // heads
+
+    def put(name, value):
+        target = params[name]
+        if value.shape[0] < target.shape[0]:  # the padded vocabulary rows
+            value = torch.cat([value, value.new_zeros(target.shape[0] - value.shape[0], *value.shape[1:])])
+        target.copy_(value)
+
+    put("embedding.word_embeddings.weight", hf["backbone.embeddings.weight"])
+    pattern = model.hybrid_layer_pattern.split("/")[0].replace("|", "")
+    for i, symbol in enumerate(pattern):
+        m, b = f"decoder.layers.{i}", f"backbone.layers.{i}"
+        if symbol == "M":
+            put(f"{m}.norm.weight", hf[f"{b}.norm.weight"])
+            for name in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight",
+                         "out_proj.weight"):  # Megatron's conv1d parameters are conv1d_weight / conv1d_bias
+                put(f"{m}.mixer.{name.replace('conv1d.', 'conv1d_')}", hf[f"{b}.mixer.{name}"])
+        elif symbol == "*":
+            put(f"{m}.input_layernorm.weight", hf[f"{b}.norm.weight"])
+            put(f"{m}.self_attention.linear_qkv.weight", layouts.qkv_split_to_interleaved(
+                hf[f"{b}.mixer.q_proj.weight"], hf[f"{b}.mixer.k_proj.weight"], hf[f"{b}.mixer.v_proj.weight"],
+                heads, groups, head_dim))
+            put(f"{m}.self_attention.linear_proj.weight", hf[f"{b}.mixer.o_proj.weight"])
+        elif symbol == "-":
+            put(f"{m}.pre_mlp_layernorm.weight", hf[f"{b}.norm.weight"])
+            put(f"{m}.mlp.linear_fc1.weight", hf[f"{b}.mixer.up_proj.weight"])
+            put(f"{m}.mlp.linear_fc2.weight", hf[f"{b}.mixer.down_proj.weight"])
+        else:
+            raise ValueError(f"layer symbol {symbol!r} has no test loader")
+    put("decoder.final_norm.weight", hf["backbone.norm_f.weight"])
+    put("output_layer.weight", hf["lm_head.weight"])

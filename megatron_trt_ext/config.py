@@ -20,7 +20,8 @@ FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
 MODES = ("sync", "async")
 BUSY_POLICIES = ("skip", "wait")
 DTYPES = ("bfloat16", "float16", "float32")
-FAMILIES = ("auto", "llama", "qwen3", "gemma", "nemotron", "starcoder2", "gpt", "mixtral", "nemotron_h")
+FAMILIES = ("auto", "llama", "qwen3", "gemma", "nemotron", "starcoder2", "gpt", "mixtral", "qwen3_moe",
+            "deepseek_v3", "gpt_oss", "nemotron_h")
 
 # Integer options and their largest sensible value: a typo such as 10**21 fails here, naming the
 # key, instead of overflowing a timer or an allocation at the first export.
@@ -86,6 +87,8 @@ class ExportConfig:
             excluded modules and calibration.
         timeout_s: longest time a rank waits on its peers during an export (a failed or lost
             rank turns into an error on every rank within this bound, never a hang).
+        drop_mtp: leave the model's multi-token-prediction layers out of the export (by default
+            they are exported where the target has them: DeepSeek-V3's extra layers).
     """
 
     output_dir: str = "exports"
@@ -108,6 +111,7 @@ class ExportConfig:
     keep_last: Optional[int] = None
     build: Any = None
     quantization: Any = None
+    drop_mtp: bool = False
     recipe: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from .config import ExportConfig
 from .errors import ConfigError, ExportError
 from .gather import Comm
 from .job import ExportJob, ExportResult, __version__  # noqa: F401  (re-exported)
-from .model_info import read_model_info, unwrap_chunks
+from .model_info import drop_mtp_layers, merge_module_facts, module_facts, read_model_info, unwrap_chunks
 from .plan import build_units, describe, expert_group, local_shards
 
 logger = logging.getLogger("megatron_trt_ext")
@@ -84,8 +84,21 @@ class Exporter:
         self.comm = Comm(config.timeout_s, device)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         local_exc, description = None, None
+        # What a rank sees of the model depends on its stage (a pipeline stage of dense layers has
+        # no experts, one of attention layers no Mamba mixer): the ranks pool those facts first.
         try:
-            self.info = read_model_info(self.chunks)
+            info = read_model_info(self.chunks)
+        except err_mod.MegatronTrtExtError as exc:
+            info, local_exc = None, exc
+        gathered = self.comm.all_gather_object(
+            (_describe_error(local_exc) if local_exc else None, module_facts(info) if info else None))
+        failures = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+        if failures:
+            _raise_agreed(failures, local_exc, "export set-up")
+        try:
+            self.info = merge_module_facts(info, [facts for _, facts in gathered])
+            if config.drop_mtp:
+                self.info = drop_mtp_layers(self.info)
             self.spec = select_family(self.info, config.family)
             self._check_trtllm_support()
             self._check_inference_layout()
@@ -101,7 +114,7 @@ class Exporter:
             from .source import canonical_namer
 
             self.rename = canonical_namer(self.info)
-            local = local_shards(self.chunks, self.rename)
+            local = self._local_shards(self.chunks)
             if self.quant is not None:
                 self._check_quantization()
                 from .quant.stats import stat_pieces
@@ -235,15 +248,21 @@ class Exporter:
         """The slices an export reads, and what to drop afterwards: the live model's own, or
         (quantized exports) a calibrated replica's plus its calibration statistics."""
         if self.quant is None:
-            return local_shards(self.chunks, self.rename), None
+            return self._local_shards(self.chunks), None
         from .quant.calibrate import calibrate
         from .quant.stats import stat_pieces
 
         replica, kv_amax = calibrate(self.chunks, self.quant, self.info, self.calibration_data,
                                      self.forward_loop, self.comm)
-        local = local_shards(replica, self.rename)
+        local = self._local_shards(replica)
         local.update(stat_pieces(local, self.quant, replica, kv_amax))
         return local, replica
+
+    def _local_shards(self, chunks) -> dict:
+        local = local_shards(chunks, self.rename)
+        if self.config.drop_mtp:  # the MTP layers' tensors neither move nor get written
+            local = {name: pieces for name, pieces in local.items() if not name.startswith("mtp.")}
+        return local
 
     def _export_vocab_size(self) -> int:
         padded = self.info.padded_vocab_size

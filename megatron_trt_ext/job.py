@@ -126,9 +126,17 @@ class ExportJob:
                 yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on)
                 continue
             trt = list(converter.feed(hf_name, out)) if trt_on else []
-            yield hf_name, out.to(dtype), trt
+            yield hf_name, out.to(self._hf_dtype(hf_name, dtype)), trt
             if quantizer is not None and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
                 yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
+
+    def _hf_dtype(self, hf_name: str, dtype: torch.dtype) -> torch.dtype:
+        """The export dtype, or float32 for what the family keeps in float32 (MoE routers)."""
+        import re
+
+        if any(re.search(pattern, hf_name) for pattern in self.spec.keep_fp32):
+            return torch.float32
+        return dtype
 
     def _quantizer(self, name: str, tensor: torch.Tensor, stats: Optional[dict]):
         if self.quant is None:

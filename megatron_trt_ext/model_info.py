@@ -120,7 +120,29 @@ class ModelInfo:
     sliding_window_layers: Optional[list] = None  # per target layer: True where the window applies
     embedding_multiplier: Optional[float] = None
     mamba: Optional[dict] = None
+    moe: Optional[dict] = None     # routing facts (score function, groups, bias, scaling, shared experts)
+    mla: Optional[dict] = None     # multi-latent attention dims and its RoPE (YaRN) settings
+    yarn: Optional[dict] = None    # YaRN RoPE of standard attention (position_embedding_type "yarn")
+    mtp_num_layers: int = 0
     features: dict = field(default_factory=dict)
+
+    # predicates that family tables name in ``required=``
+    @property
+    def mla_q_lora(self) -> bool:
+        return bool(self.mla and self.mla.get("q_lora_rank"))
+
+    @property
+    def moe_router_bias(self) -> bool:
+        return bool(self.moe and self.moe["router_bias"])
+
+    @property
+    def moe_shared_experts(self) -> bool:
+        return bool(self.moe and self.moe["shared_size"])
+
+    @property
+    def decoder_kinds(self) -> str:
+        """Per decoder layer (MTP layers excluded): the layer symbols in upper case."""
+        return "".join(k for k in self.layer_symbols if not k.islower())
 
     @property
     def attention_kind(self) -> str:
@@ -144,6 +166,8 @@ def read_model_info(chunks: list) -> ModelInfo:
     source_layout = _source_layout(cls, symbols)
     layers = _source_layers(chunks)
     has_moe = bool(getattr(config, "num_moe_experts", None)) and (not symbols or "E" in symbols)
+    mtp_layers = int(getattr(config, "mtp_num_layers", None) or 0) if source_layout == "gpt" else 0
+    kinds = _layer_kinds(config, source_layout, symbols, has_moe, mtp_layers)
 
     features = {
         "model_class": cls,
@@ -170,6 +194,8 @@ def read_model_info(chunks: list) -> ModelInfo:
         "attention_window": getattr(config, "window_size", None) is not None,
         "embedding_multiplier": bool(getattr(config, "use_mup", False)),
         "softmax_type": getattr(config, "softmax_type", "vanilla"),
+        "glu_linear_offset": float(getattr(config, "glu_linear_offset", 0.0) or 0.0),
+        "activation_clamp": getattr(config, "activation_func_clamp_value", None),
     }
     # HybridModel's MLP layers hold an IdentityOp where attention would be
     attention_types = {type(layer.self_attention).__name__ for layer in layers
@@ -179,11 +205,9 @@ def read_model_info(chunks: list) -> ModelInfo:
         expert_types = {type(layer.mlp.experts).__name__ for layer in layers
                         if hasattr(getattr(layer, "mlp", None), "experts")}
         features["moe_expert_module"] = ",".join(sorted(expert_types))
-        freq = getattr(config, "moe_layer_freq", 1)
         score = getattr(config, "moe_router_score_function", "softmax")
         pre_softmax = bool(getattr(config, "moe_router_pre_softmax", False))
-        every_layer = (set(symbols[1::2]) == {"E"}) if source_layout == "hybrid_paired" else (
-            freq == 1 or (isinstance(freq, list) and all(freq)))
+        every_layer = set(kinds.upper()) == {"E"}
         features.update({
             # Mixtral routing: softmax over the top-k logits (== softmax, top-k, renormalize).
             "moe_routing": ("topk_softmax" if score == "softmax" and not pre_softmax
@@ -215,11 +239,7 @@ def read_model_info(chunks: list) -> ModelInfo:
     if vocab is None:
         raise UnsupportedModelError(f"model: {cls} has no vocab_size attribute; only GPTModel and HybridModel "
                                     "are supported")
-    num_layers = config.num_layers
-    if source_layout == "hybrid_paired":
-        num_layers = len(symbols) // 2
-    elif source_layout == "hybrid_per_layer":
-        num_layers = len(symbols)
+    num_layers = len(kinds) - mtp_layers
     window, window_layers = _sliding_window(config, num_layers)
     return ModelInfo(
         model_class=cls,
@@ -245,16 +265,111 @@ def read_model_info(chunks: list) -> ModelInfo:
         moe_top_k=int(getattr(config, "moe_router_topk", 0) or 0) if has_moe else 0,
         moe_ffn_hidden_size=int(getattr(config, "moe_ffn_hidden_size", None) or 0) if has_moe else 0,
         source_layout=source_layout,
-        layer_symbols=symbols,
+        layer_symbols=kinds,
         qk_layernorm=features["qk_layernorm"],
         zero_centered_gamma=features["layernorm_zero_centered_gamma"],
         sliding_window=window,
         sliding_window_layers=window_layers,
         embedding_multiplier=(float(getattr(config, "mup_embedding_mult", 1.0))
                               if features["embedding_multiplier"] else None),
-        mamba=_mamba_info(layers) if "M" in symbols else None,
+        mamba=_mamba_info(layers) if any(hasattr(layer, "mixer") for layer in layers) else None,
+        moe=_moe_info(config) if has_moe else None,
+        mla=_mla_info(config) if features["multi_latent_attention"] else None,
+        yarn=_yarn_info(config) if pos == "yarn" else None,
+        mtp_num_layers=mtp_layers,
         features=features,
     )
+
+
+def _layer_kinds(config, source_layout: str, symbols: str, has_moe: bool, mtp_layers: int) -> str:
+    """One symbol per target layer: a HybridModel's own pattern symbols (one layer each), or for
+    GPT blocks ``D`` (dense MLP) / ``E`` (MoE), in lower case for the MTP layers that follow."""
+    if source_layout == "hybrid_per_layer":
+        return symbols
+    if source_layout == "hybrid_paired":
+        return "".join("E" if symbols[i + 1] == "E" else "D" for i in range(0, len(symbols), 2))
+    n = config.num_layers
+    if not has_moe:
+        kinds = "D" * n
+    else:
+        freq = getattr(config, "moe_layer_freq", 1)
+        if isinstance(freq, int):
+            kinds = "".join("E" if i % freq == 0 else "D" for i in range(n))
+        else:
+            kinds = "".join("E" if f else "D" for f in list(freq)[:n])
+    # MTP layers reuse the last decoder layer's spec (Megatron's get_gpt_mtp_block_spec)
+    return kinds + kinds[-1].lower() * mtp_layers
+
+
+def _moe_info(config) -> dict:
+    scaling = getattr(config, "moe_router_topk_scaling_factor", None)
+    return {
+        "score": getattr(config, "moe_router_score_function", "softmax"),
+        "pre_softmax": bool(getattr(config, "moe_router_pre_softmax", False)),
+        "topk": int(config.moe_router_topk),
+        "scaling": float(scaling) if scaling is not None else 1.0,
+        "num_groups": getattr(config, "moe_router_num_groups", None),
+        "group_topk": getattr(config, "moe_router_group_topk", None),
+        "expert_bias": bool(getattr(config, "moe_router_enable_expert_bias", False)),
+        "shared_size": getattr(config, "moe_shared_expert_intermediate_size", None),
+        "shared_gate": bool(getattr(config, "moe_shared_expert_gate", False)),
+        "router_bias": bool(config.add_bias_linear),
+    }
+
+
+def _mla_info(config) -> dict:
+    names = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+             "rotary_base", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim")
+    return {name: getattr(config, name, None) for name in names}
+
+
+def yarn_concentration(factor, mscale=None, mscale_all_dim=None) -> float:
+    """Megatron's YaRN cos/sin factor (its "concentration factor")."""
+    def get(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if mscale is None or mscale_all_dim is None:
+        return get(factor)
+    return float(get(factor, mscale) / get(factor, mscale_all_dim))
+
+
+def _yarn_info(config) -> dict:
+    """YaRN of standard attention: Megatron reads it from ``yarn_*`` attributes set on the config."""
+    names = ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "correction_range_round_to_int")
+    return {name: getattr(config, f"yarn_{name}", None) for name in names}
+
+
+_MODULE_FEATURES = ("attention_module", "layer_module", "moe_expert_module")
+
+
+def module_facts(info: ModelInfo) -> dict:
+    """What a rank read from its own modules (they differ between pipeline stages)."""
+    return {"features": {k: info.features.get(k) for k in _MODULE_FEATURES}, "mamba": info.mamba}
+
+
+def merge_module_facts(info: ModelInfo, all_facts: list) -> ModelInfo:
+    """``info`` with the module facts of every rank pooled (class names united, sizes taken from
+    a rank that has the module)."""
+    import dataclasses
+
+    features = dict(info.features)
+    for key in _MODULE_FEATURES:
+        names = {n for facts in all_facts for n in (facts["features"].get(key) or "").split(",") if n}
+        names.discard("none")
+        if key in features:
+            features[key] = ",".join(sorted(names)) or features[key]
+    mamba = info.mamba or next((facts["mamba"] for facts in all_facts if facts["mamba"]), None)
+    return dataclasses.replace(info, features=features, mamba=mamba)
+
+
+def drop_mtp_layers(info: ModelInfo) -> ModelInfo:
+    """``info`` without its multi-token-prediction layers (``drop_mtp``)."""
+    import dataclasses
+
+    features = {**info.features, "multi_token_prediction": False}
+    return dataclasses.replace(info, mtp_num_layers=0, layer_symbols=info.decoder_kinds, features=features)
 
 
 def _source_layers(chunks: list) -> list:

@@ -19,13 +19,26 @@ from typing import Callable, Optional
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
+_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(transformer_layer\.)?(.*)$")
+
+
 def canonical_namer(info) -> Optional[Callable[[str], str]]:
-    """The rename for ``info``'s source layout (None when names are canonical already)."""
-    if info.source_layout == "gpt":
+    """The rename for ``info``'s source layout (None when names are canonical already).
+
+    Multi-token-prediction layers (``mtp.layers.k``) follow the decoder's layers: their
+    transformer layer is ``decoder.layers.{num_layers + k}``, their own modules (enorm, hnorm,
+    eh_proj, final_layernorm) ``decoder.layers.{num_layers + k}.mtp.*``.
+    """
+    if info.source_layout == "gpt" and not info.mtp_num_layers:
         return None
     paired = info.source_layout == "hybrid_paired"
+    first_mtp = info.num_layers
 
     def rename(name: str) -> str:
+        m = _MTP.match(name)
+        if m:
+            layer = first_mtp + int(m.group(1))
+            return f"decoder.layers.{layer}.{m.group(3)}" if m.group(2) else f"decoder.layers.{layer}.mtp.{m.group(3)}"
         if name.startswith("decoder.final_norm."):
             return "decoder.final_layernorm." + name[len("decoder.final_norm."):]
         m = _LAYER.match(name)

@@ -37,6 +37,14 @@ def _hybrid():
         pytest.skip("HybridModel arrived in megatron-core 0.19 (scripts/test-mcore-latest runs this)")
 
 
+def _mla():
+    """Multi-latent attention builds without Transformer Engine from megatron-core 0.19 on."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.core.transformer.mla_qk_norm_config") is None:
+        pytest.skip("multi-latent attention builds without Transformer Engine from megatron-core 0.19 on")
+
+
 CASES = {
     # name: (family, world size, layout, model kwargs, export vocab[, targets, requirement])
     "tp2": ("llama", 2, {"tp": 2}, {}, 120),
@@ -54,6 +62,18 @@ CASES = {
     "pp2_hybrid_segments": ("hybrid", 2, {"pp": 2}, {"pattern": "*-|*-"}, 120, TARGETS, _hybrid),
     "pp2_vpp2_hybrid": ("hybrid", 2, {"pp": 2, "vpp": 2}, {"pattern": "*-|*-|*-|*-"}, 120, TARGETS, _hybrid),
     "tp2_nemotron_h": ("nemotron_h", 2, {"tp": 2}, {}, 120, HF_ONLY, _hybrid),
+    # MoE families: EP x expert-TP, and PP (DeepSeek's MTP layer lives on the last stage)
+    "ep2_tp2_qwen3_moe_every_layer": ("qwen3_moe", 4, {"ep": 2, "tp": 2}, {"num_layers": 4, "moe_layer_freq": 1}, 120),
+    "pp2_qwen3_moe_dense_first": ("qwen3_moe", 2, {"pp": 2}, {"num_layers": 4, "moe_layer_freq": [0, 1, 1, 1]},
+                                  120, HF_ONLY),
+    "ep2_tp2_deepseek": ("deepseek", 4, {"ep": 2, "tp": 2}, {}, 120, HF_ONLY, _mla),
+    "pp2_deepseek_mtp": ("deepseek", 2, {"pp": 2}, {"mtp": 1}, 120, HF_ONLY, _mla),
+    "ep2_tp2_gpt_oss": ("gpt_oss", 4, {"ep": 2, "tp": 2, "etp": 1}, {}, 120, HF_ONLY),  # MoE biases need ETP 1
+    "ep2_hybrid_qwen3_moe": ("hybrid", 2, {"ep": 2}, {"pattern": "*E*E", "qk_layernorm": True, "kv_channels": 16,
+                                                      "num_moe_experts": 4, "moe_router_topk": 2,
+                                                      "moe_ffn_hidden_size": 32, "moe_aux_loss_coeff": 0.0,
+                                                      "moe_token_dispatcher_type": "allgather"},
+                             120, HF_ONLY, _hybrid),
 }
 
 
@@ -82,10 +102,12 @@ def exported_files(path: Path) -> dict:
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_exports_equal_single_rank_export(megatron_world, tmp_path, case):
     family, world, layout, model_kw, vocab, *rest = CASES[case]
-    targets, requirement = (rest + [TARGETS, None])[:2] if rest else (TARGETS, None)
+    targets = rest[0] if rest else TARGETS
+    requirement = rest[1] if len(rest) > 1 else None
     if requirement:
         requirement()
-    targets = [dict(t, **({"inference_moe_ep": 2} if family == "mixtral" and t.get("inference_tp") == 2 else {}))
+    moe_trt = family in ("mixtral", "qwen3_moe")
+    targets = [dict(t, **({"inference_moe_ep": 2} if moe_trt and t.get("inference_tp") == 2 else {}))
                for t in targets]
     ckpt = reference(tmp_path, family, model_kw, vocab, targets)
     exports = [dict(output_dir=str(tmp_path / f"dist{i}"), vocab_size=vocab, **t) for i, t in enumerate(targets)]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError
+from .deepseek_v3 import DEEPSEEK_V3
 from .gemma import GEMMA
 from .gpt import GPT
+from .gpt_oss import GPT_OSS
 from .llama import LLAMA
 from .mixtral import MIXTRAL
 from .nemotron import NEMOTRON
 from .nemotron_h import NEMOTRON_H
 from .qwen3 import QWEN3
+from .qwen3_moe import QWEN3_MOE
 from .spec import ArchSpec
 from .starcoder2 import STARCODER2
 
-FAMILIES = {spec.name: spec for spec in (LLAMA, QWEN3, GEMMA, NEMOTRON, STARCODER2, GPT, MIXTRAL, NEMOTRON_H)}
+FAMILIES = {spec.name: spec for spec in (LLAMA, QWEN3, GEMMA, NEMOTRON, STARCODER2, GPT, MIXTRAL, QWEN3_MOE,
+                                         DEEPSEEK_V3, GPT_OSS, NEMOTRON_H)}
 
 
 # Models Megatron-Core can train that no exporter here writes, and why (README's model table).

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from ..errors import ExportError
-from .spec import ArchSpec, Concat, Context
+from .spec import ArchSpec, Concat, Context, StackExperts
 
 
 def canonical_name(spec: ArchSpec, name: str) -> str:
@@ -65,7 +65,7 @@ def megatron_to_hf(spec: ArchSpec, ctx: Context, stream: Iterable, pending: dict
         transform, groups = find_transform(spec, canonical_name(spec, name))
         if transform is None:
             raise ExportError(f"family {spec.name!r}: no mapping for Megatron tensor {name!r}")
-        if isinstance(transform, Concat):
+        if isinstance(transform, (Concat, StackExperts)):
             yield from transform.apply(tensor, groups, ctx, pending)
         else:
             yield from transform.apply(tensor, groups, ctx)

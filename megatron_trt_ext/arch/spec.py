@@ -45,9 +45,8 @@ class Transform:
 
     def layers(self, info) -> list:
         """The target layers whose sources this transform expects."""
-        if not self.on:
-            return list(range(info.num_layers))
-        return [i for i, kind in enumerate(info.layer_symbols) if kind in self.on]
+        kinds = info.layer_symbols or "D" * info.num_layers
+        return [i for i, kind in enumerate(kinds) if not self.on or kind in self.on]
 
     def matches(self, name: str) -> Optional[dict]:
         m = _pattern(self.src).match(name)
@@ -84,13 +83,21 @@ class Rename(Transform):
 
 @dataclass(frozen=True)
 class Vocab(Transform):
-    """Vocab-parallel table ([V_pad, H]): trim Megatron's padding rows to the real vocabulary."""
+    """Vocab-parallel table ([V_pad, H]): trim Megatron's padding rows to the real vocabulary.
+    ``mtp_copies``: names (``{L}`` = each MTP layer) under which the table is also written, for
+    targets whose MTP layers carry their own copy of the shared embedding or output head."""
 
     dst: str = ""
     required: Optional[str] = None
+    mtp_copies: tuple = ()
 
     def apply(self, tensor, groups, ctx):
-        yield _fill(self.dst, groups), layouts.trim_rows(tensor, ctx.vocab_size)
+        trimmed = layouts.trim_rows(tensor, ctx.vocab_size)
+        yield _fill(self.dst, groups), trimmed
+        for template in self.mtp_copies:
+            for layer, kind in enumerate(ctx.info.layer_symbols):
+                if kind.islower():
+                    yield template.replace("{L}", str(layer)), trimmed
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,40 @@ class Concat(Transform):
 
 
 @dataclass(frozen=True)
+class StackExperts(Transform):
+    """Every expert of one layer (``src`` with ``{E}``) -> one stacked tensor [E, ...], for targets
+    that store a layer's experts fused (GPT-OSS). ``interleave``: the gated halves [gate; up] of
+    each expert become interleaved rows (gate0, up0, gate1, up1, ...); ``transpose``: each expert
+    is stored [in, out]. The experts of a layer share one writer (`plan.expert_group`)."""
+
+    dst: str = ""
+    interleave: bool = False
+    transpose: bool = False
+    required: Optional[str] = None
+
+    def group(self, groups: dict) -> str:
+        return _fill(self.dst, groups)
+
+    def apply(self, tensor, groups, ctx, pending=None):
+        if pending is None:
+            raise ValueError(f"{self.dst}: stacking experts needs the conversion's pending buffer")
+        key = self.group(groups)
+        got = pending.setdefault(key, {})
+        got[int(groups["E"])] = tensor
+        if len(got) < ctx.info.num_experts:
+            return
+        del pending[key]
+        experts = []
+        for e in range(ctx.info.num_experts):
+            t = got[e]
+            if self.interleave:
+                gate, up = layouts.gated_to_gate_up(t)
+                t = torch.stack([gate, up], dim=1).reshape(t.shape)
+            experts.append(t.t() if self.transpose and t.dim() == 2 else t)
+        yield key, torch.stack(experts)
+
+
+@dataclass(frozen=True)
 class Drop(Transform):
     """Intentionally not exported."""
 
@@ -210,6 +251,8 @@ class ArchSpec:
     trtllm_unsupported: Optional[Callable] = None
     # None when quantized exports are supported, else why not
     quantization_unsupported: Optional[str] = None
+    # HF names (regular expressions) kept in float32 whatever the export dtype (MoE routers)
+    keep_fp32: tuple = ()
 
     def mismatches(self, features: dict) -> list:
         out = []
@@ -254,6 +297,8 @@ STANDARD = {
     "embedding_multiplier": {False},
     "mup_output_scale": {False},
     "softmax_type": {"vanilla"},
+    "glu_linear_offset": {0.0},
+    "activation_clamp": {None},
 }
 
 

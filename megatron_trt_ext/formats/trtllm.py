@@ -90,7 +90,19 @@ LAYOUTS = {
         "layer": {k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")} | {
             "block_sparse_moe.gate.weight": ("mlp.router.weight", "router", None),
         },
+        # (expert, role) of each expert linear; roles: w1 gate, w3 up, w2 down
         "experts": re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
+    },
+    "qwen3_moe": {
+        "layer_prefix": "model.layers.",
+        "global": _LLAMA_GLOBAL,
+        "layer": {k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")} | {
+            "self_attn.q_norm.weight": ("attention.q_layernorm.weight", "replicated", None),
+            "self_attn.k_norm.weight": ("attention.k_layernorm.weight", "replicated", None),
+            "mlp.gate.weight": ("mlp.router.weight", "router", None),
+        },
+        "experts": re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"),
+        "expert_roles": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
     },
     "gpt": {
         "layer_prefix": "transformer.h.",
@@ -288,6 +300,7 @@ class TrtllmConverter:
         em = experts_re.match(suffix) if experts_re is not None else None
         if em:
             expert, which = int(em.group(1)), em.group(2)
+            which = self.table.get("expert_roles", {}).get(which, which)
             kind = "experts_proj" if which == "w2" else "experts_fc"
             parts = self._pending.setdefault((layer, kind), {})
             parts[(which, expert)] = tensor

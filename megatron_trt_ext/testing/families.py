@@ -265,3 +265,110 @@ def load_hf_nemotron_h(model, hf_state: dict) -> None:
             raise ValueError(f"layer symbol {symbol!r} has no test loader")
     put("decoder.final_norm.weight", hf["backbone.norm_f.weight"])
     put("output_layer.weight", hf["lm_head.weight"])
+
+
+# ---------------------------------------------------------------------- MoE families
+def _moe_base(**kw):
+    return dict(moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
+                moe_ffn_hidden_size=32, **kw)
+
+
+def _block_spec(config, core_attention=None):
+    """Megatron's decoder block spec (per-layer dense/MoE), local modules; ``core_attention``
+    replaces every layer's (and so the MTP layers') core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+    for layer_spec in block.layer_specs:
+        attention = layer_spec.submodules.self_attention.submodules
+        if core_attention is not None:
+            attention.core_attention = core_attention
+        if getattr(config, "multi_latent_attention", False) and config.q_lora_rank is None:
+            attention.q_layernorm = IdentityOp  # no q LoRA, so no norm between its projections
+    return block
+
+
+def _with_mtp(config, block, model_kw):
+    if getattr(config, "mtp_num_layers", None):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        model_kw["mtp_block_spec"] = get_gpt_mtp_block_spec(config, block.layer_specs[-1],
+                                                            use_transformer_engine=False)
+    return model_kw
+
+
+def tiny_qwen3_moe(vocab_size=128, max_seq=64, tied=False, model_kwargs=None, **kw):
+    """Qwen3-MoE: Qwen3 attention, softmax top-k routing, no shared expert; layer 0 dense."""
+    from megatron.core.models.gpt import GPTModel
+
+    base = _moe_base(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                     bias_activation_fusion=False, qk_layernorm=True, kv_channels=16, layernorm_epsilon=1e-6,
+                     num_layers=3, num_moe_experts=4, moe_router_topk=2, moe_layer_freq=[0, 1, 1])
+    config = _config(**{**base, **kw})
+    block = _block_spec(config)
+    return GPTModel(config, block, vocab_size=vocab_size, max_sequence_length=max_seq,
+                    position_embedding_type="rope", rotary_base=1000000, share_embeddings_and_output_weights=tied,
+                    **(model_kwargs or {}))
+
+
+def mla_core_attention():
+    """Test stand-in: Megatron's local MLA spec hands its core attention k_channels/v_channels,
+    which the local DotProductAttention does not take (TE's does); this one takes them and sizes
+    its output by the value head dim."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
+
+    return MLADotProductAttention
+
+
+def tiny_deepseek(vocab_size=128, max_seq=256, tied=False, model_kwargs=None, q_lora_rank=24, mtp=0, **kw):
+    """DeepSeek-V3-shaped: multi-latent attention with YaRN, sigmoid routing with expert bias, group
+    top-k and a top-k scaling factor, a shared expert, a dense first layer, optional MTP layers."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    base = _moe_base(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                     hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+                     normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
+                     add_bias_linear=False, bias_activation_fusion=False, ffn_hidden_size=96,
+                     q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_head_dim=12, qk_pos_emb_head_dim=8, v_head_dim=10,
+                     rope_type="yarn", rotary_base=10000, rotary_scaling_factor=4.0, mscale=1.0, mscale_all_dim=1.0,
+                     original_max_position_embeddings=16, beta_fast=32, beta_slow=1, qk_layernorm=True,
+                     num_moe_experts=4, moe_router_topk=2, moe_router_score_function="sigmoid",
+                     moe_router_enable_expert_bias=True, moe_router_num_groups=2, moe_router_group_topk=1,
+                     moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32,
+                     moe_layer_freq=[0, 1], mtp_num_layers=mtp or None)
+    config = MLATransformerConfig(**{**base, **kw})
+    block = _block_spec(config, mla_core_attention())
+    model_kw = _with_mtp(config, block, {})
+    return GPTModel(config, block, vocab_size=vocab_size, max_sequence_length=max_seq, position_embedding_type="none",
+                    share_embeddings_and_output_weights=tied, **model_kw, **(model_kwargs or {}))
+
+
+def tiny_gpt_oss(vocab_size=128, max_seq=64, tied=False, model_kwargs=None, window=8, **kw):
+    """GPT-OSS-shaped: learnable attention sinks, sliding window on every other layer, biases in
+    attention and experts, the clamped quick-GeLU GLU with +1 on the linear half, YaRN RoPE."""
+    from megatron.core.activations import quick_gelu
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    base = _moe_base(num_layers=2, normalization="RMSNorm", gated_linear_unit=True, activation_func=quick_gelu,
+                     glu_linear_offset=1.0, activation_func_clamp_value=7.0, add_bias_linear=True,
+                     bias_activation_fusion=False, kv_channels=16, num_moe_experts=4, moe_router_topk=2,
+                     softmax_type="learnable", window_size=(window - 1, 0), window_attn_skip_freq=2)
+    config = _config(**{**base, **kw})
+    yarn = dict(yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=16, yarn_beta_fast=32.0,
+                yarn_beta_slow=1.0, yarn_mscale=None, yarn_mscale_all_dim=None,
+                yarn_correction_range_round_to_int=False)
+    for name, value in yarn.items():  # Megatron reads YaRN of standard attention from config attributes
+        setattr(config, name, value)
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization="RMSNorm")
+    return GPTModel(config, spec, vocab_size=vocab_size, max_sequence_length=max_seq, position_embedding_type="yarn",
+                    rotary_base=150000, share_embeddings_and_output_weights=tied, **(model_kwargs or {}))

@@ -13,7 +13,9 @@ def _families():
     from . import families
 
     return {"qwen3": families.tiny_qwen3, "nemotron": families.tiny_nemotron, "starcoder2": families.tiny_starcoder2,
-            "gemma": families.tiny_gemma, "hybrid": families.tiny_hybrid, "nemotron_h": families.tiny_nemotron_h}
+            "gemma": families.tiny_gemma, "hybrid": families.tiny_hybrid, "nemotron_h": families.tiny_nemotron_h,
+            "qwen3_moe": families.tiny_qwen3_moe, "deepseek": families.tiny_deepseek,
+            "gpt_oss": families.tiny_gpt_oss}
 
 
 BUILDERS = {"llama": tiny_llama, "gpt": tiny_gpt, "mixtral": lambda **kw: tiny_llama(moe=True, **kw),

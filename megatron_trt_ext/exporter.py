@@ -296,7 +296,7 @@ class Exporter:
         return wanted
 
     # ------------------------------------------------------------------ export
-    def export(self, iteration: int) -> ExportResult:
+    def export(self, iteration: int, on_progress=None) -> ExportResult:
         """Export the model as it is now. Call on every rank.
 
         Sync mode: returns the finished result; raises ExportError, on every rank, naming the
@@ -306,6 +306,8 @@ class Exporter:
         Async mode: returns as soon as this rank's shards are copied to host memory, with
         ``status="running"`` (or ``"skipped"`` under ``busy_policy: skip``); `wait()` gives the
         final result, and failures are logged and recorded, never raised into training.
+
+        ``on_progress``: sync mode, called after each unit (the CLI's progress bars).
         """
         if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
             raise ConfigError(f"iteration: expected a non-negative int, got {iteration!r}")
@@ -320,6 +322,7 @@ class Exporter:
             except Exception as exc:  # noqa: BLE001 - shared with the peers in the run's first decision
                 local, source_error, timings = {}, exc, {}
             result = self.job.run(self.comm, local, iteration, timings, source_error=source_error,
+                                  on_progress=on_progress,
                                   verification=source.probe if source is not None else None)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and raised as ExportError
             error = exc if isinstance(exc, ExportError) else self._unexpected_failure(iteration, exc)
@@ -364,8 +367,12 @@ class Exporter:
             background.close()
 
     def _record(self, result: ExportResult) -> None:
+        """Every final result (complete, failed, skipped) passes here once: keep it, report it."""
         self.last_result = result
         self.results.append(result)
+        from .metrics import report
+
+        report(result, self.rank)
 
     # ------------------------------------------------------------------ save-driven trigger
     def on_checkpoint_saved(self, iteration: int, checkpoint_dir: Any = None) -> Optional[ExportResult]:

@@ -53,9 +53,19 @@ def reference(tmp: Path, family: str, model_kw: dict, vocab: int, targets: list)
     return ckpt
 
 
+# The probe's reference logits depend on how the forward pass was split over ranks (float32
+# rounding), so they are compared with a tolerance (test_probe_from_pp2_equals_single_rank), not
+# byte for byte.
+PROBE = "verification.safetensors"
+
+
 def exported_files(path: Path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name not in ("manifest.json", PROBE)}
+
+
+def tensor_files(manifest: dict) -> dict:
+    return {k: v for k, v in manifest["files"].items() if k != PROBE}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -79,7 +89,7 @@ def test_layout_exports_equal_single_rank_export(megatron_world, tmp_path, case)
             assert ref_files[name] == got_files[name], f"target {i}: {name} differs"
         ref_manifest = json.loads((ref / "manifest.json").read_text())
         got_manifest = json.loads((got / "manifest.json").read_text())
-        assert got_manifest["files"] == ref_manifest["files"]
+        assert tensor_files(got_manifest) == tensor_files(ref_manifest)
         assert got_manifest["source"]["world_size"] == world
 
 

@@ -122,6 +122,20 @@ def merge_candidates(parts: list, vocab_size: int, top_k: int) -> tuple:
     return top_values.contiguous(), torch.gather(ids, -1, where).contiguous()
 
 
+def microbatches(tokens: torch.Tensor, chunks: list) -> list:
+    """One microbatch per sequence, the same on every layout (so a pipeline-parallel probe computes
+    what a single rank does). Megatron's interleaved (virtual-pipeline) schedule wants at least as
+    many microbatches as pipeline stages: the last sequence is repeated to that count and the
+    extra outputs are dropped."""
+    batches = [tokens[i:i + 1] for i in range(len(tokens))]
+    if len(chunks) > 1:
+        from megatron.core import parallel_state as ps
+
+        stages = ps.get_pipeline_model_parallel_world_size()
+        batches += batches[-1:] * max(0, stages - len(batches))
+    return batches
+
+
 def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, model_dtype: str,
               calibration: Optional[list] = None, calibration_source: str = "") -> Optional[ProbeRecord]:
     """Run the probe; call on every rank. Returns the record on rank 0, None elsewhere."""
@@ -143,11 +157,13 @@ def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, m
         tokens, origin = chosen
         device = next((p.device for c in chunks for p in c.parameters()), torch.device("cpu"))
         try:
-            outputs = []
             from ..forward import run_forward
 
-            run_forward(chunks, [tokens.to(device)], on_output=outputs.append)
-            contribution = [local_candidates(out, vocab_size, padded_vocab, options.top_k) for out in outputs]
+            outputs: list = []
+            run_forward(chunks, microbatches(tokens.to(device), chunks), on_output=outputs.append)
+            if outputs:  # the last pipeline stage
+                logits = torch.cat(outputs[: len(tokens)], dim=0)
+                contribution = [local_candidates(logits, vocab_size, padded_vocab, options.top_k)]
         except Exception as exc:  # noqa: BLE001 - joins the gather below, so no rank waits on this one
             error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
     gathered = comm.gather_object((error, contribution))

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def probe_cost(model, params: int, work: Path, cfg: dict, repeats: int = 3) -> int:
+def probe_cost(model, params: int, work: Path, cfg: dict, repeats: int = 2) -> int:
     """(e) alone: async exports with the probe on and off, the stall and the probe's part of it
     (median of ``repeats`` exports each; the first export of each exporter warms up)."""
     from statistics import median

@@ -123,17 +123,16 @@ def merge_candidates(parts: list, vocab_size: int, top_k: int) -> tuple:
 
 
 def microbatches(tokens: torch.Tensor, chunks: list) -> list:
-    """One microbatch per sequence, the same on every layout (so a pipeline-parallel probe computes
-    what a single rank does). Megatron's interleaved (virtual-pipeline) schedule wants at least as
-    many microbatches as pipeline stages: the last sequence is repeated to that count and the
-    extra outputs are dropped."""
-    batches = [tokens[i:i + 1] for i in range(len(tokens))]
-    if len(chunks) > 1:
-        from megatron.core import parallel_state as ps
+    """One microbatch holding every sequence: each stage reads its weights once (on GPUs a probe
+    this small is bound by that read). Megatron's interleaved (virtual-pipeline) schedule wants at
+    least as many microbatches as pipeline stages: there, one per sequence, the last repeated up
+    to that count (the extra outputs are dropped)."""
+    if len(chunks) == 1:
+        return [tokens]
+    from megatron.core import parallel_state as ps
 
-        stages = ps.get_pipeline_model_parallel_world_size()
-        batches += batches[-1:] * max(0, stages - len(batches))
-    return batches
+    batches = [tokens[i:i + 1] for i in range(len(tokens))]
+    return batches + batches[-1:] * max(0, ps.get_pipeline_model_parallel_world_size() - len(batches))
 
 
 def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, model_dtype: str,
@@ -162,7 +161,7 @@ def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, m
             outputs: list = []
             run_forward(chunks, microbatches(tokens.to(device), chunks), on_output=outputs.append)
             if outputs:  # the last pipeline stage
-                logits = torch.cat(outputs[: len(tokens)], dim=0)
+                logits = torch.cat(outputs, dim=0)[: len(tokens)]
                 contribution = [local_candidates(logits, vocab_size, padded_vocab, options.top_k)]
         except Exception as exc:  # noqa: BLE001 - joins the gather below, so no rank waits on this one
             error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"

@@ -137,6 +137,43 @@ def test_probe_options_are_validated_and_it_can_be_turned_off(megatron_world, tm
     assert [c["ok"] for c in report.data["checks"] if c["name"] == "logits"] == [None]
 
 
+def test_async_exports_take_the_probe_inside_the_stall(megatron_world, tmp_path):
+    model = tiny_llama()
+    randomize(model, seed=72)
+    sync = export(model, tmp_path / "sync")
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "async"), vocab_size=VOCAB, mode="async",
+                                            formats=["hf"]))
+    try:
+        running = exporter.export(iteration=1)
+        with torch.no_grad():  # training goes on at once: the probe saw the weights of the save
+            for p in model.parameters():
+                p.add_(0.5)
+        done = exporter.wait()
+    finally:
+        exporter.close()
+    assert done.ok and 0 < done.timings["probe_s"] <= running.timings["stall_s"]
+    assert (done.path / PROBE).read_bytes() == (sync.path / PROBE).read_bytes()
+    assert mf.read_manifest(done.path)["files"][PROBE] == mf.read_manifest(sync.path)["files"][PROBE]
+
+
+def test_a_failing_probe_never_fails_the_export(megatron_world, tmp_path, monkeypatch, caplog):
+    from megatron_trt_ext import forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(forward, "run_forward", broken)
+    result = export(tiny_llama(), tmp_path)
+    assert result.ok and not (result.path / PROBE).exists()
+    entry = mf.read_manifest(result.path)["verification"]
+    assert entry["status"] == "failed" and "out of memory (injected)" in entry["error"]
+    assert any("verification probe failed" in r.getMessage() for r in caplog.records)
+    report = verify(result.path, record=False)
+    assert report.passed  # checksums hold; the logits were not recorded, and the report says why
+    logits = next(c for c in report.data["checks"] if c["name"] == "logits")
+    assert logits["ok"] is None and "out of memory (injected)" in logits["detail"]
+
+
 # ---------------------------------------------------------------------- verify passes
 GOOD = {
     "llama_bf16": (tiny_llama, "bfloat16"),

@@ -317,7 +317,8 @@ class ExportJob:
         timings["total_s"] = run.base_total + time.perf_counter() - run.t0
         path = self.root / mf.export_dir_name(iteration)
         if self.rank == 0:
-            logger.info("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
+            # debug: the training log's one line per export comes from `metrics` (with the stall)
+            logger.debug("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
                         timings["total_s"], bytes_written)
             mf.apply_retention(self.root, self.config.keep_last)  # never fails the export
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)

@@ -283,7 +283,8 @@ def test_cli_exit_status_json_all_and_ls(megatron_world, tmp_path, capsys):
     reports = json.loads(capsys.readouterr().out)
     assert [(r["iteration"], r["status"]) for r in reports] == [(10, "pass"), (20, "fail")]
     for argv in (["verify", str(tmp_path)], ["verify", str(tmp_path / "missing")], ["verify"],
-                 ["verify", str(good.path), "--all", str(root)], ["verify", "--all", str(tmp_path / "missing")]):
+                 ["verify", str(good.path), "--all", str(root)], ["verify", "--all", str(tmp_path / "missing")],
+                 ["verify", str(good.path), "--device", "cuda:7"], ["verify", str(good.path), "--device", "gpu"]):
         assert cli(argv) == 2, argv
         assert "error:" in capsys.readouterr().err
 

@@ -114,12 +114,24 @@ def read_export(export_dir) -> tuple:
     return export, manifest
 
 
+def check_device(device: str) -> None:
+    """A device this machine has (bad input otherwise, before anything loads)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device {device!r}: not a torch device ({exc}); use cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          "use --device cpu, or run where that GPU exists")
+
+
 def verify(export_dir, device: str = "cpu", record: bool = True, progress=None) -> Report:
     """Verify one export (see the module docstring). ``record``: write the outcome into the
     manifest (``verify``), which `megatron-trt-ext ls` shows. Raises ConfigError for bad input."""
     from ..progress import _Silent
 
     progress = progress or _Silent()
+    check_device(device)
     export, manifest = read_export(export_dir)
     report = Report(export, manifest)
     t0 = time.perf_counter()
@@ -194,6 +206,7 @@ def verify_root(root, device: str = "cpu", record: bool = True, progress_enabled
     """Verify every complete export under ``root``, oldest first. ConfigError when there is none."""
     from ..progress import bar
 
+    check_device(device)
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"--all {str(root)!r}: not a directory; pass the export root (output_dir)")

@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 
 FILE_NAME = "verification.safetensors"
-TENSORS = ("tokens", "topk_values", "topk_ids")
 
 
 @dataclass
@@ -59,13 +58,15 @@ def synthetic_tokens(options, vocab_size: int) -> torch.Tensor:
 def choose_tokens(options, vocab_size: int, calibration: Optional[list], calibration_source: str) -> tuple:
     """(tokens [n, s] int64 on CPU, where they came from). Calibration rows are used when they lie in
     the exported vocabulary (a padded id would have no row in the HF checkpoint)."""
+    why = ""
     if calibration:
         rows = torch.cat([b.detach().cpu().reshape(-1, b.shape[-1]) for b in calibration])
         rows = rows[: options.num_sequences, : options.seq_len].long()
         if len(rows) and int(rows.max()) < vocab_size and int(rows.min()) >= 0:
             return rows.contiguous(), f"calibration data ({calibration_source}), first rows"
+        why = f" (the {calibration_source} calibration rows hold ids outside the exported vocabulary)"
     return (synthetic_tokens(options, vocab_size),
-            f"synthetic: ids drawn uniformly from [0, {vocab_size}) by a generator seeded {options.seed}")
+            f"synthetic: ids drawn uniformly from [0, {vocab_size}) by a generator seeded {options.seed}{why}")
 
 
 def _vocab_offset(width: int, padded_vocab: int) -> int:
@@ -207,6 +208,3 @@ def _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0) -
     }
     return ProbeRecord(meta=meta, data=save(tensors), sha256=sha256, seconds=seconds)
 
-
-def disabled_record() -> dict:
-    return {"status": "off"}

@@ -307,6 +307,7 @@ class BackgroundExporter:
         """Copy this rank's slices into a free slot and return it, still locked (`_release`
         publishes it). A pending save whose slot this overwrites is left in ``_clobbered``."""
         self._clobbered = None
+        self._probe, self._probe_s = None, 0.0
         source = self.exporter._source()  # the probe, then (quantized exports) a calibrated replica
         live = source.local
         self._probe, self._probe_s = source.probe, source.probe_s

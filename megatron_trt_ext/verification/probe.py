@@ -199,8 +199,9 @@ def _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0) -
         "num_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
         "probe_shape": list(tokens.shape), "vocab_size": vocab_size, "model_dtype": model_dtype,
         "tokens_from": origin,
-        "computed_from": "the live model at the save: forward only (eval mode, no grad), the last pipeline "
-                         "stage's logits over the exported vocabulary, float32",
+        "computed_from": "the model being exported (live: at the save; offline: as loaded), forward only "
+                         "(eval mode, no grad), the last pipeline stage's logits over the exported vocabulary, "
+                         "float32",
         "tensors": {"tokens": "int64 [num_sequences, seq_len]",
                     "topk_values": "float32 [num_sequences, seq_len, top_k], descending",
                     "topk_ids": "int64 [num_sequences, seq_len, top_k]"},

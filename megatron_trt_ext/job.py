@@ -319,7 +319,7 @@ class ExportJob:
         if self.rank == 0:
             # debug: the training log's one line per export comes from `metrics` (with the stall)
             logger.debug("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
-                        timings["total_s"], bytes_written)
+                         timings["total_s"], bytes_written)
             mf.apply_retention(self.root, self.config.keep_last)  # never fails the export
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
 

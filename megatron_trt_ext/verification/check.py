@@ -159,7 +159,12 @@ def _check_logits(report: Report, export: Path, manifest: dict, device: str, pro
         return
     from safetensors.torch import load_file
 
-    reference = load_file(str(export / FILE_NAME))
+    try:
+        reference = load_file(str(export / FILE_NAME))
+        tokens, values, ids = reference["tokens"], reference["topk_values"], reference["topk_ids"]
+    except Exception as exc:  # noqa: BLE001 - a damaged probe file is a failed check, not a crash
+        report.check("logits", False, f"{FILE_NAME} unreadable: {type(exc).__name__}: {str(exc)[:300]}")
+        return
     try:
         model = load_hf_model(export / "hf", device)
     except Exception as exc:  # noqa: BLE001 - a broken export is a failed check, not a crash
@@ -171,14 +176,17 @@ def _check_logits(report: Report, export: Path, manifest: dict, device: str, pro
     report.check("vocabulary", hf_vocab == recorded,
                  f"hf/config.json vocab_size {hf_vocab}" + ("" if hf_vocab == recorded else
                                                             f", but the export recorded {recorded} ids"))
-    tokens, values, ids = reference["tokens"], reference["topk_values"], reference["topk_ids"]
     outside = int(max(tokens.max(), ids.max())) + 1
     if outside > hf_vocab:
         report.check("logits", False, f"the probe uses vocabulary id {outside - 1}, which the HF model (vocab_size "
                      f"{hf_vocab}) does not have")
         return
-    with torch.no_grad():
-        logits = model(input_ids=tokens.to(device)).logits.float().cpu()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=tokens.to(device)).logits.float().cpu()
+    except Exception as exc:  # noqa: BLE001 - e.g. a config that does not fit the tensors
+        report.check("logits", False, f"the HF model's forward pass failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return
     progress.update()
     metrics = logit_metrics(logits[..., :hf_vocab], values, ids)
     key, limits = thresholds_for(manifest)

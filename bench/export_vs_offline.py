@@ -7,9 +7,11 @@ One run, one process, this machine, a Llama-style model of about 310M parameters
 (b) export throughput vs a plain write (+fsync) of the same number of bytes to the same disk;
 (c) the in-process export vs the offline route (dist_checkpointing.save, load back into a fresh
     model, convert, write), without the offline job's start-up, so a lower bound for it;
-(d) peak extra RSS of the trainer (sync export; async snapshot) and of the async worker.
+(d) peak extra RSS of the trainer (sync export; async snapshot) and of the async worker;
+(e) the verification probe (reference logits, inside the stall): its time against the async
+    stall, and the stall of the same async export with the probe off.
 
-    .venv/bin/python -m bench.export_vs_offline [--layers 16] [--dir /path/on/the/disk]
+    .venv/bin/python -m bench.export_vs_offline [--layers 16] [--dir /path/on/the/disk] [--probe-only]
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--ffn", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
+    p.add_argument("--probe-only", action="store_true", help="only (e): the probe against the async stall")
     args = p.parse_args(argv)
 
     import threading
@@ -83,6 +86,11 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-bench-"))
     cfg = dict(vocab_size=args.vocab - 100, formats=["hf", "trtllm_checkpoint"], dtype="bfloat16")
+    if args.probe_only:
+        try:
+            return probe_cost(model, params, work, cfg)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     try:
         # (a)+(d) sync
         sync = Exporter(model, ExportConfig(output_dir=str(work / "sync"), mode="sync", **cfg))
@@ -157,6 +165,41 @@ def main(argv=None) -> int:
     print(f"    async, trainer during export{(trainer_peak.peak - base) / mib:8.0f} MiB")
     print(f"    async, worker process peak  {holder.get('peak', 0) / mib:8.0f} MiB RSS (shared snapshot pages "
           "included)")
+    probe_s = running.timings.get("probe_s", done.timings.get("probe_s", 0.0))
+    print("(e) verification probe (4 x 32 tokens, top-8), inside the async stall")
+    print(f"    probe                       {probe_s:8.3f} s   = {probe_s / running.timings['stall_s']:.0%} of the "
+          f"async stall, {probe_s / sync_result.timings['stall_s']:.1%} of the sync stall")
+    return 0
+
+
+def probe_cost(model, params: int, work: Path, cfg: dict, repeats: int = 2) -> int:
+    """(e) alone: async exports with the probe on and off, the stall and the probe's part of it
+    (median of ``repeats`` exports each; the first export of each exporter warms up)."""
+    from statistics import median
+
+    from megatron_trt_ext import ExportConfig, Exporter
+
+    rows = {}
+    for enabled in (True, False):
+        exporter = Exporter(model, ExportConfig(output_dir=str(work / f"probe_{enabled}"), mode="async",
+                                                keep_last=1, verification={"enabled": enabled}, **cfg))
+        stalls, probes = [], []
+        try:
+            for i in range(repeats + 1):
+                running = exporter.export(i + 1)
+                assert exporter.wait().ok
+                if i:
+                    stalls.append(running.timings["stall_s"])
+                    probes.append(exporter.last_result.timings.get("probe_s", 0.0))
+        finally:
+            exporter.close()
+        rows[enabled] = (median(stalls), median(probes))
+    (stall_on, probe_s), (stall_off, _) = rows[True], rows[False]
+    print(f"model: Llama-style, {params / 1e6:.0f}M parameters, single rank, CPU; async export, median of {repeats}")
+    print(f"(e) async stall with the probe  {stall_on:8.3f} s  (probe {probe_s:.3f} s = {probe_s / stall_on:.0%} "
+          "of the stall)")
+    print(f"    async stall, probe off      {stall_off:8.3f} s   -> the probe adds {stall_on - stall_off:.3f} s "
+          f"({(stall_on - stall_off) / stall_off:+.0%})")
     return 0
 
 

@@ -83,6 +83,7 @@ class BackgroundExporter:
         self.gone_reason = None
         self._clobbered = None
         self._event = None
+        self._probe, self._probe_s = None, 0.0  # the save being submitted: its probe record (rank 0)
         self._start_worker()
 
     # ------------------------------------------------------------------ worker lifecycle
@@ -282,9 +283,10 @@ class BackgroundExporter:
             self._fail(iteration, message)
             return self.last
         self.outstanding[iteration] = (t_submit, stall)
-        timings = {"stall_s": stall, "snapshot_s": snapshot_s, "snapshot_bytes": self.snapshot_bytes,
-                   "submitted_unix": t_submit}
-        self._release(slot, publish=True, iteration=iteration, timings=timings)
+        timings = {"stall_s": stall, "snapshot_s": snapshot_s, "probe_s": self._probe_s,
+                   "snapshot_bytes": self.snapshot_bytes, "submitted_unix": t_submit}
+        self._release(slot, publish=True, iteration=iteration, timings=timings, probe=self._probe)
+        self._probe = None
         running = ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
                                list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
         self.exporter.last_result = running  # replaced by the final result when it arrives
@@ -305,7 +307,10 @@ class BackgroundExporter:
         """Copy this rank's slices into a free slot and return it, still locked (`_release`
         publishes it). A pending save whose slot this overwrites is left in ``_clobbered``."""
         self._clobbered = None
-        live, replica = self.exporter._source()  # quantized exports: a calibrated replica
+        self._probe, self._probe_s = None, 0.0
+        source = self.exporter._source()  # the probe, then (quantized exports) a calibrated replica
+        live = source.local
+        self._probe, self._probe_s = source.probe, source.probe_s
         slot = self._lock_free_slot()
         try:
             if int(self.headers[slot, 0]) == PENDING:
@@ -320,7 +325,7 @@ class BackgroundExporter:
             self.locks[slot].release()
             raise
         finally:
-            del replica
+            del source
         self.headers[slot, 1] = iteration
         return slot
 
@@ -345,7 +350,8 @@ class BackgroundExporter:
         self._event.record(self._stream)
         current.wait_stream(self._stream)
 
-    def _release(self, slot: int, publish: bool, iteration: Optional[int] = None, timings=None) -> None:
+    def _release(self, slot: int, publish: bool, iteration: Optional[int] = None, timings=None,
+                 probe=None) -> None:
         """Unlock the slot; when ``publish``, mark it pending first and wake the worker (on GPU,
         once the side-stream copies are done, without blocking the trainer)."""
         event, lock, headers = getattr(self, "_event", None), self.locks[slot], self.headers
@@ -357,7 +363,7 @@ class BackgroundExporter:
                 headers[slot, 0] = PENDING
             lock.release()
             if publish:
-                self._send(("wake", iteration, timings))
+                self._send(("wake", iteration, timings, probe))
 
         if event is None or not publish:
             finish()

@@ -5,6 +5,13 @@
                                                  export a saved torch_dist checkpoint (under torchrun too)
     megatron-trt-ext build EXPORT_DIR            build the engines of one complete export
     megatron-trt-ext build --watch ROOT [--once] build each new complete export under ROOT
+    megatron-trt-ext verify EXPORT_DIR [--device cuda] [--json]
+    megatron-trt-ext verify --all ROOT           checksums, then the HF export's logits against the
+                                                 reference logits recorded at export time
+    megatron-trt-ext ls ROOT [--json]            the exports under ROOT, newest first
+
+Progress bars go to stderr when it is a terminal (--progress / --no-progress force them);
+stdout carries only results (JSON with --json), for scripts.
 """
 
 from __future__ import annotations
@@ -73,16 +80,36 @@ def main(argv=None) -> int:
     b.add_argument("--devices", help="comma-separated CUDA device indices")
     b.add_argument("--timeout", type=int)
     b.add_argument("--deploy-check", action="store_true")
+    v = sub.add_parser("verify", help="check an export: checksums, and its HF logits against the reference "
+                                      "logits recorded at export time (exit 0 pass, 1 fail, 2 bad input)")
+    v.add_argument("export_dir", nargs="?", help="an iter_XXXXXXX export directory")
+    v.add_argument("--all", metavar="ROOT", help="verify every complete export under ROOT")
+    v.add_argument("--device", default="cpu", help="where transformers runs the model (cpu, cuda, cuda:1)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    v.add_argument("--no-record", action="store_true", help="do not write the result into the manifest")
+    ls = sub.add_parser("ls", help="list the exports under a root, newest first")
+    ls.add_argument("root", help="an export root (the output_dir of the recipe)")
+    ls.add_argument("--json", action="store_true", help="print the list as JSON on stdout")
+    for command in (e, b, v):
+        bars = command.add_mutually_exclusive_group()
+        bars.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="show progress bars on stderr (default: when stderr is a terminal)")
+        bars.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.command == "export":
         return run_export(args)
+    if args.command == "verify":
+        return run_verify(args)
+    if args.command == "ls":
+        return run_ls(args)
     if bool(args.export_dir) == bool(args.watch):
         return run_build(None, None, error="build: give either EXPORT_DIR or --watch ROOT")
     try:
         options = _build_options(args)
     except ConfigError as exc:
         return run_build(None, None, error=str(exc))
-    return run_build(args.export_dir, options, watch=args.watch, poll=args.poll, once=args.once)
+    return run_build(args.export_dir, options, watch=args.watch, poll=args.poll, once=args.once,
+                     progress=args.progress)
 
 
 def run_export(args) -> int:
@@ -90,12 +117,14 @@ def run_export(args) -> int:
     from .errors import ExportError
     from .offline import export_checkpoint
 
+    from .progress import wanted
+
     formats = [f.strip() for f in args.formats.split(",")] if args.formats else None
     try:
         result = export_checkpoint(args.checkpoint, args.recipe, args.output_dir, iteration=args.iteration,
                                    tp=args.tp, pp=args.pp, formats=formats, dtype=args.dtype,
                                    vocab_size=args.vocab_size, inference_tp=args.inference_tp,
-                                   inference_pp=args.inference_pp)
+                                   inference_pp=args.inference_pp, progress=wanted(args.progress))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -110,10 +139,12 @@ def run_export(args) -> int:
     return 0
 
 
-def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = False, error=None) -> int:
+def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = False, error=None,
+              progress=None) -> int:
     """Build one export (or watch a root); print the record. Exit status: 0 built, skipped or not
     buildable by this TensorRT-LLM (recorded), 1 build failed, 2 bad input."""
     from .build import runner
+    from .progress import wanted
 
     try:
         if error:
@@ -122,12 +153,52 @@ def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = 
             for export, record in runner.watch(watch, options, poll, once):
                 print(f"{export}: {record['status']}", flush=True)
             return 0
-        record = runner.build_export(export_dir, options)
+        record = runner.build_export(export_dir, options, progress=wanted(progress))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2))
     return 0 if record["status"] in ("complete", "skipped", "no_tensorrt_backend") else 1
+
+
+def run_verify(args) -> int:
+    """Exit status: 0 every export passed, 1 one failed, 2 bad input (not an export, no export under
+    the root, a bad flag)."""
+    from .progress import bar, wanted
+    from .verification.check import verify, verify_root
+
+    show = wanted(args.progress)
+    try:
+        if bool(args.export_dir) == bool(args.all):
+            raise ConfigError("verify: give either EXPORT_DIR or --all ROOT")
+        if args.all:
+            reports = verify_root(args.all, args.device, record=not args.no_record, progress_enabled=show)
+        else:
+            with bar(3, "verify", show) as progress:
+                reports = [verify(args.export_dir, args.device, record=not args.no_record, progress=progress)]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        data = [r.data for r in reports]
+        print(json.dumps(data if args.all else data[0], indent=2))
+    else:
+        for report in reports:
+            print("\n".join(report.lines()))
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def run_ls(args) -> int:
+    """Exit status: 0 listed (possibly nothing), 2 not a directory."""
+    from .listing import list_exports, table
+
+    try:
+        rows = list_exports(args.root)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    return 0
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ class ExportConfig:
             ``trtllm_engine`` format.
         quantization: quantized export (see `quant.spec.QuantSpec`): algorithm, KV cache,
             excluded modules and calibration.
+        verification: reference logits recorded at each export for ``megatron-trt-ext verify``
+            (see `verification.spec.VerificationOptions`); ``{enabled: false}`` turns it off.
         timeout_s: longest time a rank waits on its peers during an export (a failed or lost
             rank turns into an error on every rank within this bound, never a hang).
         drop_mtp: leave the model's multi-token-prediction layers out of the export (by default
@@ -112,6 +114,7 @@ class ExportConfig:
     build: Any = None
     quantization: Any = None
     drop_mtp: bool = False
+    verification: Any = None
     recipe: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -147,6 +150,9 @@ class ExportConfig:
         from .quant.spec import QuantSpec
 
         self.quant = QuantSpec.from_dict(self.quantization, f"quantization{source}")
+        from .verification.spec import VerificationOptions
+
+        self.verification_options = VerificationOptions.from_dict(self.verification, f"verification{source}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype{source}: unknown dtype {short_repr(self.dtype)}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
@@ -208,6 +214,7 @@ class ExportConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["build"] = self.build_options.to_dict()
         out["quantization"] = self.quant.to_dict()
+        out["verification"] = self.verification_options.to_dict()
         return out
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -39,6 +40,17 @@ def _close_all() -> None:
             exporter.close()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
+
+
+@dataclass
+class Source:
+    """What one export reads, taken during the stall: the local slices, the calibration replica
+    holding them (quantized exports; dropped after the copy), the probe record (rank 0)."""
+
+    local: dict
+    replica: Optional[list]
+    probe: Optional[Any]
+    probe_s: float = 0.0
 
 
 def _describe_error(exc: BaseException) -> tuple:
@@ -103,6 +115,10 @@ class Exporter:
             self._check_trtllm_support()
             self._check_inference_layout()
             self.vocab_size = self._export_vocab_size()
+            self.probe_options = config.verification_options
+            self.probe_enabled = self.probe_options.enabled and "hf" in config.formats
+            if self.probe_enabled:
+                self.probe_options.check_model(self.info.max_position_embeddings, self.vocab_size)
             self.root = config.check_output_dir_writable()
             if self.rank == 0:  # what interrupted runs left behind (never what a live process holds)
                 from . import manifest as mf
@@ -244,19 +260,58 @@ class Exporter:
                     raise ConfigError(f"{where}: with inference_tp={tp} each rank holds {size // tp} inputs of the "
                                       f"{what}, not a multiple of the group size {g}; lower inference_tp")
 
-    def _source(self):
-        """The slices an export reads, and what to drop afterwards: the live model's own, or
-        (quantized exports) a calibrated replica's plus its calibration statistics."""
+    def _source(self) -> "Source":
+        """What an export reads, all of it taken while training waits: the verification probe's
+        reference logits (live model), then the slices: the live model's own, or (quantized
+        exports) a calibrated replica's plus its calibration statistics (the replica is dropped
+        after the copy). Collective: every rank calls it at the same save."""
+        batches, batches_error = None, None
+        try:
+            batches = self._calibration_batches()
+        except Exception as exc:  # noqa: BLE001 - raised after the probe, whose collectives every rank runs
+            batches_error = exc
+        t0 = time.perf_counter()
+        probe = self._probe(batches)
+        probe_s = time.perf_counter() - t0
+        if batches_error is not None:
+            raise batches_error
         if self.quant is None:
-            return self._local_shards(self.chunks), None
+            return Source(self._local_shards(self.chunks), None, probe, probe_s)
         from .quant.calibrate import calibrate
         from .quant.stats import stat_pieces
 
         replica, kv_amax = calibrate(self.chunks, self.quant, self.info, self.calibration_data,
-                                     self.forward_loop, self.comm)
+                                     self.forward_loop, self.comm, batches=batches)
         local = self._local_shards(replica)
         local.update(stat_pieces(local, self.quant, replica, kv_amax))
-        return local, replica
+        return Source(local, replica, probe, probe_s)
+
+    def _calibration_batches(self):
+        """Calibration batches drawn once per export, shared by calibration and the probe (an
+        iterator source is read once); None when calibration draws its own or there is none."""
+        if self.quant is None or self.forward_loop is not None:
+            return None
+        from .quant.calibrate import calibration_batches
+
+        device = next((p.device for c in self.chunks for p in c.parameters()), torch.device("cpu"))
+        return calibration_batches(self.quant.calibration, self.calibration_data, self.info.padded_vocab_size,
+                                   device)
+
+    def _probe(self, batches):
+        """The verification probe (see `verification.probe`); rank 0 gets the record."""
+        if not self.probe_enabled:
+            return None
+        from .verification.probe import run_probe
+
+        source = self.quant.calibration.source if self.quant is not None else ""
+        real_data = batches if source in ("iterator", "jsonl") else None
+        dtype = next((p.dtype for c in self.chunks for p in c.parameters()), torch.float32)
+        record = run_probe(self.chunks, self.probe_options, self.vocab_size, self.info.padded_vocab_size,
+                           self.comm, str(dtype).replace("torch.", ""), real_data, source)
+        if record is not None and not record.ok:
+            logger.warning("verification probe failed, the export goes on without reference logits: %s",
+                           record.meta.get("error"))
+        return record
 
     def _local_shards(self, chunks) -> dict:
         local = local_shards(chunks, self.rename)
@@ -279,7 +334,7 @@ class Exporter:
         return wanted
 
     # ------------------------------------------------------------------ export
-    def export(self, iteration: int) -> ExportResult:
+    def export(self, iteration: int, on_progress=None) -> ExportResult:
         """Export the model as it is now. Call on every rank.
 
         Sync mode: returns the finished result; raises ExportError, on every rank, naming the
@@ -289,20 +344,24 @@ class Exporter:
         Async mode: returns as soon as this rank's shards are copied to host memory, with
         ``status="running"`` (or ``"skipped"`` under ``busy_policy: skip``); `wait()` gives the
         final result, and failures are logged and recorded, never raised into training.
+
+        ``on_progress``: sync mode, called after each unit (the CLI's progress bars).
         """
         if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
             raise ConfigError(f"iteration: expected a non-negative int, got {iteration!r}")
         if self._background is not None:
             return self._background.submit(iteration)
         t0 = time.perf_counter()
-        replica = None
+        source = None
         try:
             try:
-                local, replica = self._source()
-                source_error = None
+                source = self._source()
+                local, source_error, timings = source.local, None, {"probe_s": source.probe_s}
             except Exception as exc:  # noqa: BLE001 - shared with the peers in the run's first decision
-                local, source_error = {}, exc
-            result = self.job.run(self.comm, local, iteration, source_error=source_error)
+                local, source_error, timings = {}, exc, {}
+            result = self.job.run(self.comm, local, iteration, timings, source_error=source_error,
+                                  on_progress=on_progress,
+                                  verification=source.probe if source is not None else None)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and raised as ExportError
             error = exc if isinstance(exc, ExportError) else self._unexpected_failure(iteration, exc)
             result = getattr(error, "result", None) or ExportResult(
@@ -313,7 +372,7 @@ class Exporter:
                 raise
             raise error from exc
         finally:
-            replica = None  # noqa: F841 - drop the calibration replica now
+            source = None  # noqa: F841 - drop the calibration replica now
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
         self._record(result)
         from .build.runner import launch_after_export
@@ -346,8 +405,12 @@ class Exporter:
             background.close()
 
     def _record(self, result: ExportResult) -> None:
+        """Every final result (complete, failed, skipped) passes here once: keep it, report it."""
         self.last_result = result
         self.results.append(result)
+        from .metrics import report
+
+        report(result, self.rank)
 
     # ------------------------------------------------------------------ save-driven trigger
     def on_checkpoint_saved(self, iteration: int, checkpoint_dir: Any = None) -> Optional[ExportResult]:

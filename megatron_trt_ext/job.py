@@ -235,13 +235,14 @@ class ExportJob:
 
     # ------------------------------------------------------------------ the run
     def run(self, comm, local: dict, iteration: int, timings: Optional[dict] = None,
-            source_error: Optional[BaseException] = None, on_progress=None) -> ExportResult:
+            source_error: Optional[BaseException] = None, on_progress=None, verification=None) -> ExportResult:
         """Run one export on this rank. Raises ExportError (on every rank alike) on failure; its
         ``result`` attribute is the failed ExportResult (``path``: the failure record, or None
         when nothing could be written). ``source_error``: this rank could not produce its
         slices (e.g. calibration failed); it joins the run's first decision, so every rank
         fails together instead of waiting for it. ``on_progress``: called after every unit (the
-        worker's heartbeat)."""
+        worker's heartbeat). ``verification``: the probe record (`verification.probe.ProbeRecord`,
+        rank 0 only), written next to the manifest by the publisher."""
         t0 = time.perf_counter()
         timings = {"gather_s": 0.0, "convert_s": 0.0, "write_s": 0.0, **(timings or {})}
         submitted = timings.pop("submitted_unix", None)  # async: count the time since the save
@@ -249,7 +250,7 @@ class ExportJob:
         run = _Run(iteration=iteration, tmp=mf.partial_path(self.root, iteration),
                    meta=self.manifest_base(iteration), timings=timings, t0=t0, base_total=base_total,
                    round_name=comm.next_round(iteration) if not comm.broken else "broken",
-                   on_progress=on_progress or (lambda: None))
+                   on_progress=on_progress or (lambda: None), verification=verification)
         try:
             return self._run(comm, local, run, source_error)
         except ExportError:
@@ -320,7 +321,7 @@ class ExportJob:
         publish_error, bytes_written = None, 0
         if self.rank == 0:
             try:
-                bytes_written = self._publish(iteration, run.tmp, run.meta, hf, trt, gathered)
+                bytes_written = self._publish(iteration, run.tmp, run.meta, hf, trt, gathered, run.verification)
             except Exception as exc:  # noqa: BLE001
                 publish_error = f"{type(exc).__name__}: {exc}"
         publish_error, bytes_written = comm.all_gather_object((publish_error, bytes_written))[0]
@@ -329,8 +330,9 @@ class ExportJob:
         timings["total_s"] = run.base_total + time.perf_counter() - run.t0
         path = self.root / mf.export_dir_name(iteration)
         if self.rank == 0:
-            logger.info("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
-                        timings["total_s"], bytes_written)
+            # debug: the training log's one line per export comes from `metrics` (with the stall)
+            logger.debug("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
+                         timings["total_s"], bytes_written)
             mf.apply_retention(self.root, self.config.keep_last)  # never fails the export
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
 
@@ -352,11 +354,18 @@ class ExportJob:
             c0 = time.perf_counter()
             timings["write_s"] += c0 - w0
 
-    def _publish(self, iteration, tmp, meta, hf, trt, gathered) -> int:
+    def _publish(self, iteration, tmp, meta, hf, trt, gathered, verification=None) -> int:
         files: dict = {}
         for _, sums, _ in gathered:
             for fname, tensors in sums.items():
                 files.setdefault(fname, {}).update(tensors)
+        meta["verification"] = verification.meta if verification is not None else {"status": "off"}
+        if verification is not None and verification.ok:
+            from .safe_fs import write_bytes
+            from .verification.probe import FILE_NAME
+
+            write_bytes(tmp / FILE_NAME, verification.data)
+            files[FILE_NAME] = dict(verification.sha256)
         for prefix, writer in (("hf", hf.fileset if hf else None), ("trtllm_checkpoint", trt)):
             if writer is not None:
                 missing = writer.missing({k[len(prefix) + 1:]: v for k, v in files.items()
@@ -474,6 +483,7 @@ class _Run:
     base_total: float
     round_name: str
     on_progress: object = None
+    verification: Optional[object] = None
     lock: Optional[object] = None
 
 

@@ -241,8 +241,9 @@ def load_checkpoint_model(checkpoint, iteration: Optional[int] = None, tp: Optio
 
 
 def export_checkpoint(checkpoint, recipe: Optional[str], output_dir: str, iteration: Optional[int] = None,
-                      tp: Optional[int] = None, pp: Optional[int] = None, **overrides):
-    """Export one saved checkpoint; returns the ExportResult (call on every rank)."""
+                      tp: Optional[int] = None, pp: Optional[int] = None, progress: bool = False, **overrides):
+    """Export one saved checkpoint; returns the ExportResult (call on every rank). ``progress``:
+    a bar over the export's units on rank 0's stderr."""
     from .config import ExportConfig
     from .exporter import Exporter
 
@@ -260,7 +261,11 @@ def export_checkpoint(checkpoint, recipe: Optional[str], output_dir: str, iterat
     elif tokenizer is not None and config.vocab_size < tokenizer:
         raise ConfigError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's {tokenizer} ids")
     exporter = Exporter(chunks, config)
+    from .progress import bar
+
+    units = bar(len(exporter.units), f"export iteration {iteration}", progress and exporter.rank == 0, unit="tensor")
     try:
-        return exporter.export(iteration)
+        return exporter.export(iteration, on_progress=units.update)
     finally:
+        units.close()
         exporter.close()

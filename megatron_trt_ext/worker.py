@@ -32,6 +32,7 @@ class Worker:
         self.conn, self.job, self.buffers = conn, job, list(buffers)
         self.headers, self.locks, self.heartbeat = headers, locks, heartbeat
         self.timings: dict = {}
+        self.probes: dict = {}  # iteration -> the trainer's verification probe record (rank 0)
         self.comm = None
         self.last_done = -1
 
@@ -46,6 +47,7 @@ class Worker:
             self.buffers[msg[1]] = msg[2]
         elif msg[0] == "wake" and len(msg) > 1:
             self.timings[msg[1]] = msg[2]
+            self.probes[msg[1]] = msg[3]
 
     def drain(self, timeout: float) -> None:
         """Handle what the trainer sent within ``timeout`` seconds."""
@@ -142,8 +144,10 @@ class Worker:
             for (name, offset, shape), buf in self.buffers[slot].items():
                 local.setdefault(name, []).append(LocalPiece(offset, shape, buf, True))
             timings = dict(self.timings.pop(iteration, {}))
+            probe = self.probes.pop(iteration, None)
             try:
-                result = self.job.run(self.comm, local, iteration, timings, on_progress=self.beat)
+                result = self.job.run(self.comm, local, iteration, timings, on_progress=self.beat,
+                                      verification=probe)
             except ExportError as exc:
                 result = getattr(exc, "result", None) or ExportResult(
                     iteration, None, "failed", list(self.job.config.formats), timings, 0, str(exc))
@@ -161,6 +165,8 @@ class Worker:
         sys.stdout.flush()
         for old in [i for i in self.timings if i < iteration]:
             del self.timings[old]
+        for old in [i for i in self.probes if i < iteration]:
+            del self.probes[old]
         if self.comm.broken:  # the world is torn down: the trainer starts fresh workers at the next save
             self.conn.send(("broken", "its process group was torn down after the failed export of iteration "
                                       f"{iteration}; fresh workers start at the next save"))

@@ -83,8 +83,15 @@ def _devices(options: BuildOptions) -> list:
     return [0]
 
 
-def _build_ranks(export_dir: Path, world: int, options: BuildOptions) -> tuple:
+def _build_ranks(export_dir: Path, world: int, options: BuildOptions, progress: bool = False) -> tuple:
     """One subprocess per rank, as many at a time as there are devices."""
+    from ..progress import bar
+
+    with bar(world, f"build {export_dir.name}", progress, unit="rank") as ranks:
+        return _run_rank_builds(export_dir, world, options, ranks.update)
+
+
+def _run_rank_builds(export_dir: Path, world: int, options: BuildOptions, rank_done) -> tuple:
     partial = export_dir / ".trtllm_engine.partial"
     safe_fs.remove_tree(partial)
     safe_fs.make_dir(partial)
@@ -124,6 +131,7 @@ def _build_ranks(export_dir: Path, world: int, options: BuildOptions) -> tuple:
                 why = f"timed out after {options.timeout} s" if timed_out else f"exit code {proc.returncode}"
                 results[rank] = {"ok": False, "error": f"{why} (log: {logs / f'rank{rank}.log'}): "
                                  + "\n".join(lines[-12:])}
+            rank_done()
         time.sleep(0.05)
     failed = {r: v["error"] for r, v in results.items() if not v["ok"]}
     if failed:
@@ -134,8 +142,9 @@ def _build_ranks(export_dir: Path, world: int, options: BuildOptions) -> tuple:
     return True, {}
 
 
-def build_export(export_dir, options: BuildOptions | None = None) -> dict:
-    """Build (or record why not) the engines of one complete export; returns the manifest record."""
+def build_export(export_dir, options: BuildOptions | None = None, progress: bool = False) -> dict:
+    """Build (or record why not) the engines of one complete export; returns the manifest record.
+    ``progress``: a bar over the inference ranks on stderr."""
     export_dir = Path(export_dir)
     manifest = require_complete_export(export_dir)
     options = options or BuildOptions.from_dict(manifest.get("config", {}).get("build"))
@@ -163,7 +172,7 @@ def build_export(export_dir, options: BuildOptions | None = None) -> dict:
                 record.update(status="failed", error="the export has no trtllm_checkpoint/ to build from")
             else:
                 world = json.loads((export_dir / "trtllm_checkpoint" / "config.json").read_text())["mapping"]["world_size"]
-                ok, failures = _build_ranks(export_dir, world, options)
+                ok, failures = _build_ranks(export_dir, world, options, progress)
                 record.update(status="complete" if ok else "failed", ranks=world,
                               engine_dir=str(export_dir / "trtllm_engine") if ok else None)
                 if failures:

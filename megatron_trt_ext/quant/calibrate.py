@@ -11,12 +11,12 @@ The replica needs room for one more copy of the rank's weights while it lives.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..errors import ConfigError, ExportError
+from ..forward import is_staged, pipeline_loop, preserved_rng, single_stage_loop  # noqa: F401  (shared)
 
 # Megatron linears whose inputs ModelOpt calibrates (names after the plan's expansion).
 LINEAR_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
@@ -56,30 +56,6 @@ def _process_groups(chunks) -> dict:
 def replicate(chunks: list) -> list:
     """Deep copies of the model chunks that share the live model's process groups."""
     return copy.deepcopy(chunks, _process_groups(chunks))
-
-
-@contextmanager
-def preserved_rng():
-    """Save and restore every RNG state a forward pass may touch."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    tracker_states = None
-    try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-        tracker = get_cuda_rng_tracker()
-        tracker_states = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                          for k, v in tracker.get_states().items()}
-    except Exception:  # noqa: BLE001 - no tracker: nothing to restore
-        tracker = None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        if tracker is not None and tracker_states is not None:
-            tracker.set_states(tracker_states)
 
 
 def calibration_batches(options, data: Any, vocab_size: int, device) -> list:
@@ -123,45 +99,6 @@ def calibration_batches(options, data: Any, vocab_size: int, device) -> list:
     return [tokens[i:i + bs].to(device) for i in range(0, len(tokens), bs)]
 
 
-def _forward_loop(batches: list, user_loop: Optional[Callable]):
-    def loop(model):
-        if user_loop is not None:
-            return user_loop(model)
-        with torch.no_grad():
-            for tokens in batches:
-                positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-                model(tokens, positions, attention_mask=None)
-    return loop
-
-
-def is_staged(chunks: list) -> bool:
-    """Pipeline-parallel (or virtual-pipeline) chunks: forward passes must run through all stages."""
-    return len(chunks) > 1 or any(not (getattr(c, "pre_process", True) and getattr(c, "post_process", True))
-                                  for c in chunks)
-
-
-def _pipeline_loop(batches: list):
-    """Forward passes through every pipeline stage with Megatron's own schedule (forward only):
-    each calibration batch is one microbatch; every rank runs the same schedule."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
-        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, positions, attention_mask=None)
-        return output, lambda out: (out.float().sum() * 0.0, {})
-
-    def loop(chunks):
-        chunks = list(chunks)
-        iterators = [iter(batches) for _ in chunks]
-        with torch.no_grad():
-            get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
-                model=chunks, num_microbatches=len(batches), seq_length=batches[0].shape[1],
-                micro_batch_size=batches[0].shape[0], forward_only=True)
-    return loop
-
-
 def target_layer(info, layer_number: int) -> int:
     """The exported layer a source layer (Megatron's 1-based global layer_number) belongs to."""
     index = layer_number - 1
@@ -190,10 +127,12 @@ def _kv_hooks(replica: list, info, kv_amax: dict) -> list:
 
 
 def calibrate(chunks: list, spec, info, data: Any = None, forward_loop: Optional[Callable] = None,
-              comm=None) -> tuple:
+              comm=None, batches: Optional[list] = None) -> tuple:
     """Calibrate a replica; returns (replica chunks, {layer: (k_amax, v_amax)}).
 
     Call on every rank (ModelOpt synchronizes amax over TP/DP/EP; KV amax is max-reduced here).
+    ``batches``: the calibration batches when the caller already drew them (the verification
+    probe shares them, so an iterator source is read once per export).
     """
     import modelopt.torch.quantization as mtq
 
@@ -202,16 +141,17 @@ def calibrate(chunks: list, spec, info, data: Any = None, forward_loop: Optional
         replica = replicate(chunks)
         for chunk in replica:
             chunk.eval()
-        batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
+        if batches is None:
+            batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
         kv_amax: dict = {}
         handles = _kv_hooks(replica, info, kv_amax) if spec.kv_cache != "none" else []
         staged = is_staged(replica)
         if forward_loop is not None:
             loop = forward_loop
         elif staged:
-            loop = _pipeline_loop(batches)
+            loop = pipeline_loop(batches)
         else:
-            loop = _forward_loop(batches, None)
+            loop = single_stage_loop(batches)
         try:
             if spec.algo is not None:
                 cfg = copy.deepcopy(getattr(mtq, spec.algo.modelopt_cfg))

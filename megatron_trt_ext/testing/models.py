@@ -95,3 +95,13 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     out = model(tokens, positions, attention_mask=None)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def sharpen_attention(model, factor: float = 3.0) -> None:
+    """Scale the QKV projections so attention is as peaked as a trained model's: `randomize`
+    gives nearly uniform attention, where a wrong RoPE theta or swapped q/k barely moves the
+    logits (a trained model's attention would expose them at once)."""
+    for chunk in (model if isinstance(model, (list, tuple)) else [model]):
+        for layer in chunk.decoder.layers:
+            layer.self_attention.linear_qkv.weight.mul_(factor)

@@ -150,6 +150,9 @@ class ExportConfig:
         from .quant.spec import QuantSpec
 
         self.quant = QuantSpec.from_dict(self.quantization, f"quantization{source}")
+        refusal = self.quant.refusal(self.formats)
+        if refusal:  # a checkpoint no engine loads is never written
+            raise ConfigError(f"quantization{source}: {refusal}")
         from .verification.spec import VerificationOptions
 
         self.verification_options = VerificationOptions.from_dict(self.verification, f"verification{source}")

@@ -135,7 +135,7 @@ class Exporter:
                 self._check_quantization()
                 from .quant.stats import stat_pieces
 
-                local.update(stat_pieces(local, self.quant))
+                local.update(stat_pieces(local, self.quant, fold_aliases=self._fold_aliases()))
             description = describe(local, self.rank)
         except err_mod.MegatronTrtExtError as exc:
             local_exc = exc
@@ -232,33 +232,23 @@ class Exporter:
 
     def _check_quantization(self) -> None:
         """Everything about a quantized export that can fail, checked at attach."""
-        spec, info, algo = self.quant, self.info, self.quant.algo
+        spec = self.quant
         where = f"quantization.algorithm {spec.algorithm}"
         try:
             import modelopt.torch.quantization  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"{where}: needs NVIDIA ModelOpt ({exc}); install it with "
                               "pip install 'megatron-trt-ext[quant]'") from exc
-        if algo is not None and algo.needs_cuda and not torch.cuda.is_available():
-            raise ConfigError(f"{where}: ModelOpt's {algo.quant_algo} calibration needs CUDA and this "
-                              "machine has no GPU; run on GPUs, or pick fp8, int8_sq, int4_awq or w4a8_awq")
+        refusal = spec.refusal(self.config.formats)
+        if refusal:
+            raise ConfigError(f"quantization: {refusal}")
         if self.spec.quantization_unsupported:
             raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
                               "(recipes/bf16.yaml)")
         if spec.calibration.source == "iterator" and self.calibration_data is None and self.forward_loop is None:
             raise ConfigError("quantization.calibration.source is 'iterator': pass calibration_data=<iterator or "
                               "callable> (e.g. a slice of the training data iterator) to attach()/Exporter()")
-        if algo is not None and algo.group_size:
-            g, tp = algo.group_size, self.config.inference_tp
-            row_inputs = {"attention output (heads x head_dim)": info.num_attention_heads * info.head_dim,
-                          "MLP down projection (ffn_hidden_size)": info.ffn_hidden_size}
-            for what, size in {"hidden_size": info.hidden_size, **row_inputs}.items():
-                if size % g:
-                    raise ConfigError(f"{where}: {what}={size} is not a multiple of the group size {g}")
-            for what, size in row_inputs.items():
-                if (size // tp) % g:
-                    raise ConfigError(f"{where}: with inference_tp={tp} each rank holds {size // tp} inputs of the "
-                                      f"{what}, not a multiple of the group size {g}; lower inference_tp")
+        # Shapes (group and block sizes, per inference-TP rank) are checked per linear by the plan.
 
     def _source(self) -> "Source":
         """What an export reads, all of it taken while training waits: the verification probe's
@@ -280,11 +270,22 @@ class Exporter:
         from .quant.calibrate import calibrate
         from .quant.stats import stat_pieces
 
-        replica, kv_amax = calibrate(self.chunks, self.quant, self.info, self.calibration_data,
-                                     self.forward_loop, self.comm, batches=batches)
-        local = self._local_shards(replica)
-        local.update(stat_pieces(local, self.quant, replica, kv_amax))
+        local = self._local_shards(self.chunks)
+        calibration = calibrate(self.chunks, self.quant, self.info, local, self.calibration_data,
+                                self.forward_loop, self.comm, batches=batches)
+        replica = calibration.replica
+        if replica is not None:  # ModelOpt's smoothquant/awq rescaled the replica's weights: export those
+            local = self._local_shards(replica)
+        local.update(stat_pieces(local, self.quant, calibration, self._fold_aliases()))
         return Source(local, replica, probe, probe_s)
+
+    def _fold_aliases(self):
+        """AWQ's pre-quant scales of the linears right after a norm (q/k/v, gate/up) fold into that
+        norm in the Hugging Face export, as ModelOpt writes it (TensorRT-LLM's PyTorch backend reads
+        no pre-quant scale on fused linears); None when nothing folds."""
+        if self.quant.calibration_kind == "awq" and "hf" in self.config.formats:
+            return dict(self.spec.aliases)
+        return None
 
     def _calibration_batches(self):
         """Calibration batches drawn once per export, shared by calibration and the probe (an

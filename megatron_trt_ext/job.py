@@ -24,7 +24,7 @@ from .arch import FAMILIES
 from .arch.convert import megatron_to_hf
 from .arch.spec import Context
 from .config import ExportConfig
-from .errors import ExportError
+from .errors import ConfigError, ExportError
 from .formats.files import FileSet, write_json
 from .formats.hf import HFWriter
 from .formats.trtllm import TrtllmConverter, trtllm_config
@@ -74,6 +74,8 @@ class ExportJob:
     root: Path
     mode: str = "sync"
     out_specs: dict = field(default_factory=dict)
+    # Megatron linear -> (first HF part, its Algorithm): parts of a fused linear must agree
+    _part_algos: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not self.out_specs:
@@ -114,19 +116,23 @@ class ExportJob:
         exports) wait in ``state.stats`` until their linear's weight arrives, parts of
         concatenated tensors in ``state.pending`` until the last part arrives.
         """
-        from .quant.stats import is_stat
+        from .quant.stats import fold_name, is_stat
 
         if is_stat(name):
             state.stats[name] = tensor
             return
         trt_on = "trtllm_checkpoint" in self.config.formats
         quantizer = self._quantizer(name, tensor, state.stats)
+        fold = state.stats.pop(fold_name(name), None) if state.stats else None
         for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)], state.pending):
-            if quantizer is not None and self._quantized(hf_name):
-                yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on)
+            algo = self._algo_for(name, hf_name) if quantizer is not None else None
+            if algo is not None:
+                yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on, algo,
+                                                   folded=name in self.folded_linears)
                 continue
             trt = list(converter.feed(hf_name, out)) if trt_on else []
-            yield hf_name, out.to(self._hf_dtype(hf_name, dtype)), trt
+            hf_out = out if fold is None else self._fold_into_norm(hf_name, out, fold)
+            yield hf_name, hf_out.to(self._hf_dtype(hf_name, dtype)), trt
             if quantizer is not None and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
                 yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
 
@@ -148,22 +154,80 @@ class ExportJob:
         if not is_quantizable_linear(name):
             return None
         values = {stat: stats.pop(stat_name(name, stat)) for stat in stats_for(self.quant, name)}
-        return LinearQuantizer(self.quant.algo, tensor, values)
+        return LinearQuantizer(tensor, values)
 
-    def _quantized(self, hf_name: str) -> bool:
-        import fnmatch
+    def _algo_for(self, source_name: str, hf_name: str):
+        """The algorithm of one HF part of a quantizable Megatron linear (None: unquantized).
+        The parts of one fused linear (q/k/v, gate/up) must agree: engines fuse them again."""
+        import re
 
-        module = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else None
-        return (module is not None and self.quant.algo is not None
-                and not any(fnmatch.fnmatch(module, pattern) for pattern in self.quant.exclude))
-
-    def _convert_quantized(self, converter, quantizer, hf_name, weight, trt_on):
-        qlinear = quantizer.quantize_part(weight)
-        trt = list(converter.feed(hf_name, qlinear)) if trt_on else []
+        if not hf_name.endswith(".weight"):
+            return None
         module = hf_name[: -len(".weight")]
+        m = re.search(r"\.layers\.(\d+)\.", hf_name)
+        algo = self.quant.algorithm_for(module, int(m.group(1)) if m else None, self.info.num_layers)
+        first = self._part_algos.setdefault(source_name, (module, algo))
+        if first[1] != algo:
+            def label(a):
+                return a.name if a is not None else "none"
+            raise ConfigError(f"quantization: {first[0]} gets {label(first[1])} but {module} gets {label(algo)}; "
+                              f"they are parts of one Megatron linear ({source_name}), which serving engines fuse "
+                              "again: give them the same algorithm in exclude/overrides")
+        return algo
+
+    def _check_shape(self, converter, module: str, shape: tuple, algo, trt_on: bool) -> None:
+        """Group and block sizes must divide the linear (per inference TP rank when split)."""
+        out, inp = shape
+        group = algo.block or algo.group_size
+        what = "block size" if algo.block else "group size"
+        fix = f"exclude it (quantization.exclude: ['{module}']) or choose another algorithm"
+        if group and inp % group:
+            raise ConfigError(f"quantization {algo.name}: {module} has {inp} inputs, not a multiple of the "
+                              f"{what} {group}; {fix}")
+        if algo.block and out % algo.block:
+            raise ConfigError(f"quantization {algo.name}: {module} has {out} outputs, not a multiple of the "
+                              f"{what} {algo.block}; {fix}")
+        tp = self.config.inference_tp
+        if trt_on and group and converter.splits_inputs(module + ".weight") and (inp // tp) % group:
+            raise ConfigError(f"quantization {algo.name}: with inference_tp={tp} each rank holds {inp // tp} inputs "
+                              f"of {module}, not a multiple of the {what} {group}; lower inference_tp or {fix}")
+
+    @property
+    def folded_linears(self) -> frozenset:
+        """Quantizable linears whose AWQ pre-quant scale the HF export folds into the preceding
+        norm (`Exporter._fold_aliases`; the fold statistics say which)."""
+        cached = self.__dict__.get("_folded")
+        if cached is None:
+            from .quant.calibrate import is_quantizable_linear
+            from .quant.stats import FOLD, SEP, norm_units
+
+            names = {u.name for u in self.units}
+            folds = {n for n in names if SEP + FOLD in n}
+            cached = frozenset(n for n in names if folds and is_quantizable_linear(n) and any(
+                fold_target in folds for fold_target in _fold_names(norm_units(n, names, self.spec.aliases))))
+            self.__dict__["_folded"] = cached
+        return cached
+
+    def _fold_into_norm(self, hf_name: str, out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """norm(x) * s as one norm: weight * s (zero-centred: (1 + w) * s - 1), bias * s."""
+        scale = scale.float().reshape(-1)
+        x = out.float()
+        if hf_name.endswith(".bias") or not self.info.zero_centered_gamma:
+            return x * scale
+        return (1.0 + x) * scale - 1.0
+
+    def _convert_quantized(self, converter, quantizer, hf_name, weight, trt_on, algo, folded: bool = False):
+        module = hf_name[: -len(".weight")]
+        self._check_shape(converter, module, tuple(weight.shape), algo, trt_on)
+        qlinear = quantizer.quantize_part(weight, algo)
+        trt = list(converter.feed(hf_name, qlinear)) if trt_on else []
         yield hf_name, qlinear.quantized(), trt
         for scale, (value, _) in qlinear.scales.items():
-            yield f"{module}.{scale}", _scale_dtype(value).contiguous(), []
+            if scale == "pre_quant_scale" and folded:
+                continue  # folded into the norm before this linear (TensorRT-LLM keeps its own)
+            # pre_quant_scale takes the checkpoint dtype (as ModelOpt writes it); scales stay float32
+            out = value.to(torch_dtype(self.config.dtype)) if scale == "pre_quant_scale" else _scale_dtype(value)
+            yield f"{module}.{scale}", out.contiguous(), []
         yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
 
     def _kv_scale(self, converter, quantizer, hf_name, trt_on):
@@ -179,14 +243,32 @@ class ExportJob:
         converter = self.new_converter()
         hf_specs, rank_specs = [], {r: [] for r in range(self.config.inference_tp * self.config.inference_pp)}
         state = ConvertState()
+        quantized: dict = {}  # HF module -> Algorithm
+        unquantized_hf, unquantized_trt = set(), set()
         for name, meta in iter_meta(self.units):
             for hf_name, out, trt in self.convert(converter, name, meta, dtype, state):
                 hf_specs.append((hf_name, out.dtype, tuple(out.shape)))
                 for rank, trt_name, t in trt:
                     rank_specs[rank].append((trt_name, t.dtype, tuple(t.shape)))
+                if self.quant is None or not hf_name.endswith(".weight"):
+                    continue
+                module = hf_name[: -len(".weight")]
+                algo = self._part_algos.get(name, (None, None))[1] if module != "lm_head" else None
+                if algo is not None:
+                    quantized[module] = algo
+                elif out.dim() == 2:  # an unquantized linear (or embedding): listed, as ModelOpt does
+                    unquantized_hf.add(module)
+                    unquantized_trt.update(n[: -len(".weight")] for _, n, t in trt
+                                           if t.dim() == 2 and n.endswith(".weight") and ".layers." in n)
         converter.finish()
         state.finish()
-        return {"hf": hf_specs, "trtllm": {f"rank{r}.safetensors": s for r, s in rank_specs.items()}}
+        specs = {"hf": hf_specs, "trtllm": {f"rank{r}.safetensors": s for r, s in rank_specs.items()}}
+        if self.quant is not None:
+            unquantized_hf.add("lm_head")  # also when tied to the embedding (the module exists)
+            specs["quant"] = {"layers": {m: a.name for m, a in quantized.items()},
+                              "hf_exclude": sorted(unquantized_hf),
+                              "trt_exclude": ["lm_head", *sorted(unquantized_trt)]}
+        return specs
 
     def writers(self, tmp: Path, create: bool) -> tuple:
         hf = trt = None
@@ -195,7 +277,7 @@ class ExportJob:
             if self.quant is not None:
                 from .quant.export_config import hf_quantization_config
 
-                hf_config["quantization_config"] = hf_quantization_config(self.quant)
+                hf_config["quantization_config"] = hf_quantization_config(self.quant, self.out_specs["quant"])
             hf = HFWriter(tmp / "hf", self.out_specs["hf"], self.config.max_shard_size_bytes, hf_config,
                           create=create)
         if "trtllm_checkpoint" in self.config.formats:
@@ -377,7 +459,7 @@ class ExportJob:
             if self.quant is not None:
                 from .quant.export_config import hf_quant_config_file
 
-                write_json(tmp / "hf" / "hf_quant_config.json", hf_quant_config_file(self.quant))
+                write_json(tmp / "hf" / "hf_quant_config.json", hf_quant_config_file(self.quant, self.out_specs["quant"]))
         if trt is not None:
             c = self.config
             trt_config = trtllm_config(self.family_trt, self.info, self.vocab_size, c.dtype, c.inference_tp,
@@ -385,7 +467,7 @@ class ExportJob:
             if self.quant is not None:
                 from .quant.export_config import trtllm_quantization
 
-                trt_config["quantization"] = trtllm_quantization(self.quant)
+                trt_config["quantization"] = trtllm_quantization(self.quant, self.out_specs["quant"])
             write_json(tmp / "trtllm_checkpoint" / "config.json", trt_config)
         bytes_written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         per_rank = {r: t for r, (_, _, t) in enumerate(gathered)}
@@ -500,9 +582,15 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
                           "a broken model (values out of the export dtype's range become Inf)")
 
 
+def _fold_names(norm_units: list) -> list:
+    from .quant.stats import fold_name
+
+    return [fold_name(n) for n in norm_units]
+
+
 def _scale_dtype(value: torch.Tensor) -> torch.Tensor:
-    """Scales are float32, except NVFP4's per-block scales, which the format stores as FP8."""
-    return value if value.dtype == torch.float8_e4m3fn else value.float()
+    """Scales are float32, except NVFP4's per-block scales (FP8) and MXFP8's (E8M0 exponents, uint8)."""
+    return value if value.dtype in (torch.float8_e4m3fn, torch.uint8) else value.float()
 
 
 def failed_path(root: Path, iteration: int) -> Path:

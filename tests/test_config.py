@@ -91,3 +91,4 @@ def test_keyword_overrides_win_over_the_recipe(tmp_path):
 def test_shipped_recipes_load(recipe, tmp_path):
     cfg = ExportConfig.from_yaml(recipe, output_dir=str(tmp_path))
     assert cfg.recipe == str(recipe)
+    assert cfg.quant.refusal(cfg.formats) is None  # every shipped recipe writes what some engine loads

@@ -293,35 +293,46 @@ def test_fp8_export_from_parallel_layouts_equals_single_rank(megatron_world, tmp
                     f"{rel}:{name}"
 
 
+TRT_MODULES = {"attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",), "mlp.gate": ("mlp.up_proj",),
+               "mlp.proj": ("mlp.down_proj",), "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+
+
+def trt_linear(tensors: dict, module: str) -> dict:
+    """A TensorRT-LLM checkpoint linear under the HF scale names test_quant's helpers read."""
+    return {"x.weight": tensors[f"{module}.weight"], "x.weight_scale": tensors[f"{module}.weights_scaling_factor"],
+            "x.pre_quant_scale": tensors[f"{module}.prequant_scaling_factor"]}
+
+
 @pytest.mark.parametrize("algo", ["int8_sq", "int4_awq"])
 def test_smoothed_exports_from_tp2_reconstruct_the_weights(megatron_world, tmp_path, algo):
     """SmoothQuant/AWQ calibrate per TP shard (ModelOpt then shares the smoothing scale across
     the TP group), so a TP2 export is a valid calibration of its own, not bit-equal to TP1. What
-    must hold whatever the layout: every exported linear, dequantized and multiplied back by its
-    pre-quant scale, reconstructs the original weight to within half a quantization step. A
-    pre-quant scale that does not belong to some shard's rows fails this by far."""
+    must hold whatever the layout: every exported linear (TensorRT-LLM checkpoint, where each keeps
+    its pre-quant scale), dequantized and multiplied back by its pre-quant scale, reconstructs the
+    original weight to within half a quantization step. A pre-quant scale that does not belong to
+    some shard's rows fails this by far."""
     from safetensors.torch import load_file
 
     import test_quant as tq
 
-    ref, got = export_quantized_from(tmp_path, {"tp": 2}, algo, "none", dict(formats=["hf"]),
+    ref, got = export_quantized_from(tmp_path, {"tp": 2}, algo, "none", dict(formats=["trtllm_checkpoint"]),
                                      reference_target=dict(dtype="float32", formats=["hf"]))
     original = load_file(str(ref / "hf" / "model.safetensors"))
-    exported = load_file(str(got / "hf" / "model.safetensors"))
+    exported = load_file(str(got / "trtllm_checkpoint" / "rank0.safetensors"))
     for layer in range(2):
-        for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            _check_reconstruction(algo, tq, exported, original, f"model.layers.{layer}.self_attn.{module}")
-        for module in ("gate_proj", "up_proj", "down_proj"):
-            _check_reconstruction(algo, tq, exported, original, f"model.layers.{layer}.mlp.{module}")
+        for trt, hf in TRT_MODULES.items():
+            weight = torch.cat([original[f"model.layers.{layer}.{m}.weight"] for m in hf])
+            _check_reconstruction(algo, tq, trt_linear(exported, f"transformer.layers.{layer}.{trt}"), weight,
+                                  f"{algo} layer {layer} {trt}")
 
 
-def _check_reconstruction(algo, tq, exported, original, name):
-    pqs = exported[f"{name}.pre_quant_scale"]
-    smoothed = tq.dequantize(algo, exported, name)
-    step = tq.quant_step(algo, exported, name, smoothed)
-    error = (smoothed * pqs - original[f"{name}.weight"]).abs()
-    bound = (step / 2) * pqs + 1e-6 * original[f"{name}.weight"].abs()
-    assert bool((error <= bound).all()), f"{algo} {name}: worst excess {float((error - bound).max()):.3e}"
+def _check_reconstruction(algo, tq, linear, original, what):
+    pqs = linear["x.pre_quant_scale"]
+    smoothed = tq.dequantize(algo, linear, "x")
+    step = tq.quant_step(algo, linear, "x", smoothed)
+    error = (smoothed * pqs - original).abs()
+    bound = (step / 2) * pqs + 1e-6 * original.abs()
+    assert bool((error <= bound).all()), f"{what}: worst excess {float((error - bound).max()):.3e}"
 
 
 def test_smoothquant_export_from_tp2_matches_tp1(megatron_world, tmp_path):
@@ -333,17 +344,18 @@ def test_smoothquant_export_from_tp2_matches_tp1(megatron_world, tmp_path):
 
     import test_quant as tq
 
-    ref, got = export_quantized_from(tmp_path, {"tp": 2}, "int8_sq", "none", dict(formats=["hf"]))
-    tp1 = load_file(str(ref / "hf" / "model.safetensors"))
-    tp2 = load_file(str(got / "hf" / "model.safetensors"))
+    ref, got = export_quantized_from(tmp_path, {"tp": 2}, "int8_sq", "none", dict(formats=["trtllm_checkpoint"]))
+    tp1 = load_file(str(ref / "trtllm_checkpoint" / "rank0.safetensors"))
+    tp2 = load_file(str(got / "trtllm_checkpoint" / "rank0.safetensors"))
     assert sorted(tp1) == sorted(tp2)
     for name in tp1:
-        if name.endswith(("pre_quant_scale", "input_scale", "weight_scale")):
+        if name.endswith(("prequant_scaling_factor", "activation_scaling_factor", "weights_scaling_factor")):
             torch.testing.assert_close(tp2[name], tp1[name], rtol=1e-5, atol=0, msg=name)
-        elif name.endswith(".weight") and f"{name[:-7]}.weight_scale" in tp1:
+        elif name.endswith(".weight") and f"{name[:-7]}.weights_scaling_factor" in tp1:
             module = name[: -len(".weight")]
-            tq.assert_same_grid("int8_sq", tp1, module, tq.dequantize("int8_sq", tp2, module),
-                                tq.dequantize("int8_sq", tp1, module), module)
+            a, b = trt_linear(tp1, module), trt_linear(tp2, module)
+            tq.assert_same_grid("int8_sq", a, "x", tq.dequantize("int8_sq", b, "x"), tq.dequantize("int8_sq", a, "x"),
+                                module)
         else:
             assert torch.equal(tp1[name], tp2[name]), name
 

@@ -17,7 +17,9 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is th
 transformers = pytest.importorskip("transformers", reason="transformers builds the reference model")
 
 VOCAB = 120
-CPU_ALGOS = ["fp8", "int8_sq", "int4_awq", "w4a8_awq"]
+# Algorithms some engine loads from a Hugging Face checkpoint (int8_sq is a TensorRT-LLM checkpoint only:
+# tests/test_quant_modelopt.py compares it, and every format, with ModelOpt's own exporters).
+HF_ALGOS = ["fp8", "int4_awq", "w4a8_awq"]
 CALIB = {"num_samples": 8, "seq_len": 32, "batch_size": 4}
 
 
@@ -107,23 +109,24 @@ def fake_quant_parts(replica, layer, linear, info):
 
 @pytest.fixture
 def calibrated(megatron_world):
-    """The exporter's own calibration, repeated: ModelOpt's fake-quantized replica of the model."""
-    def make(model, exporter):
-        from megatron_trt_ext.quant.calibrate import calibrate
+    """ModelOpt's own calibration of a copy of the model, on the batches the export used: its
+    fake-quantized replica is the reference."""
+    from megatron_trt_ext.testing.oracle import modelopt_fake_quant
 
-        replica, kv = calibrate(exporter.chunks, exporter.quant, exporter.info, comm=exporter.comm)
-        return replica[0], kv
-    return make
+    return modelopt_fake_quant
 
 
-@pytest.mark.parametrize("algo", CPU_ALGOS)
+@pytest.mark.parametrize("algo", HF_ALGOS)
 def test_exported_weights_are_modelopts_fake_quantized_weights(megatron_world, tmp_path, calibrated, algo):
     model = quant_model()
     exporter = Exporter(model, quant_config(tmp_path, algo))
     result = exporter.export(1)
     hf = load_dir(result.path / "hf")
-    replica, kv = calibrated(model, exporter)
+    replica = calibrated(model, exporter)
     info = exporter.info
+    plain = load_dir(Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), vocab_size=VOCAB,
+                                                  dtype="float32", mode="sync", formats=["hf"])).export(1).path / "hf")
+    norms = {"self_attention.linear_qkv": "input_layernorm", "mlp.linear_fc1": "post_attention_layernorm"}
     for layer in range(info.num_layers):
         for linear, modules in LINEARS.items():
             for module, reference in zip(modules, fake_quant_parts(replica, layer, linear, info)):
@@ -132,24 +135,27 @@ def test_exported_weights_are_modelopts_fake_quantized_weights(megatron_world, t
                                  f"{algo} {name}")
             source = replica.decoder.layers[layer].get_submodule(linear)
             pqs = getattr(source.input_quantizer, "_pre_quant_scale", None)
-            if pqs is not None:
+            if pqs is not None and linear in norms:  # AWQ: folded into the norm before it (ModelOpt's layout)
+                norm = f"model.layers.{layer}.{norms[linear]}.weight"
+                torch.testing.assert_close(hf[norm], plain[norm] * pqs.float())
+                assert f"model.layers.{layer}.{modules[0]}.pre_quant_scale" not in hf
+            elif pqs is not None:
                 torch.testing.assert_close(hf[f"model.layers.{layer}.{modules[0]}.pre_quant_scale"], pqs.float())
             if source.input_quantizer.is_enabled:
                 maxbound = 127.0 if algo == "int8_sq" else 448.0
                 torch.testing.assert_close(hf[f"model.layers.{layer}.{modules[0]}.input_scale"],
                                            (source.input_quantizer.amax.float() / maxbound).reshape(()))
-        k_amax, v_amax = kv[layer]
-        assert hf[f"model.layers.{layer}.self_attn.k_proj.k_scale"] == pytest.approx(float(k_amax) / 448)
-        assert hf[f"model.layers.{layer}.self_attn.v_proj.v_scale"] == pytest.approx(float(v_amax) / 448)
+        # (k_scale / v_scale: against ModelOpt's KV quantizers in test_quant_modelopt.py)
+        assert f"model.layers.{layer}.self_attn.k_proj.k_scale" in hf
     # unquantized modules are bit-equal to the unquantized export
-    plain = load_dir(Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), vocab_size=VOCAB,
-                                                  dtype="float32", mode="sync", formats=["hf"])).export(1).path / "hf")
-    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight",
-                 "model.layers.0.input_layernorm.weight"):
+    names = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    if algo == "fp8":
+        names.append("model.layers.0.input_layernorm.weight")
+    for name in names:
         assert torch.equal(hf[name], plain[name]), name
 
 
-@pytest.mark.parametrize("algo", CPU_ALGOS)
+@pytest.mark.parametrize("algo", HF_ALGOS)
 def test_dequantized_export_reproduces_fake_quant_logits(megatron_world, tmp_path, calibrated, tokens, algo):
     """Logits of the exported weights (dequantized, with their pre-quant scales) against ModelOpt's
     fake-quantized model with weight quantization only. Activation scales are compared exactly
@@ -159,7 +165,7 @@ def test_dequantized_export_reproduces_fake_quant_logits(megatron_world, tmp_pat
     model = quant_model()
     exporter = Exporter(model, quant_config(tmp_path, algo, formats=["hf"]))
     path = exporter.export(1).path / "hf"
-    replica, _ = calibrated(model, exporter)
+    replica = calibrated(model, exporter)
     for name, module in replica.named_modules():
         if name.endswith("input_quantizer"):
             module.disable()  # the pre-quant scale still applies, as in the deployed kernels
@@ -193,10 +199,11 @@ def _state(model, optimizer):
             {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
              for k, v in optimizer.state_dict()["state"].items()},
             [(n, type(m).__name__) for n, m in model.named_modules()],
-            [(n, m.training) for n, m in model.named_modules()])
+            [(n, m.training) for n, m in model.named_modules()],
+            {n: b.detach().clone() for n, b in model.named_buffers()})
 
 
-@pytest.mark.parametrize("algo", ["fp8", "int4_awq"])
+@pytest.mark.parametrize("algo", ["fp8", "int4_awq", "mxfp8"])
 def test_calibration_leaves_training_state_bit_identical(megatron_world, tmp_path, algo):
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -210,7 +217,7 @@ def test_calibration_leaves_training_state_bit_identical(megatron_world, tmp_pat
     before = _state(model, optimizer)
     rng_before = (torch.get_rng_state(), random.getstate(),
                   {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()})
-    handle = attach(model, quant_config(tmp_path, algo))
+    handle = attach(model, quant_config(tmp_path, algo, formats=["hf"]))
     try:
         assert handle.on_checkpoint_saved(iteration=1).ok
     finally:
@@ -225,6 +232,7 @@ def test_calibration_leaves_training_state_bit_identical(megatron_world, tmp_pat
             assert torch.equal(v, after[2][key][k]) if torch.is_tensor(v) else v == after[2][key][k]
     assert before[3] == after[3], "module structure changed (quantizers left in the model?)"
     assert before[4] == after[4], "training mode changed"
+    assert before[5].keys() == after[5].keys() and all(torch.equal(v, after[5][k]) for k, v in before[5].items())
     assert not any("quantizer" in n for n, _ in model.named_modules())
     assert torch.equal(rng_before[0], torch.get_rng_state()) and rng_before[1] == random.getstate()
     for k, v in get_cuda_rng_tracker().get_states().items():
@@ -274,16 +282,9 @@ def test_bad_quantization_recipes_are_named(quantization, fragment):
         ExportConfig(quantization=quantization)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_nvfp4_on_cpu_fails_at_attach(megatron_world, tmp_path):
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "nvfp4.yaml"
-    with pytest.raises(ConfigError, match="NVFP4 calibration needs CUDA"):
-        attach(quant_model(), ExportConfig.from_yaml(recipe, output_dir=str(tmp_path)))
-
-
 @pytest.mark.parametrize("build,kwargs,fragment", [
-    (lambda: tiny_llama(), {"inference_tp": 1}, "hidden_size=64 is not a multiple of the group size 128"),
-    (lambda: quant_model(), {"inference_tp": 4}, "each rank holds 64 inputs"),
+    (lambda: tiny_llama(), {"inference_tp": 1}, "has 64 inputs, not a multiple of the group size 128"),
+    (lambda: quant_model(), {"inference_tp": 4}, "each rank holds 64 inputs of model.layers.0.self_attn.o_proj"),
 ])
 def test_awq_group_size_is_checked_at_attach(megatron_world, tmp_path, build, kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -333,7 +334,7 @@ def _decode_nvfp4(packed, block_scale, scale_2):
 
 
 def test_nvfp4_weight_numerics_on_cpu():
-    """NVFP4 calibration needs CUDA, its weight format does not: packed codes and FP8 block scales,
+    """NVFP4's weight format: packed codes and FP8 block scales,
     decoded independently here, give the same weights as ModelOpt's own NVFP4 dequantizer, and
     TensorRT-LLM's row split of a linear quantizes to the row split of the HF tensors."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
@@ -342,7 +343,7 @@ def test_nvfp4_weight_numerics_on_cpu():
     from megatron_trt_ext.quant.spec import ALGORITHMS
 
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
-    q = LinearQuantizer(ALGORITHMS["nvfp4"], weight, {"input_amax": torch.tensor([3.0])}).quantize_part(weight)
+    q = LinearQuantizer(weight, {"input_amax": torch.tensor([3.0])}).quantize_part(weight, ALGORITHMS["nvfp4"])
     packed = q.quantized()
     block, scale_2 = q.scales["weight_scale"][0], q.scales["weight_scale_2"][0]
     assert packed.dtype == torch.uint8 and packed.shape == (64, 64)

@@ -198,7 +198,7 @@ def test_verify_passes_on_good_exports(megatron_world, tmp_path, case):
     assert mf.read_manifest(result.path)["verify"]["status"] == "pass"
 
 
-@pytest.mark.parametrize("algorithm", ["fp8", "int8_sq", "int4_awq", "w4a8_awq"])
+@pytest.mark.parametrize("algorithm", ["fp8", "int4_awq", "w4a8_awq", "nvfp4", "mxfp8", "fp8_pc_pt"])
 def test_verify_passes_on_quantized_exports(megatron_world, tmp_path, algorithm):
     pytest.importorskip("modelopt.torch.quantization", reason="quantized exports need nvidia-modelopt")
     model = tiny_llama(hidden_size=256, ffn_hidden_size=512)  # AWQ's 128-wide groups divide it

@@ -251,10 +251,23 @@ class TrtllmConverter:
                 scales = {key: (split_scale(v, skind, placement, self.tp if kind != "replicated" else 1, tp_rank), skind)
                           for key, (v, skind) in q.scales.items()}
                 ref = q
-            yield rank, name, ref.quantized(weight, scales)
+            packed = ref.quantized(weight, scales)
+            if ref.algo.weight == "int4_block":
+                # int8, as ModelOpt writes them: TensorRT-LLM only repacks int8 weights for its int4 kernels
+                packed = packed.view(torch.int8)
+            yield rank, name, packed
             for key, (value, skind) in scales.items():
-                out = value if value.dtype == torch.float8_e4m3fn else value.float()  # NVFP4 block scales: FP8
-                yield rank, f"{module}.{self._TRT_SCALE[key]}", out.reshape(1) if skind == "tensor" else out
+                if key == "pre_quant_scale":
+                    out = value.to(self.dtype)  # declared in the checkpoint dtype by TensorRT-LLM
+                elif value.dtype in (torch.float8_e4m3fn, torch.uint8):
+                    out = value  # NVFP4 block scales (FP8), MXFP8 exponents (uint8)
+                else:
+                    out = value.float()
+                trt_key = "per_channel_scale" if ref.algo.weight == "fp8_channel" and key == "weight_scale" \
+                    else self._TRT_SCALE[key]
+                if skind == "tensor":  # [1], except NVFP4's scalars (as ModelOpt writes each)
+                    out = out.reshape(()) if ref.algo.weight == "nvfp4_block" else out.reshape(1)
+                yield rank, f"{module}.{trt_key}", out
 
     def feed_kv_scale(self, hf_name: str, which: str, scale: torch.Tensor) -> Iterator[tuple]:
         """FP8 KV cache: one scale per layer, the larger of the K and V scales."""
@@ -328,6 +341,12 @@ class TrtllmConverter:
             yield from self._place_quant(stage, prefix + trt_suffix, kind, tensor)
         else:
             yield from self._place(stage, prefix + trt_suffix, kind, tensor)
+
+    def splits_inputs(self, hf_name: str) -> bool:
+        """Whether the inference TP ranks split this HF linear along its inputs (row-parallel)."""
+        m = self.layer_re.match(hf_name)
+        entry = self.table["layer"].get(m.group(2)) if m else None
+        return entry is not None and entry[1] == "row"
 
     def finish(self) -> None:
         if self._pending:

@@ -1,22 +1,33 @@
-"""Calibration on a replica of the live model, with ModelOpt, leaving training state untouched.
+"""Calibration statistics, gathered while training waits, leaving training state untouched.
 
-ModelOpt's ``mtq.quantize`` inserts quantizers into the modules it calibrates and, for SmoothQuant
-and AWQ, rescales their weights. So it runs on a replica: a deep copy of the rank's model chunks
-that shares only the process groups, made at the save, calibrated in eval mode under no_grad,
-read, and dropped. The live model's parameters, gradients, module structure and training mode are
-never touched; the RNG states (CPU, CUDA, Megatron's tracker) are saved and restored around it.
-The replica needs room for one more copy of the rank's weights while it lives.
+Two ways, chosen by the recipe (`QuantSpec.calibration_kind`):
+
+* ``max`` (fp8, nvfp4 and the KV-cache scales): ModelOpt's max calibration measures, per
+  quantized linear, max |input| over every calibration token (with quantization switched off
+  while it collects), then takes the MAX over data- and tensor-parallel ranks; for the KV cache,
+  max |K| (after RoPE) and max |V| at the core attention. Forward pre-hooks on the *live* model
+  measure exactly that, with no copy of the weights and no quantizer inserted: eval mode, no_grad,
+  RNG states restored, hooks removed (`forward.run_forward`); the values are MAX-reduced by name
+  over every rank.
+* ``smoothquant`` / ``awq``: ModelOpt's own algorithms, which search per-channel scales and
+  rescale weights, run on a replica: a deep copy of the rank's chunks that shares only the
+  process groups, calibrated and read, then dropped. It needs room for one more copy of the
+  rank's weights while it lives.
+
+Weight-only formats without a KV-cache scale (fp8_pb_wo, fp8_pc_pt, mxfp8, w4a16_nvfp4) need no
+forward pass at all: their scales come from the weights.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..errors import ConfigError, ExportError
-from ..forward import is_staged, pipeline_loop, preserved_rng, single_stage_loop  # noqa: F401  (shared)
+from ..forward import eval_mode, is_staged, pipeline_loop, preserved_rng, single_stage_loop
 
 # Megatron linears whose inputs ModelOpt calibrates (names after the plan's expansion).
 LINEAR_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
@@ -105,11 +116,11 @@ def target_layer(info, layer_number: int) -> int:
     return index // 2 if info.source_layout == "hybrid_paired" else index
 
 
-def _kv_hooks(replica: list, info, kv_amax: dict) -> list:
+def _kv_hooks(chunks: list, info, kv_amax: dict) -> list:
     """Record max |k| and |v| per layer where the KV cache holds them: at the core attention's
     input, K after RoPE (and after the k-norm), as ModelOpt's Megatron KV quantizers measure."""
     handles = []
-    for chunk in replica:
+    for chunk in chunks:
         for layer in chunk.decoder.layers:
             core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
             if core is None:
@@ -126,58 +137,141 @@ def _kv_hooks(replica: list, info, kv_amax: dict) -> list:
     return handles
 
 
-def calibrate(chunks: list, spec, info, data: Any = None, forward_loop: Optional[Callable] = None,
-              comm=None, batches: Optional[list] = None) -> tuple:
-    """Calibrate a replica; returns (replica chunks, {layer: (k_amax, v_amax)}).
+@dataclass
+class Calibration:
+    """What calibration measured: ``replica`` (ModelOpt-calibrated chunks, smoothquant/awq: their
+    quantizers hold the statistics and their weights are the ones to export), ``input_amax``
+    (max path: canonical linear weight name -> max |input|), ``kv_amax`` (layer -> (k, v))."""
 
-    Call on every rank (ModelOpt synchronizes amax over TP/DP/EP; KV amax is max-reduced here).
+    replica: Optional[list] = None
+    input_amax: dict = field(default_factory=dict)
+    kv_amax: dict = field(default_factory=dict)
+
+
+def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_loop: Optional[Callable] = None,
+              comm=None, batches: Optional[list] = None) -> Calibration:
+    """Gather the statistics ``spec`` needs. Call on every rank (the values are MAX-reduced).
+
+    ``local``: the live chunks' slices (`plan.local_shards`), which name the hooked linears.
     ``batches``: the calibration batches when the caller already drew them (the verification
     probe shares them, so an iterator source is read once per export).
     """
+    kind = spec.calibration_kind
+    if kind is None:
+        return Calibration()
+    device = next(p.device for c in chunks for p in c.parameters())
+    if batches is None and forward_loop is None:
+        batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
+    if kind in ("smoothquant", "awq"):
+        replica, kv_amax = _calibrate_replica(chunks, spec, info, batches, forward_loop)
+        result = Calibration(replica=replica, kv_amax=kv_amax)
+    else:
+        result = _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm)
+    if spec.kv_cache != "none":
+        result.kv_amax = _reduce_kv(result.kv_amax, info.num_layers, comm)
+    return result
+
+
+def _loop(chunks: list, batches, forward_loop):
+    if forward_loop is not None:
+        return forward_loop
+    return pipeline_loop(batches) if is_staged(chunks) else single_stage_loop(batches)
+
+
+def _drive(chunks: list, loop) -> None:
+    if is_staged(chunks):  # the loop drives every chunk through the pipeline schedule together
+        loop(torch.nn.ModuleList(chunks))
+    else:
+        for chunk in chunks:
+            loop(chunk)
+
+
+def _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm) -> Calibration:
+    owners = {}
+    for chunk in chunks:
+        for module in chunk.modules():
+            weight = module.__dict__.get("_parameters", {}).get("weight")
+            if weight is not None:
+                owners[weight.untyped_storage().data_ptr()] = module
+    linears = {}  # module -> canonical weight name
+    if any(a.activation is not None for a in spec.algorithms):
+        for name, pieces in local.items():
+            if is_quantizable_linear(name):
+                module = owners.get(pieces[0].tensor.untyped_storage().data_ptr())
+                if module is not None:
+                    linears[module] = name
+    amax: dict = {}
+    kv_amax: dict = {}
+    handles = []
+    for module, name in linears.items():
+        def hook(mod, args, name=name):
+            x = linear_input(mod, args[0]).detach()
+            value = x.abs().amax().float()
+            amax[name] = torch.maximum(amax[name], value) if name in amax else value
+        handles.append(module.register_forward_pre_hook(hook))
+    if spec.kv_cache != "none":
+        handles += _kv_hooks(chunks, info, kv_amax)
+    try:
+        with preserved_rng(), eval_mode(chunks), torch.no_grad():
+            _drive(chunks, _loop(chunks, batches, forward_loop))
+    finally:
+        for h in handles:
+            h.remove()
+    mine = {name: float(value) for name, value in amax.items()}
+    if comm is not None and comm.distributed:
+        merged: dict = {}
+        for theirs in comm.all_gather_object(mine):
+            for name, value in theirs.items():
+                merged[name] = max(merged.get(name, value), value)
+        mine = merged
+    return Calibration(input_amax={n: torch.tensor(v, dtype=torch.float32) for n, v in mine.items()},
+                       kv_amax=kv_amax)
+
+
+def linear_input(module, x: torch.Tensor) -> torch.Tensor:
+    """What a linear's GEMM multiplies: its input, or, for Transformer Engine's fused
+    LayerNorm-linear (``layer_norm_weight``), the normalized input (what ModelOpt quantizes)."""
+    gamma = getattr(module, "layer_norm_weight", None)
+    if gamma is None:
+        return x
+    eps = float(getattr(module, "eps", 1e-5))
+    gamma = gamma.float() + (1.0 if getattr(module, "zero_centered_gamma", False) else 0.0)
+    x = x.float()
+    if str(getattr(module, "normalization", "LayerNorm")) == "RMSNorm":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma
+    beta = getattr(module, "layer_norm_bias", None)
+    out = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps) * gamma
+    return out + beta.float() if beta is not None else out
+
+
+def _calibrate_replica(chunks, spec, info, batches, forward_loop) -> tuple:
     import modelopt.torch.quantization as mtq
 
-    device = next(p.device for c in chunks for p in c.parameters())
     with preserved_rng():
         replica = replicate(chunks)
         for chunk in replica:
             chunk.eval()
-        if batches is None:
-            batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
         kv_amax: dict = {}
         handles = _kv_hooks(replica, info, kv_amax) if spec.kv_cache != "none" else []
-        staged = is_staged(replica)
-        if forward_loop is not None:
-            loop = forward_loop
-        elif staged:
-            loop = pipeline_loop(batches)
-        else:
-            loop = single_stage_loop(batches)
+        loop = _loop(replica, batches, forward_loop)
         try:
-            if spec.algo is not None:
-                cfg = copy.deepcopy(getattr(mtq, spec.algo.modelopt_cfg))
-                # What the export leaves unquantized must not be fake-quantized (or smoothed) while
-                # calibrating: ModelOpt's own exclusions use HF names (lm_head), not Megatron's.
-                for pattern in UNQUANTIZED:
-                    if isinstance(cfg["quant_cfg"], list):  # ModelOpt >= 0.45: ordered entries
-                        cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
-                    else:
-                        cfg["quant_cfg"][pattern] = {"enable": False}
-                if spec.algorithm == "int8_sq":
-                    cfg["algorithm"] = {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
-                if staged:  # one quantize over all chunks: the loop drives them together
-                    replica = list(mtq.quantize(torch.nn.ModuleList(replica), cfg, loop))
+            cfg = copy.deepcopy(getattr(mtq, spec.algo.modelopt_cfg))
+            # What the export leaves unquantized must not be fake-quantized (or smoothed) while
+            # calibrating: ModelOpt's own exclusions use HF names (lm_head), not Megatron's.
+            for pattern in UNQUANTIZED:
+                if isinstance(cfg["quant_cfg"], list):  # ModelOpt >= 0.45: ordered entries
+                    cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
                 else:
-                    replica = [mtq.quantize(chunk, cfg, loop) for chunk in replica]
-            elif staged:
-                loop(torch.nn.ModuleList(replica))
+                    cfg["quant_cfg"][pattern] = {"enable": False}
+            if spec.algorithm == "int8_sq":
+                cfg["algorithm"] = {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
+            if is_staged(replica):  # one quantize over all chunks: the loop drives them together
+                replica = list(mtq.quantize(torch.nn.ModuleList(replica), cfg, loop))
             else:
-                for chunk in replica:
-                    loop(chunk)
+                replica = [mtq.quantize(chunk, cfg, loop) for chunk in replica]
         finally:
             for h in handles:
                 h.remove()
-    if spec.kv_cache != "none":
-        kv_amax = _reduce_kv(kv_amax, info.num_layers, comm)
     return replica, kv_amax
 
 

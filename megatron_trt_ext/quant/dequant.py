@@ -21,20 +21,52 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(-1, packed.shape[1])
 
 
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _decode_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in/2] uint8 (low nibble: even input, high: odd) -> [out, in] float."""
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+    magnitude = torch.tensor(E2M1)[codes & 0x7]
+    return torch.where(codes & 0x8 > 0, -magnitude, magnitude)
+
+
+def _per_block(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Expand [rows/r, cols/c] block scales to [rows, cols]."""
+    scale = scale.reshape(scale.shape[0], -1) if scale.dim() != 2 else scale
+    return scale.repeat_interleave(rows // scale.shape[0], dim=0).repeat_interleave(cols // scale.shape[1], dim=1)
+
+
 def dequantize_weight(quant_algo: str, tensors: dict, module: str) -> torch.Tensor:
-    w, s = tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"].float()
+    w, s = tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"]
     if quant_algo == "FP8":
-        return w.float() * s
-    if quant_algo == "W8A8_SQ_PER_CHANNEL":
-        return w.float() * s[:, None]
+        return w.float() * s.float()
+    if quant_algo in ("FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL"):
+        return w.float() * s.float()[:, None]
+    if quant_algo == "fp8_pb_wo":  # [out/128, 1, in/128, 1]
+        return w.float() * _per_block(s.float().reshape(s.shape[0], s.shape[2]), *w.shape)
+    if quant_algo == "MXFP8":  # E8M0 exponents (uint8, bias 127) per 32 inputs
+        return w.float() * _per_block(torch.exp2(s.float() - 127.0), *w.shape)
+    if quant_algo in ("NVFP4", "W4A16_NVFP4"):
+        values = _decode_e2m1(w)
+        s2 = tensors[f"{module}.weight_scale_2"].float()
+        return values * _per_block(s.float() * s2, *values.shape)
     if quant_algo in ("W4A16_AWQ", "W4A8_AWQ"):
         q = _unpack_int4(w).float()
-        weight = q * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+        weight = q * s.float().repeat_interleave(q.shape[1] // s.shape[1], dim=1)
         if quant_algo == "W4A8_AWQ":
             s2 = tensors[f"{module}.weight_scale_2"].float()
             weight = (weight / s2).to(torch.float8_e4m3fn).float() * s2
         return weight
     raise NotImplementedError(f"dequantizing {quant_algo} is not implemented")
+
+
+def _algo_of(quant: dict, module: str) -> str:
+    """The quant_algo of one module (MIXED_PRECISION lists them per module)."""
+    layers = quant.get("quantized_layers")
+    if layers is not None:
+        return layers[module]["quant_algo"]
+    return quant["quant_algo"]
 
 
 def load_dequantized(hf_dir) -> torch.nn.Module:
@@ -56,7 +88,7 @@ def load_dequantized(hf_dir) -> torch.nn.Module:
     for name in model.state_dict():
         module = name[: -len(".weight")]
         if f"{module}.weight_scale" in tensors:
-            state[name] = dequantize_weight(quant["quant_algo"], tensors, module)
+            state[name] = dequantize_weight(_algo_of(quant, module), tensors, module)
         elif name in tensors:
             state[name] = tensors[name].float()
     missing, _ = model.load_state_dict(state, strict=False)

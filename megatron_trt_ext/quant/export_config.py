@@ -1,19 +1,34 @@
-"""The quantization blocks of the written configs (ModelOpt unified HF, TensorRT-LLM)."""
+"""The quantization blocks of the written configs (ModelOpt unified HF, TensorRT-LLM).
+
+``summary`` is what the plan decided per linear (`ExportJob._plan_outputs`): ``layers`` (HF module
+-> recipe algorithm name), ``hf_exclude`` (unquantized HF linears and embeddings, listed as ModelOpt
+lists them), ``trt_exclude`` (the same in TensorRT-LLM names).
+"""
 
 from __future__ import annotations
 
-from .spec import KV_CACHE
+from .spec import ALGORITHMS, KV_CACHE
 
 
-def _block(spec) -> dict:
-    algo = spec.algo
-    block = {"quant_algo": algo.quant_algo if algo else None, "kv_cache_quant_algo": KV_CACHE[spec.kv_cache]}
-    if algo is not None and algo.group_size:
-        block["group_size"] = algo.group_size
-    if algo is not None and algo.name in ("int4_awq", "w4a8_awq"):
-        block["has_zero_point"] = False
-        block["pre_quant_scale"] = True
-    block["exclude_modules"] = list(spec.exclude)
+def _algo_fields(algo) -> dict:
+    out = {"quant_algo": algo.quant_algo}
+    if algo.group_size:
+        out["group_size"] = algo.group_size
+    if algo.calibration == "awq":
+        out.update(has_zero_point=False, pre_quant_scale=True)
+    return out
+
+
+def _block(spec, summary: dict, exclude: list) -> dict:
+    used = sorted(set(summary["layers"].values()))
+    kv = KV_CACHE[spec.kv_cache]
+    if len(used) > 1:  # ModelOpt's MIXED_PRECISION: what is not listed stays unquantized
+        return {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": kv,
+                "quantized_layers": {m: _algo_fields(ALGORITHMS[a]) for m, a in sorted(summary["layers"].items())}}
+    block = {"quant_algo": None, "kv_cache_quant_algo": kv}
+    if used:
+        block.update(_algo_fields(ALGORITHMS[used[0]]))
+    block["exclude_modules"] = exclude
     return block
 
 
@@ -27,15 +42,18 @@ def _producer() -> dict:
     return {"name": "modelopt", "version": version}
 
 
-def hf_quant_config_file(spec) -> dict:
+def hf_quant_config_file(spec, summary: dict) -> dict:
     """hf_quant_config.json, as ModelOpt's unified export writes it."""
-    return {"producer": _producer(), "quantization": _block(spec)}
+    return {"producer": _producer(), "quantization": _block(spec, summary, summary["hf_exclude"])}
 
 
-def hf_quantization_config(spec) -> dict:
-    """config.json's quantization_config (what vLLM/SGLang/TensorRT-LLM's PyTorch backend read)."""
-    return {"quant_method": "modelopt", **_block(spec), "producer": _producer()}
+def hf_quantization_config(spec, summary: dict) -> dict:
+    """config.json's quantization_config: ModelOpt's own conversion of hf_quant_config.json (the
+    flat form vLLM and SGLang read first: ``ignore``, ``kv_cache_scheme``, ``config_groups``)."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    return convert_hf_quant_config_format(hf_quant_config_file(spec, summary))
 
 
-def trtllm_quantization(spec) -> dict:
-    return _block(spec)
+def trtllm_quantization(spec, summary: dict) -> dict:
+    return _block(spec, summary, summary["trt_exclude"])

@@ -36,15 +36,17 @@ class QuantLinear:
         scales = self.scales if scales is None else scales
         ws = scales["weight_scale"][0]
         ws2 = scales["weight_scale_2"][0] if "weight_scale_2" in scales else None
-        block = self.algo.group_size or None
+        block = self.algo.block or self.algo.group_size or None
         if weight.device.type == "meta":  # planning: shapes only
             return _meta_quantized(self.algo, weight)
-        return to_quantized_weight(weight.float(), ws.float(), self.algo.name, ws2, block)
+        if ws.dtype != torch.uint8:  # MXFP8's E8M0 exponents stay uint8
+            ws = ws.float()
+        return to_quantized_weight(weight.float(), ws, self.algo.name, ws2, block)
 
 
 def _meta_quantized(algo, weight):
     out, inp = weight.shape
-    if algo.weight == "fp8_tensor":
+    if algo.weight in ("fp8_tensor", "fp8_channel", "fp8_block", "mxfp8"):
         return torch.empty(out, inp, dtype=torch.float8_e4m3fn, device="meta")
     if algo.weight == "int8_channel":
         return torch.empty(out, inp, dtype=torch.int8, device="meta")
@@ -57,69 +59,94 @@ def _amax(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().amax().float()
 
 
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def block_scale(weight: torch.Tensor, group: int, maxbound: float) -> torch.Tensor:
     """Per-block scale [out, in/group] = block amax / maxbound (zeros become 1, as ModelOpt does)."""
     out, inp = weight.shape
     amax = weight.detach().float().reshape(out, inp // group, group).abs().amax(dim=-1)
-    scale = amax / maxbound
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    return _nonzero(amax / maxbound)
+
+
+def square_block_scale(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """FP8 2-D block scale in ModelOpt's unified layout [out/b, 1, in/b, 1] = block amax / 448."""
+    out, inp = weight.shape
+    amax = weight.detach().float().reshape(out // block, block, inp // block, block).abs().amax(dim=(1, 3))
+    return _nonzero(amax / FP8_MAX).reshape(out // block, 1, inp // block, 1)
 
 
 class LinearQuantizer:
     """Computes the scales of the HF parts of one Megatron linear.
 
     Args:
-        algo: the `Algorithm` (None for KV-cache-only quantization: linears stay unquantized).
         fused: the full Megatron weight (all parts), for the shared per-tensor amax.
         stats: calibration statistics: ``input_amax`` (scalar), ``pre_quant_scale`` ([in]),
             ``k_amax`` / ``v_amax`` (scalars, on the QKV linear).
+        kv_divisor: the amax divisor of the KV-cache scales (448 for FP8 and for NVFP4, whose
+            per-tensor scale ModelOpt's unified export writes as amax / 448 too).
     """
 
-    def __init__(self, algo, fused: torch.Tensor, stats: dict):
-        self.algo = algo
+    def __init__(self, fused: torch.Tensor, stats: dict, kv_divisor: float = FP8_MAX):
         self.stats = stats
+        self.kv_divisor = kv_divisor
         self.fused_amax = _amax(fused) if fused.device.type != "meta" else torch.empty((), device="meta")
 
     def _scalar(self, value) -> torch.Tensor:
         return value.reshape(()).float()
 
-    def quantize_part(self, weight: torch.Tensor) -> QuantLinear:
-        algo = self.algo
+    def quantize_part(self, weight: torch.Tensor, algo) -> QuantLinear:
         scales: dict = {}
         input_amax = self.stats.get("input_amax")
+        meta = weight.device.type == "meta"
         if algo.weight == "fp8_tensor":
             scales["weight_scale"] = (self.fused_amax / FP8_MAX, "tensor")
+        elif algo.weight == "fp8_channel":
+            scales["weight_scale"] = (_nonzero(weight.detach().float().abs().amax(dim=1) / FP8_MAX), "out")
+        elif algo.weight == "fp8_block":
+            scales["weight_scale"] = (square_block_scale(weight, algo.block), "block2d")
+        elif algo.weight == "mxfp8":
+            if meta:
+                scale = torch.empty(weight.shape[0], weight.shape[1] // algo.group_size, dtype=torch.uint8,
+                                    device="meta")
+            else:
+                from modelopt.torch.quantization.qtensor import MXFP8QTensor
+
+                scale = MXFP8QTensor.get_weights_scaling_factor(weight.float())
+            scales["weight_scale"] = (scale, "block")
         elif algo.weight == "int8_channel":
-            amax = weight.detach().float().abs().amax(dim=1)
-            scale = amax / INT8_MAX
-            scales["weight_scale"] = (torch.where(scale == 0, torch.ones_like(scale), scale), "out")
+            scales["weight_scale"] = (_nonzero(weight.detach().float().abs().amax(dim=1) / INT8_MAX), "out")
         elif algo.weight == "int4_block":
             scales["weight_scale"] = (block_scale(weight, algo.group_size, 7.0), "block")
         elif algo.weight == "nvfp4_block":
-            from modelopt.torch.quantization.qtensor import NVFP4QTensor
-
             scale_2 = self.fused_amax / (6.0 * FP8_MAX)
-            per_block = NVFP4QTensor.get_weights_scaling_factor(weight.float(), algo.group_size,
-                                                                scale_2)[0]
+            if meta:
+                per_block = torch.empty(weight.shape[0], weight.shape[1] // algo.group_size,
+                                        dtype=torch.float8_e4m3fn, device="meta")
+            else:
+                from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+                per_block = NVFP4QTensor.get_weights_scaling_factor(weight.float(), algo.group_size, scale_2)[0]
             scales["weight_scale"] = (per_block, "block")
             scales["weight_scale_2"] = (scale_2, "tensor")
         if algo.weight_scale_2 and algo.weight == "int4_block":
             scales["weight_scale_2"] = (self.fused_amax / FP8_MAX, "tensor")
-        if algo.activation in ("fp8_tensor", "nvfp4") and input_amax is not None:
-            divisor = FP8_MAX if algo.activation == "fp8_tensor" else 6.0 * FP8_MAX
+        if algo.activation is not None:
+            if input_amax is None:
+                raise AssertionError(f"{algo.name}: no input amax was calibrated for this linear")
+            divisor = {"fp8_tensor": FP8_MAX, "nvfp4": 6.0 * FP8_MAX, "int8_tensor": INT8_MAX}[algo.activation]
             scales["input_scale"] = (self._scalar(input_amax) / divisor, "tensor")
-        elif algo.activation == "int8_tensor" and input_amax is not None:
-            scales["input_scale"] = (self._scalar(input_amax) / INT8_MAX, "tensor")
         if algo.pre_quant_scale and "pre_quant_scale" in self.stats:
             scales["pre_quant_scale"] = (self.stats["pre_quant_scale"].float(), "in")
         return QuantLinear(algo, weight, scales)
 
     def kv_scales(self) -> dict:
-        """FP8 KV-cache scales (amax / 448) when calibrated."""
+        """KV-cache scales (amax / divisor) when calibrated."""
         out = {}
         for key in ("k_amax", "v_amax"):
             if key in self.stats:
-                out[key[0]] = self._scalar(self.stats[key]) / FP8_MAX
+                out[key[0]] = self._scalar(self.stats[key]) / self.kv_divisor
         return out
 
 

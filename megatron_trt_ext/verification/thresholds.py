@@ -57,13 +57,22 @@ THRESHOLDS = {
     "w4a8_awq": Limits(max_rel_logit_diff=0.8, min_top1_agreement=0.35, max_kl_mean=0.1),
     "nvfp4": Limits(max_rel_logit_diff=0.8, min_top1_agreement=0.35, max_kl_mean=0.1),
 }
+# Formats with no separate measurement take the limits of the nearest one: FP8 weights with finer
+# scales than per-tensor FP8 (per channel, per 128x128 block, per 32 as powers of two), and NVFP4
+# weights alone.
+for _name, _like in (("fp8_pc_pt", "fp8"), ("fp8_pb_wo", "fp8"), ("mxfp8", "fp8"), ("w4a16_nvfp4", "nvfp4")):
+    THRESHOLDS[_name] = THRESHOLDS[_like]
 
 
 def thresholds_for(manifest: dict) -> tuple:
     """(key, Limits) for an export: its quantization algorithm, else the coarser of the export
     dtype and the model dtype the reference was computed in."""
-    algorithm = ((manifest.get("config") or {}).get("quantization") or {}).get("algorithm", "none")
-    if algorithm in THRESHOLDS:
+    quant = (manifest.get("config") or {}).get("quantization") or {}
+    # mixed precision: the loosest of the formats it combines
+    used = [quant.get("algorithm", "none")] + [o.get("algorithm") for o in quant.get("overrides") or []]
+    used = [a for a in used if a in THRESHOLDS]
+    if used:
+        algorithm = max(used, key=lambda a: THRESHOLDS[a].max_rel_logit_diff)
         return algorithm, THRESHOLDS[algorithm]
     dtypes = [manifest.get("dtype"), (manifest.get("verification") or {}).get("model_dtype")]
     known = [d for d in dtypes if d in _DTYPE_ORDER] or ["bfloat16"]

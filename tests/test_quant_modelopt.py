@@ -1,0 +1,276 @@
+"""Quantized exports against ModelOpt's own exporters, tensor for tensor.
+
+* TensorRT-LLM checkpoints: ModelOpt's ``export_tensorrt_llm_checkpoint`` of the same Megatron
+  model, calibrated by ModelOpt itself (``mtq.quantize`` with the recipe's config on the same
+  batches), for every recipe ModelOpt exports to that format, at inference TP 1 and 2.
+* Hugging Face checkpoints: ModelOpt's ``export_hf_checkpoint`` of the transformers model that
+  our unquantized float32 export loads as, calibrated by ModelOpt on the same batches (ModelOpt's
+  Megatron exporter crashes on or drops fp8_pb_wo, fp8_pc_pt, mxfp8 and AWQ). Its KV-cache
+  quantizers measure K after RoPE in the HF attention: the oracle for k_scale / v_scale.
+
+Weights and weight scales must be bit-equal. Activation and KV-cache scales measured by two
+float32 implementations of the same forward (Megatron's, transformers') agree to rounding.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_trt_ext import ConfigError, ExportConfig, Exporter
+from megatron_trt_ext.testing.models import randomize, tiny_llama
+from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+
+mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle (extra 'quant')")
+transformers = pytest.importorskip("transformers", reason="transformers runs ModelOpt's HF export")
+
+CALIB = {"num_samples": 8, "seq_len": 32, "batch_size": 4}
+
+
+def llama_128():
+    """Every HF linear's dims are multiples of 128 (k/v: 2 groups x 64), for the 128x128 FP8 blocks
+    and the AWQ groups, also per inference-TP-2 rank."""
+    model = tiny_llama(hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+                       kv_channels=64)
+    randomize(model, seed=23)
+    return model
+
+
+def load_dir(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def batches_for(exporter) -> list:
+    from megatron_trt_ext.testing.oracle import calibration_tokens
+
+    return calibration_tokens(exporter)
+
+
+def modelopt_cfg(algo: str, kv: str = "none") -> dict:
+    from megatron_trt_ext.testing.oracle import modelopt_config
+
+    return modelopt_config(algo, kv)
+
+
+def assert_same_tensors(ours: dict, theirs: dict, what: str, skip=(), close=()):
+    assert set(ours) == set(theirs), (f"{what}: only ours {sorted(set(ours) - set(theirs))[:6]}, "
+                                      f"only ModelOpt's {sorted(set(theirs) - set(ours))[:6]}")
+    for name in sorted(theirs):
+        if any(s in name for s in skip):
+            continue
+        a, b = ours[name], theirs[name]
+        assert (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape)), \
+            f"{what} {name}: ours {a.dtype} {tuple(a.shape)}, ModelOpt's {b.dtype} {tuple(b.shape)}"
+        if any(c in name for c in close):  # activation / KV statistics of two forward implementations
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=0, msg=f"{what} {name}")
+        elif a.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{what} {name}: bytes differ"
+        else:
+            assert torch.equal(a, b), f"{what} {name}: values differ"
+
+
+# ---------------------------------------------------------------- TensorRT-LLM checkpoints
+TRT_CASES = [("fp8", 1), ("int8_sq", 1), ("int4_awq", 1), ("w4a8_awq", 1), ("fp8_pc_pt", 1), ("nvfp4", 1),
+             ("int4_awq", 2), ("fp8_pc_pt", 2), ("nvfp4", 2), ("int8_sq", 2)]
+
+
+@pytest.mark.parametrize("algo,tp", TRT_CASES)
+def test_trtllm_checkpoint_equals_modelopts_export(megatron_world, tmp_path, algo, tp):
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    model = llama_128()
+    cfg = ExportConfig(output_dir=str(tmp_path / "ours"), dtype="bfloat16", mode="sync", inference_tp=tp,
+                       formats=["trtllm_checkpoint"], verification={"enabled": False},
+                       quantization={"algorithm": algo, "calibration": CALIB})
+    exporter = Exporter(model, cfg)
+    ours = exporter.export(1).path / "trtllm_checkpoint"
+    oracle = modelopt_fake_quant(model, exporter)
+    export_tensorrt_llm_checkpoint(oracle, "llama", torch.bfloat16, str(tmp_path / "modelopt"),
+                                   inference_tensor_parallel=tp)
+    theirs_cfg = json.loads((tmp_path / "modelopt" / "config.json").read_text())["quantization"]
+    ours_cfg = json.loads((ours / "config.json").read_text())["quantization"]
+    assert ours_cfg == theirs_cfg
+    for rank in range(tp):
+        # the vocabulary tables are laid out differently (ModelOpt pads the vocabulary for its
+        # parallel embedding); they are unquantized and compared with the HF export elsewhere
+        vocab = ("vocab_embedding", "lm_head")
+        mine = {k: v for k, v in load_file(str(ours / f"rank{rank}.safetensors")).items()
+                if not any(v in k for v in vocab)}
+        theirs = {k: v for k, v in load_file(str(tmp_path / "modelopt" / f"rank{rank}.safetensors")).items()
+                  if not any(v in k for v in vocab)}
+        assert_same_tensors(mine, theirs, f"{algo} TP{tp} rank {rank}")
+    if algo in ("int4_awq", "w4a8_awq"):  # what TensorRT-LLM repacks for its int4 kernels
+        assert mine["transformer.layers.0.mlp.fc.weight"].dtype == torch.int8
+    if algo in ("int8_sq", "int4_awq"):  # TensorRT-LLM declares it in the checkpoint dtype
+        assert mine["transformer.layers.0.mlp.fc.prequant_scaling_factor"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints
+def modelopt_hf(float_dir: Path, algo: str, kv: str, batches: list, out: Path) -> Path:
+    """ModelOpt's unified HF export of the transformers model our float export loads as."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=torch.float32).eval()
+
+    def loop(m):
+        with torch.no_grad():
+            for tokens in batches:
+                m(tokens)
+    hf = mtq.quantize(hf, modelopt_cfg(algo, kv), loop)
+    export_hf_checkpoint(hf, export_dir=str(out))
+    return out
+
+
+HF_CASES = [("fp8_pb_wo", "none"), ("fp8_pc_pt", "fp8"), ("mxfp8", "none"), ("w4a16_nvfp4", "none"),
+            ("nvfp4", "nvfp4"), ("nvfp4", "fp8")]
+
+
+@pytest.mark.parametrize("algo,kv", HF_CASES)
+def test_hf_checkpoint_equals_modelopts_hf_export(megatron_world, tmp_path, algo, kv):
+    model = llama_128()
+    common = dict(dtype="float32", mode="sync", formats=["hf"], verification={"enabled": False})
+    plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), **common)).export(1).path / "hf"
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), **common, quantization={
+        "algorithm": algo, "kv_cache": kv, "calibration": CALIB}))
+    ours = exporter.export(1).path / "hf"
+    theirs = modelopt_hf(plain, algo, kv, batches_for(exporter), tmp_path / "modelopt")
+
+    assert_same_tensors(load_dir(ours), load_dir(theirs), f"{algo} kv={kv}",
+                        close=("input_scale", "k_scale", "v_scale"))
+    ours_q = json.loads((ours / "hf_quant_config.json").read_text())
+    theirs_q = json.loads((theirs / "hf_quant_config.json").read_text())
+    assert ours_q["quantization"] == theirs_q["quantization"]
+    assert (json.loads((ours / "config.json").read_text())["quantization_config"]
+            == json.loads((theirs / "config.json").read_text())["quantization_config"])
+
+
+def test_awq_hf_layout_is_modelopts(megatron_world, tmp_path):
+    """int4_awq's HF checkpoint (loaded by TensorRT-LLM's PyTorch backend, which reads no pre-quant
+    scale on fused q/k/v or gate/up): the scales of the linears after a norm are folded into the
+    norm, as ModelOpt's HF export lays them out; o_proj/down_proj keep theirs, in the checkpoint
+    dtype. The values follow from our TensorRT-LLM checkpoint, which equals ModelOpt's (above)."""
+    model = llama_128()
+    common = dict(mode="sync", verification={"enabled": False})
+    plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), dtype="float32", formats=["hf"],
+                                         **common)).export(1).path / "hf"
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), dtype="bfloat16",
+                                            formats=["hf", "trtllm_checkpoint"], **common,
+                                            quantization={"algorithm": "int4_awq", "calibration": CALIB}))
+    path = exporter.export(1).path
+    ours, trt = load_dir(path / "hf"), load_file(str(path / "trtllm_checkpoint" / "rank0.safetensors"))
+    theirs = load_dir(modelopt_hf(plain, "int4_awq", "none", batches_for(exporter), tmp_path / "modelopt"))
+    # ModelOpt's model is float32, ours bfloat16: same tensors and shapes; packed weights and
+    # scales in the same dtypes; the remaining pre-quant scales in the checkpoint dtype
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    for name, tensor in theirs.items():
+        if name.endswith(("proj.weight", "weight_scale")):
+            assert ours[name].dtype == tensor.dtype, name
+        elif name.endswith("pre_quant_scale"):
+            assert ours[name].dtype == torch.bfloat16, name
+    assert not any(n.endswith(("q_proj.pre_quant_scale", "gate_proj.pre_quant_scale")) for n in ours)
+    floats = load_dir(plain)
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        for norm, linear in (("input_layernorm", "attention.qkv"), ("post_attention_layernorm", "mlp.fc")):
+            folded = floats[p + norm + ".weight"] * trt[f"transformer.layers.{layer}.{linear}.prequant_scaling_factor"]
+            torch.testing.assert_close(ours[p + norm + ".weight"].float(), folded.float(), rtol=2 ** -7, atol=0)
+        for module, linear in (("self_attn.o_proj", "attention.dense"), ("mlp.down_proj", "mlp.proj")):
+            assert torch.equal(ours[p + module + ".pre_quant_scale"],
+                               trt[f"transformer.layers.{layer}.{linear}.prequant_scaling_factor"])
+
+
+def test_mixed_precision_equals_modelopts_hf_export(megatron_world, tmp_path):
+    """fp8 attention, nvfp4 MLP, layer 0 unquantized, FP8 KV cache, against ModelOpt's HF export with
+    the same choices per module: MIXED_PRECISION with the same quantized_layers."""
+    model = llama_128()
+    common = dict(dtype="float32", mode="sync", formats=["hf"], verification={"enabled": False})
+    plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), **common)).export(1).path / "hf"
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), **common, quantization={
+        "algorithm": "fp8", "kv_cache": "fp8", "calibration": CALIB,
+        "overrides": [{"layers": [0], "algorithm": "none"}, {"modules": "*.mlp.*", "algorithm": "nvfp4"}]}))
+    ours_dir = exporter.export(1).path / "hf"
+
+    from modelopt.torch.export import export_hf_checkpoint
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32).eval()
+    nvfp4 = [e for e in mtq.NVFP4_DEFAULT_CFG["quant_cfg"] if e.get("quantizer_name") in
+             ("*weight_quantizer", "*input_quantizer")]
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + list(mtq.FP8_KV_CFG["quant_cfg"]) + [
+        {**copy.deepcopy(e), "quantizer_name": "*mlp*" + e["quantizer_name"][1:]} for e in nvfp4] + [
+        {"quantizer_name": "*layers.0.*_proj*", "enable": False}]
+
+    def loop(m):
+        with torch.no_grad():
+            for tokens in batches_for(exporter):
+                m(tokens)
+    export_hf_checkpoint(mtq.quantize(hf, cfg, loop), export_dir=str(tmp_path / "modelopt"))
+    theirs_dir = tmp_path / "modelopt"
+
+    ours_q = json.loads((ours_dir / "hf_quant_config.json").read_text())["quantization"]
+    theirs_q = json.loads((theirs_dir / "hf_quant_config.json").read_text())["quantization"]
+    assert ours_q["quant_algo"] == "MIXED_PRECISION" and ours_q == theirs_q
+
+    def groups_by_targets(path):  # the groups' numbering follows module order; their content is what counts
+        qc = json.loads((path / "config.json").read_text())["quantization_config"]
+        groups = qc.pop("config_groups")
+        return qc, sorted(json.dumps(g, sort_keys=True) for g in groups.values())
+    assert groups_by_targets(ours_dir) == groups_by_targets(theirs_dir)
+    ours, theirs = load_dir(ours_dir), load_dir(theirs_dir)
+    # FP8 q/k/v share one weight scale here (Megatron fuses them; TensorRT-LLM and ModelOpt's Megatron
+    # exporter need it): the largest of ModelOpt's per-projection scales, and the weights follow it
+    attn = "model.layers.1.self_attn."
+    shared = max(theirs[attn + p + "_proj.weight_scale"] for p in "qkv")
+    for p in "qkv":
+        assert torch.equal(ours[attn + p + "_proj.weight_scale"], shared)
+    fp8 = tuple(attn + p + "_proj.weight" for p in "qkv") + tuple(attn + p + "_proj.weight_scale" for p in "qkv")
+    assert_same_tensors({k: v for k, v in ours.items() if k not in fp8}, {k: v for k, v in theirs.items() if k not in fp8},
+                        "mixed", close=("input_scale", "k_scale", "v_scale"))
+    for name in fp8:
+        assert (ours[name].dtype, ours[name].shape) == (theirs[name].dtype, theirs[name].shape)
+
+
+# ---------------------------------------------------------------- recipe x format
+@pytest.mark.parametrize("quantization,formats,fragment", [
+    ({"algorithm": "int8_sq"}, ["hf"], "no engine loads INT8 SmoothQuant from a Hugging Face checkpoint"),
+    ({"algorithm": "fp8_pb_wo"}, ["trtllm_checkpoint"], "write formats: \\[hf\\]"),
+    ({"algorithm": "mxfp8"}, ["hf", "trtllm_checkpoint"], "no MXFP8"),
+    ({"algorithm": "w4a16_nvfp4"}, ["trtllm_checkpoint"], "no W4A16_NVFP4"),
+    ({"algorithm": "nvfp4", "kv_cache": "nvfp4"}, ["trtllm_checkpoint"], "NVFP4 KV cache"),
+    ({"algorithm": "fp8", "overrides": [{"modules": "*.mlp.*", "algorithm": "nvfp4"}]}, ["trtllm_checkpoint"],
+     "MIXED_PRECISION"),
+])
+def test_recipes_no_engine_loads_are_refused_when_loaded(quantization, formats, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ExportConfig(formats=formats, quantization={**quantization, "calibration": CALIB})
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ([{"modules": "*.mlp.*", "algorithm": "int4_awq"}], "cannot be mixed"),
+    ([{"modules": "*.mlp.*", "algorithm": "mxfp8"}], "cannot be mixed"),
+    ([{"layers": ["0"], "algorithm": "none"}], "decoder layer indices"),
+    ([{"module": "*", "algorithm": "none"}], "unknown option"),
+])
+def test_bad_mixed_precision_rules_are_named(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ExportConfig(quantization={"algorithm": "fp8", "overrides": overrides})
+
+
+def test_fused_parts_must_agree(megatron_world, tmp_path):
+    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf"], quantization={
+        "algorithm": "fp8", "exclude": ["lm_head", "*.k_proj"], "calibration": CALIB})
+    with pytest.raises(ConfigError, match="parts of one Megatron linear"):
+        Exporter(llama_128(), cfg)
+
+
+def test_block_sizes_are_checked_per_linear_at_attach(megatron_world, tmp_path):
+    model = tiny_llama(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf"], quantization={"algorithm": "fp8_pb_wo"})
+    with pytest.raises(ConfigError, match="k_proj has 64 outputs, not a multiple of the block size 128"):
+        Exporter(model, cfg)

@@ -318,7 +318,20 @@ class Exporter:
         local = local_shards(chunks, self.rename)
         if self.config.drop_mtp:  # the MTP layers' tensors neither move nor get written
             local = {name: pieces for name, pieces in local.items() if not name.startswith("mtp.")}
+        if self._native_fp8():
+            from .quant.calibrate import is_quantizable_linear
+            from .quant.fp8_source import native_pieces
+
+            local = native_pieces(local, chunks, is_quantizable_linear)
         return local
+
+    def _native_fp8(self) -> bool:
+        """FP8-trained weights (Transformer Engine FP8 parameters) move as their E4M3 bytes and
+        scales when the recipe writes FP8 weights (fp8, fp8_pc_pt, fp8_pb_wo) and calibrates
+        without rescaling them (not SmoothQuant/AWQ, whose replica ModelOpt rescales)."""
+        quant = self.config.quant
+        return (quant.enabled and quant.calibration_kind in ("max", None)
+                and any(a.weight.startswith("fp8") for a in quant.algorithms))
 
     def _export_vocab_size(self) -> int:
         padded = self.info.padded_vocab_size

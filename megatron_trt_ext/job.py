@@ -124,12 +124,20 @@ class ExportJob:
         trt_on = "trtllm_checkpoint" in self.config.formats
         quantizer = self._quantizer(name, tensor, state.stats)
         fold = state.stats.pop(fold_name(name), None) if state.stats else None
+        native = quantizer.native_scale if quantizer is not None else None
+        # FP8-trained weights: their multipliers go through the same row transforms as the bytes
+        native_parts = dict(megatron_to_hf(self.spec, self.ctx, [(name, native)], {})) if native is not None else {}
         for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)], state.pending):
             algo = self._algo_for(name, hf_name) if quantizer is not None else None
             if algo is not None:
                 yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on, algo,
-                                                   folded=name in self.folded_linears)
+                                                   folded=name in self.folded_linears,
+                                                   native=native_parts.get(hf_name))
                 continue
+            if hf_name in native_parts:  # an FP8-trained linear left unquantized: its values
+                from .quant.fp8_source import dequantize
+
+                out = dequantize(out, native_parts[hf_name])
             trt = list(converter.feed(hf_name, out)) if trt_on else []
             hf_out = out if fold is None else self._fold_into_norm(hf_name, out, fold)
             yield hf_name, hf_out.to(self._hf_dtype(hf_name, dtype)), trt
@@ -153,8 +161,10 @@ class ExportJob:
 
         if not is_quantizable_linear(name):
             return None
+        from .quant.fp8_source import STAT
+
         values = {stat: stats.pop(stat_name(name, stat)) for stat in stats_for(self.quant, name)}
-        return LinearQuantizer(tensor, values)
+        return LinearQuantizer(tensor, values, native_scale=stats.pop(stat_name(name, STAT), None))
 
     def _algo_for(self, source_name: str, hf_name: str):
         """The algorithm of one HF part of a quantizable Megatron linear (None: unquantized).
@@ -216,10 +226,11 @@ class ExportJob:
             return x * scale
         return (1.0 + x) * scale - 1.0
 
-    def _convert_quantized(self, converter, quantizer, hf_name, weight, trt_on, algo, folded: bool = False):
+    def _convert_quantized(self, converter, quantizer, hf_name, weight, trt_on, algo, folded: bool = False,
+                           native=None):
         module = hf_name[: -len(".weight")]
         self._check_shape(converter, module, tuple(weight.shape), algo, trt_on)
-        qlinear = quantizer.quantize_part(weight, algo)
+        qlinear = quantizer.quantize_part(weight, algo, native)
         trt = list(converter.feed(hf_name, qlinear)) if trt_on else []
         yield hf_name, qlinear.quantized(), trt
         for scale, (value, _) in qlinear.scales.items():

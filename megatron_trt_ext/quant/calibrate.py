@@ -191,8 +191,14 @@ def _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm) -> C
     for chunk in chunks:
         for module in chunk.modules():
             weight = module.__dict__.get("_parameters", {}).get("weight")
-            if weight is not None:
-                owners[weight.untyped_storage().data_ptr()] = module
+            if weight is None:
+                continue
+            # the weight, and the raw bytes of an FP8 weight (its pieces when exported natively)
+            for tensor in (weight, getattr(weight, "_data", None), getattr(weight, "_rowwise_data", None)):
+                try:
+                    owners[tensor.untyped_storage().data_ptr()] = module
+                except (AttributeError, RuntimeError, NotImplementedError):
+                    pass
     linears = {}  # module -> canonical weight name
     if any(a.activation is not None for a in spec.algorithms):
         for name, pieces in local.items():

@@ -25,14 +25,19 @@ class QuantLinear:
     algo: object
     weight: torch.Tensor
     # name -> (tensor, kind); kind says which weight dims a scale follows when the weight is split:
-    # "tensor" (per-tensor, replicated), "out" (dim 0), "block" (dims 0 and 1/group), "in" (inputs)
+    # "tensor" (per-tensor, replicated), "out" (dim 0), "block" (dims 0 and 1/group), "in" (inputs),
+    # "block2d" (FP8 128x128 blocks, HF only)
     scales: dict = field(default_factory=dict)
+    # the weight is E4M3 already (uint8 bytes): FP8-trained weights exported natively
+    prequantized: bool = False
 
     def quantized(self, weight: Optional[torch.Tensor] = None, scales: Optional[dict] = None) -> torch.Tensor:
         """The packed/quantized weight (of a split, when given), via ModelOpt."""
         from modelopt.torch.export.quant_utils import to_quantized_weight
 
         weight = self.weight if weight is None else weight
+        if self.prequantized:
+            return weight.view(torch.float8_e4m3fn)
         scales = self.scales if scales is None else scales
         ws = scales["weight_scale"][0]
         ws2 = scales["weight_scale_2"][0] if "weight_scale_2" in scales else None
@@ -88,17 +93,43 @@ class LinearQuantizer:
             per-tensor scale ModelOpt's unified export writes as amax / 448 too).
     """
 
-    def __init__(self, fused: torch.Tensor, stats: dict, kv_divisor: float = FP8_MAX):
+    def __init__(self, fused: torch.Tensor, stats: dict, kv_divisor: float = FP8_MAX,
+                 native_scale: Optional[torch.Tensor] = None):
         self.stats = stats
         self.kv_divisor = kv_divisor
-        self.fused_amax = _amax(fused) if fused.device.type != "meta" else torch.empty((), device="meta")
+        self.native_scale = native_scale  # FP8-trained weights: their multipliers (see quant.fp8_source)
+        self._fused = fused
+        self._fused_amax = None
+
+    @property
+    def fused_amax(self) -> torch.Tensor:
+        if self._fused_amax is None:
+            fused = self._fused
+            if fused.device.type == "meta":
+                self._fused_amax = torch.empty((), device="meta")
+            elif self.native_scale is not None:
+                from .fp8_source import dequantize
+
+                self._fused_amax = _amax(dequantize(fused, self.native_scale))
+            else:
+                self._fused_amax = _amax(fused)
+        return self._fused_amax
 
     def _scalar(self, value) -> torch.Tensor:
         return value.reshape(()).float()
 
-    def quantize_part(self, weight: torch.Tensor, algo) -> QuantLinear:
+    def quantize_part(self, weight: torch.Tensor, algo, native: Optional[torch.Tensor] = None) -> QuantLinear:
+        """One HF part. ``native``: the part's FP8 multipliers when the weight is FP8 as trained
+        (uint8 E4M3 bytes): FP8 formats keep the bytes (see `_native_fp8`), others dequantize."""
+        if native is not None:
+            if algo.weight in ("fp8_tensor", "fp8_channel", "fp8_block"):
+                qlinear = self._native_fp8(weight, native, algo)
+                qlinear.scales.update(self._activation_scales(algo))
+                return qlinear
+            from .fp8_source import dequantize
+
+            weight = dequantize(weight, native)
         scales: dict = {}
-        input_amax = self.stats.get("input_amax")
         meta = weight.device.type == "meta"
         if algo.weight == "fp8_tensor":
             scales["weight_scale"] = (self.fused_amax / FP8_MAX, "tensor")
@@ -132,6 +163,12 @@ class LinearQuantizer:
             scales["weight_scale_2"] = (scale_2, "tensor")
         if algo.weight_scale_2 and algo.weight == "int4_block":
             scales["weight_scale_2"] = (self.fused_amax / FP8_MAX, "tensor")
+        scales.update(self._activation_scales(algo))
+        return QuantLinear(algo, weight, scales)
+
+    def _activation_scales(self, algo) -> dict:
+        scales = {}
+        input_amax = self.stats.get("input_amax")
         if algo.activation is not None:
             if input_amax is None:
                 raise AssertionError(f"{algo.name}: no input amax was calibrated for this linear")
@@ -139,7 +176,28 @@ class LinearQuantizer:
             scales["input_scale"] = (self._scalar(input_amax) / divisor, "tensor")
         if algo.pre_quant_scale and "pre_quant_scale" in self.stats:
             scales["pre_quant_scale"] = (self.stats["pre_quant_scale"].float(), "in")
-        return QuantLinear(algo, weight, scales)
+        return scales
+
+    def _native_fp8(self, weight: torch.Tensor, native: torch.Tensor, algo) -> QuantLinear:
+        """FP8 as trained into an FP8 format: the trained bytes wherever the format's scale is the
+        trained one (per-tensor: one multiplier over the fused linear, the largest of its shards';
+        per-channel: each row's; 128x128 blocks: each block's), requantized only where a coarser
+        format scale spans shards trained with different ones."""
+        from .fp8_source import BLOCK, requantize
+
+        rows, cols = weight.shape
+        if algo.weight == "fp8_tensor":
+            target = self.native_scale.amax()
+            return QuantLinear(algo, requantize(weight, native, target), {"weight_scale": (target, "tensor")}, True)
+        if algo.weight == "fp8_channel":
+            target = native.amax(dim=1)
+            return QuantLinear(algo, requantize(weight, native, target[:, None]),
+                               {"weight_scale": (target, "out")}, True)
+        assert algo.block == BLOCK, algo
+        blocks = native.reshape(rows // BLOCK, BLOCK, -1).amax(dim=1)
+        target = blocks.repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)[:, :cols]
+        return QuantLinear(algo, requantize(weight, native, target),
+                           {"weight_scale": (blocks.reshape(rows // BLOCK, 1, -1, 1), "block2d")}, True)
 
     def kv_scales(self) -> dict:
         """KV-cache scales (amax / divisor) when calibrated."""

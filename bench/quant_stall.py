@@ -1,0 +1,107 @@
+"""Benchmark: how long training waits at a save for each quantization recipe, beside bf16.
+
+One process, a Llama-shaped model (about 150M parameters, float32 on this CPU machine), async
+mode: the stall is what `Exporter.export` takes before training may go on (calibration, then
+the snapshot copy into shared memory); conversion and writing happen in the background worker.
+The verification probe is off, so the figures are calibration plus copy. Each recipe's stall is
+reported as a ratio to the bf16 stall measured in the same run, and as its parts:
+
+* ``calibration``: the statistics the recipe needs (none for weight-only formats; forward
+  pre-hooks on the live model for max-calibrated ones; ModelOpt on a deep copy for SmoothQuant /
+  AWQ, whose replica is then what the snapshot copies);
+* ``replica max``: the same max statistics the way this project gathered them before (ModelOpt's
+  ``mtq.quantize`` on a deep copy): what the hook path replaced.
+
+    .venv/bin/python -m bench.quant_stall [--layers 8] [--samples 16] [--seq 256] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+RECIPES = [  # (label, quantization section or None, formats)
+    ("bf16", None, ["hf"]),
+    ("fp8_pb_wo (weights only)", {"algorithm": "fp8_pb_wo"}, ["hf"]),
+    ("mxfp8 (weights only)", {"algorithm": "mxfp8"}, ["hf"]),
+    ("w4a16_nvfp4 (weights only)", {"algorithm": "w4a16_nvfp4"}, ["hf"]),
+    ("fp8 + fp8 KV (hooks)", {"algorithm": "fp8", "kv_cache": "fp8"}, ["hf"]),
+    ("nvfp4 + fp8 KV (hooks)", {"algorithm": "nvfp4", "kv_cache": "fp8"}, ["hf"]),
+    ("int8_sq (ModelOpt, replica)", {"algorithm": "int8_sq"}, ["trtllm_checkpoint"]),
+    ("int4_awq (ModelOpt, replica)", {"algorithm": "int4_awq"}, ["hf"]),
+]
+
+
+def build(layers: int):
+    import torch
+
+    from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+
+    init_single_process()
+    model = tiny_llama(vocab_size=32000, max_seq=512, num_layers=layers, hidden_size=1024, ffn_hidden_size=4096,
+                       num_attention_heads=8, num_query_groups=8, kv_channels=128)
+    randomize(model, seed=3)
+    return model, sum(p.numel() for p in model.parameters()), torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=2, help="exports per recipe; the best is reported")
+    args = parser.parse_args()
+    from megatron_trt_ext import ExportConfig, Exporter
+
+    model, params, torch = build(args.layers)
+    calib = {"num_samples": args.samples, "seq_len": args.seq, "batch_size": 4}
+    print(f"model: {params / 1e6:.0f}M parameters (float32), {args.layers} layers; calibration "
+          f"{args.samples} x {args.seq} tokens; torch threads {torch.get_num_threads()}")
+    rows = []
+    for label, quant, formats in RECIPES:
+        with tempfile.TemporaryDirectory() as out:
+            quantization = dict(quant, calibration=calib) if quant else None
+            exporter = Exporter(model, ExportConfig(output_dir=out, formats=formats, dtype="bfloat16", vocab_size=32000,
+                                                    mode="async", verification={"enabled": False},
+                                                    quantization=quantization))
+            stalls = []
+            for i in range(args.repeat):
+                result = exporter.export(i + 1)
+                stalls.append(result.timings["stall_s"])
+                final = exporter.wait()
+                assert final.ok, final.error
+            exporter.close()
+        rows.append((label, min(stalls)))
+    replica = replica_max_calibration(model, calib)
+    base = rows[0][1]
+    print(f"\n{'recipe':34s} {'stall (s)':>10s} {'x bf16':>8s}")
+    for label, stall in rows:
+        print(f"{label:34s} {stall:10.2f} {stall / base:8.2f}")
+    print(f"{'fp8 max stats on a replica (old)':34s} {replica:10.2f} {replica / base:8.2f}  "
+          "(calibration alone: deep copy + mtq.quantize)")
+
+
+def replica_max_calibration(model, calib: dict) -> float:
+    """ModelOpt's max calibration of fp8 on a deep copy: how the statistics were gathered before."""
+    import torch
+
+    from megatron_trt_ext import ExportConfig, Exporter
+    from megatron_trt_ext.quant.calibrate import _calibrate_replica, calibration_batches
+
+    with tempfile.TemporaryDirectory() as out:
+        exporter = Exporter(model, ExportConfig(output_dir=out, formats=["hf"], vocab_size=32000, mode="sync",
+                                                verification={"enabled": False},
+                                                quantization={"algorithm": "fp8", "kv_cache": "fp8",
+                                                              "calibration": calib}))
+        batches = calibration_batches(exporter.quant.calibration, None, exporter.info.padded_vocab_size,
+                                      torch.device("cpu"))
+        t0 = time.perf_counter()
+        replica, _ = _calibrate_replica(exporter.chunks, exporter.quant, exporter.info, batches, None)
+        seconds = time.perf_counter() - t0
+        del replica
+    return seconds
+
+
+if __name__ == "__main__":
+    main()

@@ -135,7 +135,8 @@ class Exporter:
                 self._check_quantization()
                 from .quant.stats import stat_pieces
 
-                local.update(stat_pieces(local, self.quant, fold_aliases=self._fold_aliases()))
+                local.update(stat_pieces(local, self.quant, fold_aliases=self._fold_aliases(),
+                                         groups=self.spec.shared_input_linears))
             description = describe(local, self.rank)
         except err_mod.MegatronTrtExtError as exc:
             local_exc = exc
@@ -245,6 +246,17 @@ class Exporter:
         if self.spec.quantization_unsupported:
             raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
                               "(recipes/bf16.yaml)")
+        if self.info.num_experts:
+            if spec.calibration_kind in ("smoothquant", "awq"):
+                raise ConfigError(f"{where}: SmoothQuant/AWQ exports of mixture-of-experts models are not supported "
+                                  "yet; use fp8, nvfp4 or a weight-only FP8/FP4 recipe")
+            if "trtllm_checkpoint" in self.config.formats:
+                raise ConfigError("quantization: quantized mixture-of-experts models are written as Hugging Face "
+                                  "checkpoints only in this version (vLLM, SGLang and TensorRT-LLM's PyTorch backend "
+                                  "load them); use formats: [hf]")
+        if spec.kv_cache != "none" and self.info.mla:
+            raise ConfigError(f"quantization.kv_cache {spec.kv_cache}: multi-latent attention caches the compressed "
+                              "latent, whose scales this version does not export; use kv_cache: none")
         if spec.calibration.source == "iterator" and self.calibration_data is None and self.forward_loop is None:
             raise ConfigError("quantization.calibration.source is 'iterator': pass calibration_data=<iterator or "
                               "callable> (e.g. a slice of the training data iterator) to attach()/Exporter()")
@@ -271,12 +283,13 @@ class Exporter:
         from .quant.stats import stat_pieces
 
         local = self._local_shards(self.chunks)
+        groups = self.spec.shared_input_linears
         calibration = calibrate(self.chunks, self.quant, self.info, local, self.calibration_data,
-                                self.forward_loop, self.comm, batches=batches)
+                                self.forward_loop, self.comm, batches=batches, groups=groups)
         replica = calibration.replica
         if replica is not None:  # ModelOpt's smoothquant/awq rescaled the replica's weights: export those
             local = self._local_shards(replica)
-        local.update(stat_pieces(local, self.quant, calibration, self._fold_aliases()))
+        local.update(stat_pieces(local, self.quant, calibration, self._fold_aliases(), groups))
         return Source(local, replica, probe, probe_s)
 
     def _fold_aliases(self):

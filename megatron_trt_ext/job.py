@@ -163,8 +163,12 @@ class ExportJob:
             return None
         from .quant.fp8_source import STAT
 
+        from .quant.stats import GROUP
+
         values = {stat: stats.pop(stat_name(name, stat)) for stat in stats_for(self.quant, name)}
-        return LinearQuantizer(tensor, values, native_scale=stats.pop(stat_name(name, STAT), None))
+        group_amax = stats.pop(stat_name(name, GROUP), None)
+        return LinearQuantizer(tensor, values, native_scale=stats.pop(stat_name(name, STAT), None),
+                               group_amax=group_amax)
 
     def _algo_for(self, source_name: str, hf_name: str):
         """The algorithm of one HF part of a quantizable Megatron linear (None: unquantized).
@@ -175,7 +179,11 @@ class ExportJob:
             return None
         module = hf_name[: -len(".weight")]
         m = re.search(r"\.layers\.(\d+)\.", hf_name)
-        algo = self.quant.algorithm_for(module, int(m.group(1)) if m else None, self.info.num_layers)
+        layer = int(m.group(1)) if m else None
+        if layer is not None and layer >= self.info.num_layers:
+            algo = None  # multi-token prediction layers stay unquantized, as ModelOpt leaves them
+        else:
+            algo = self.quant.algorithm_for(module, layer, self.info.num_layers)
         first = self._part_algos.setdefault(source_name, (module, algo))
         if first[1] != algo:
             def label(a):

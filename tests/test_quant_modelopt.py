@@ -68,11 +68,37 @@ def assert_same_tensors(ours: dict, theirs: dict, what: str, skip=(), close=()):
         assert (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape)), \
             f"{what} {name}: ours {a.dtype} {tuple(a.shape)}, ModelOpt's {b.dtype} {tuple(b.shape)}"
         if any(c in name for c in close):  # activation / KV statistics of two forward implementations
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=0, msg=f"{what} {name}")
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=0,
+                                       msg=f"{what} {name}: ours {a.flatten()[:4].tolist()}, ModelOpt's "
+                                           f"{b.flatten()[:4].tolist()}")
         elif a.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{what} {name}: bytes differ"
         else:
             assert torch.equal(a, b), f"{what} {name}: values differ"
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def shared_fp8_scales(ours: dict, theirs: dict) -> set:
+    """Per-tensor FP8 parts of one Megatron linear (q/k/v, a dense MLP's gate/up) share one weight
+    scale here (Megatron fuses them; TensorRT-LLM and ModelOpt's Megatron exporter need it), where
+    ModelOpt's HF path gives each its own: ours is the largest of ModelOpt's, and the weights
+    follow it. Checks that, and returns the names whose bytes therefore differ."""
+    differ = set()
+    for name in theirs:
+        for group in FUSED:
+            if not name.endswith(f".{group[0]}.weight_scale") or theirs[name].numel() != 1 or ".experts." in name:
+                continue
+            prefix = name[: -len(f"{group[0]}.weight_scale")]
+            if ours[name].dtype != torch.float32 or f"{prefix}{group[0]}.input_scale" not in theirs:
+                continue  # not per-tensor FP8
+            parts = [prefix + p for p in group]
+            largest = max(theirs[p + ".weight_scale"] for p in parts)
+            for part in parts:
+                assert torch.equal(ours[part + ".weight_scale"], largest), part
+                differ |= {part + ".weight", part + ".weight_scale"}
+    return differ
 
 
 # ---------------------------------------------------------------- TensorRT-LLM checkpoints
@@ -223,16 +249,12 @@ def test_mixed_precision_equals_modelopts_hf_export(megatron_world, tmp_path):
         return qc, sorted(json.dumps(g, sort_keys=True) for g in groups.values())
     assert groups_by_targets(ours_dir) == groups_by_targets(theirs_dir)
     ours, theirs = load_dir(ours_dir), load_dir(theirs_dir)
-    # FP8 q/k/v share one weight scale here (Megatron fuses them; TensorRT-LLM and ModelOpt's Megatron
-    # exporter need it): the largest of ModelOpt's per-projection scales, and the weights follow it
-    attn = "model.layers.1.self_attn."
-    shared = max(theirs[attn + p + "_proj.weight_scale"] for p in "qkv")
-    for p in "qkv":
-        assert torch.equal(ours[attn + p + "_proj.weight_scale"], shared)
-    fp8 = tuple(attn + p + "_proj.weight" for p in "qkv") + tuple(attn + p + "_proj.weight_scale" for p in "qkv")
-    assert_same_tensors({k: v for k, v in ours.items() if k not in fp8}, {k: v for k, v in theirs.items() if k not in fp8},
-                        "mixed", close=("input_scale", "k_scale", "v_scale"))
-    for name in fp8:
+    differ = shared_fp8_scales(ours, theirs)
+    assert differ, "the fp8 attention of layer 1 shares its scale"
+    assert_same_tensors({k: v for k, v in ours.items() if k not in differ},
+                        {k: v for k, v in theirs.items() if k not in differ}, "mixed",
+                        close=("input_scale", "k_scale", "v_scale"))
+    for name in differ:
         assert (ours[name].dtype, ours[name].shape) == (theirs[name].dtype, theirs[name].shape)
 
 

@@ -181,5 +181,5 @@ DEEPSEEK_V3 = ArchSpec(
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
     keep_fp32=(r"\.mlp\.gate\.weight$", r"\.mlp\.gate\.e_score_correction_bias$"),
-    quantization_unsupported="quantized MoE exports are not supported yet",
+    shared_input_linears=(("self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight"),),
 )

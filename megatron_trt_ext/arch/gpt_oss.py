@@ -121,5 +121,6 @@ GPT_OSS = ArchSpec(
     trtllm=trtllm,
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
-    quantization_unsupported="quantized MoE exports are not supported yet",
+    quantization_unsupported=("quantized GPT-OSS exports are not supported yet (its experts are fused 3-D "
+                              "tensors, which the published checkpoints carry as MXFP4 with their own layout)"),
 )

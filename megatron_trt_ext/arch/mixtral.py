@@ -68,5 +68,4 @@ MIXTRAL = ArchSpec(
     hf_config=hf_config,
     trtllm=trtllm,
     checks=(_check,),
-    quantization_unsupported="quantized MoE exports are not supported yet",
 )

@@ -72,5 +72,4 @@ QWEN3_MOE = ArchSpec(
     trtllm=trtllm,
     checks=qwen3.QWEN3.checks,
     trtllm_unsupported=_trtllm_unsupported,
-    quantization_unsupported="quantized MoE exports are not supported yet",
 )

@@ -253,6 +253,10 @@ class ArchSpec:
     quantization_unsupported: Optional[str] = None
     # HF names (regular expressions) kept in float32 whatever the export dtype (MoE routers)
     keep_fp32: tuple = ()
+    # Megatron linears of one layer (name suffixes) that read the same input and that serving
+    # engines fuse, so they share a per-tensor weight scale (ModelOpt unifies NVFP4's scale_2
+    # over them): DeepSeek's q_a_proj and kv_a_proj_with_mqa
+    shared_input_linears: tuple = ()
 
     def mismatches(self, features: dict) -> list:
         out = []

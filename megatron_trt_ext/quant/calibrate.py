@@ -21,6 +21,7 @@ forward pass at all: their scales come from the weights.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -29,16 +30,26 @@ import torch
 from ..errors import ConfigError, ExportError
 from ..forward import eval_mode, is_staged, pipeline_loop, preserved_rng, single_stage_loop
 
-# Megatron linears whose inputs ModelOpt calibrates (names after the plan's expansion).
-LINEAR_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
-                   "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
-
+# Megatron linears whose inputs ModelOpt calibrates (names after the plan's expansion): attention
+# (fused QKV, or multi-latent attention's projections), the MLP, each expert and the shared
+# experts. Routers, embeddings, the output layer and the MTP modules' own projection stay unquantized.
+LINEAR_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_q_proj", "linear_q_down_proj",
+                  "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+_LINEAR = re.compile(r"\.layers\.\d+\.(self_attention|mlp|mlp\.shared_experts|mlp\.experts\.experts\.\d+)\."
+                     r"(" + "|".join(LINEAR_MODULES) + r")\.weight$")
+_EXPERT = re.compile(r"\.experts\.experts\.\d+\.")
 
 UNQUANTIZED = ("*output_layer*", "*router*")
 
 
 def is_quantizable_linear(unit_name: str) -> bool:
-    return unit_name.endswith(LINEAR_SUFFIXES) and ".layers." in unit_name
+    return _LINEAR.search(unit_name) is not None
+
+
+def sharing_key(unit_name: str) -> str:
+    """Linears whose input amax is one value: the experts of one layer share theirs (ModelOpt
+    syncs it over the local experts, then the expert-parallel ranks)."""
+    return _EXPERT.sub(".experts.experts.*.", unit_name)
 
 
 def _process_groups(chunks) -> dict:
@@ -146,10 +157,42 @@ class Calibration:
     replica: Optional[list] = None
     input_amax: dict = field(default_factory=dict)
     kv_amax: dict = field(default_factory=dict)
+    # group key (`group_key`) -> max |weight| over the linears of a shared-input group
+    group_amax: dict = field(default_factory=dict)
+
+
+def group_key(unit_name: str, groups: tuple) -> Optional[str]:
+    """The shared-input group (`ArchSpec.shared_input_linears`) a linear belongs to."""
+    for index, members in enumerate(groups):
+        for member in members:
+            if unit_name.endswith("." + member) and ".layers." in unit_name:
+                return f"{unit_name[: -len(member)]}#group{index}"
+    return None
+
+
+def _group_amax(local: dict, groups: tuple, comm) -> dict:
+    """max |weight| per shared-input group, over every rank's slices (weights of the live model)."""
+    mine: dict = {}
+    for name, pieces in local.items():
+        key = group_key(name, groups)
+        if key is None:
+            continue
+        for piece in pieces:
+            t = piece.tensor
+            if t.dtype == torch.uint8:  # FP8-trained: dequantized by its own statistic, which it carries
+                continue
+            mine[key] = max(mine.get(key, 0.0), float(t.detach().abs().amax()))
+    if comm is not None and comm.distributed:
+        merged: dict = {}
+        for theirs in comm.all_gather_object(mine):
+            for key, value in theirs.items():
+                merged[key] = max(merged.get(key, value), value)
+        mine = merged
+    return {key: torch.tensor(value, dtype=torch.float32) for key, value in mine.items()}
 
 
 def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_loop: Optional[Callable] = None,
-              comm=None, batches: Optional[list] = None) -> Calibration:
+              comm=None, batches: Optional[list] = None, groups: tuple = ()) -> Calibration:
     """Gather the statistics ``spec`` needs. Call on every rank (the values are MAX-reduced).
 
     ``local``: the live chunks' slices (`plan.local_shards`), which name the hooked linears.
@@ -157,8 +200,9 @@ def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_l
     probe shares them, so an iterator source is read once per export).
     """
     kind = spec.calibration_kind
+    group_amax = _group_amax(local, groups, comm) if groups else {}
     if kind is None:
-        return Calibration()
+        return Calibration(group_amax=group_amax)
     device = next(p.device for c in chunks for p in c.parameters())
     if batches is None and forward_loop is None:
         batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
@@ -169,6 +213,7 @@ def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_l
         result = _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm)
     if spec.kv_cache != "none":
         result.kv_amax = _reduce_kv(result.kv_amax, info.num_layers, comm)
+    result.group_amax = group_amax
     return result
 
 
@@ -210,8 +255,10 @@ def _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm) -> C
     kv_amax: dict = {}
     handles = []
     for module, name in linears.items():
-        def hook(mod, args, name=name):
+        def hook(mod, args, name=sharing_key(name)):
             x = linear_input(mod, args[0]).detach()
+            if x.numel() == 0:  # an expert that got no tokens in this batch
+                return
             value = x.abs().amax().float()
             amax[name] = torch.maximum(amax[name], value) if name in amax else value
         handles.append(module.register_forward_pre_hook(hook))

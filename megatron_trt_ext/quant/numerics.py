@@ -94,8 +94,10 @@ class LinearQuantizer:
     """
 
     def __init__(self, fused: torch.Tensor, stats: dict, kv_divisor: float = FP8_MAX,
-                 native_scale: Optional[torch.Tensor] = None):
+                 native_scale: Optional[torch.Tensor] = None, group_amax: Optional[torch.Tensor] = None):
         self.stats = stats
+        # max |weight| over a shared-input group of separate linears (`ArchSpec.shared_input_linears`)
+        self.group_amax = group_amax
         self.kv_divisor = kv_divisor
         self.native_scale = native_scale  # FP8-trained weights: their multipliers (see quant.fp8_source)
         self._fused = fused
@@ -151,7 +153,8 @@ class LinearQuantizer:
         elif algo.weight == "int4_block":
             scales["weight_scale"] = (block_scale(weight, algo.group_size, 7.0), "block")
         elif algo.weight == "nvfp4_block":
-            scale_2 = self.fused_amax / (6.0 * FP8_MAX)
+            amax = self.fused_amax if self.group_amax is None else self.group_amax.reshape(()).float()
+            scale_2 = amax / (6.0 * FP8_MAX)
             if meta:
                 per_block = torch.empty(weight.shape[0], weight.shape[1] // algo.group_size,
                                         dtype=torch.float8_e4m3fn, device="meta")

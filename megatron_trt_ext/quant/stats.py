@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 from ..plan import LocalPiece
-from .calibrate import is_quantizable_linear
+from .calibrate import group_key, is_quantizable_linear
 
 SEP = ".#"
+GROUP = "group_amax"
 
 
 def stat_name(weight_name: str, stat: str) -> str:
@@ -67,7 +68,7 @@ def stats_for(spec, weight_name: str) -> list:
         out.append("input_amax")
     if any(a.pre_quant_scale for a in algos):
         out.append("pre_quant_scale")
-    if spec.kv_cache != "none" and weight_name.endswith("self_attention.linear_qkv.weight"):
+    if spec.kv_cache != "none" and weight_name.endswith("self_attention.linear_qkv.weight"):  # (MLA: refused)
         out += ["k_amax", "v_amax"]
     return out
 
@@ -82,7 +83,7 @@ def _owner_map(chunks) -> dict:
     return owners
 
 
-def stat_pieces(local: dict, spec, calibration=None, fold_aliases: Optional[dict] = None) -> dict:
+def stat_pieces(local: dict, spec, calibration=None, fold_aliases: Optional[dict] = None, groups: tuple = ()) -> dict:
     """Statistic pieces for this rank's linear weight pieces.
 
     With ``calibration`` (a `calibrate.Calibration`) the values are the measured ones (from its
@@ -97,6 +98,11 @@ def stat_pieces(local: dict, spec, calibration=None, fold_aliases: Optional[dict
     for name, pieces in local.items():
         if not is_quantizable_linear(name):
             continue
+        key = group_key(name, groups) if groups else None
+        if key is not None:  # the group's shared weight amax rides with each member (`group_key`)
+            value = calibration.group_amax[key].reshape(1) if calibration is not None else torch.zeros(1)
+            out[stat_name(name, GROUP)] = [LocalPiece((0,), (1,), value, p.main and all(o == 0 for o in p.offset))
+                                           for p in pieces]
         wanted = stats_for(spec, name)
         if not wanted:
             continue
@@ -140,6 +146,8 @@ def _scalar_stat(module, name: str, stat: str, layer: int, calibration) -> torch
     if stat in ("k_amax", "v_amax"):
         return calibration.kv_amax[layer][0 if stat == "k_amax" else 1].reshape(1).float()
     if module is None:  # the max path: measured by hooks, reduced by name
-        return calibration.input_amax[name].reshape(1).float()
+        from .calibrate import sharing_key
+
+        return calibration.input_amax[sharing_key(name)].reshape(1).float()
     amax = module.input_quantizer.amax
     return amax.detach().float().reshape(-1).max().reshape(1).cpu()

@@ -111,12 +111,12 @@ class TrtllmConverter:
     def _stage_ranks(self, stage: int) -> range:
         return range(stage * self.tp, (stage + 1) * self.tp)
 
-    def _qkv_for_rank(self, q, k, v, rank_in_tp: int) -> torch.Tensor:
+    def _qkv_for_rank(self, q, k, v, rank_in_tp: int):
+        """The rank's q|k|v rows as views (KV heads repeated when TP exceeds them), fused lazily:
+        the writer streams the three blocks, so no concatenated copy is made."""
         info, tp = self.info, self.tp
-        k = layouts.repeat_kv_heads(k, info.num_query_groups, info.head_dim, tp)
-        v = layouts.repeat_kv_heads(v, info.num_query_groups, info.head_dim, tp)
-        parts = [layouts.split_for_rank(t, 0, tp, rank_in_tp) for t in (q, k, v)]
-        return torch.cat(parts, dim=0)
+        kv = [layouts.kv_rows_for_rank(t, info.num_query_groups, info.head_dim, tp, rank_in_tp) for t in (k, v)]
+        return layouts.row_blocks([layouts.split_for_rank(q, 0, tp, rank_in_tp), *kv])
 
     def _split_fused(self, fused):
         info = self.info
@@ -148,7 +148,7 @@ class TrtllmConverter:
             elif kind == "qkv":
                 out = self._qkv_for_rank(*tensor, tp_rank)
             elif kind == "lm_head":
-                out = layouts.split_for_rank(layouts.pad_rows(tensor, self.tp), 0, self.tp, tp_rank)
+                out = layouts.padded_rows_for_rank(tensor, self.tp, tp_rank)
             elif kind == "router":
                 yield rank, name, tensor.to(torch.float32)
                 continue

@@ -22,10 +22,10 @@ from .arch import select_family
 from .arch.convert import check_sources
 from .config import ExportConfig
 from .errors import ConfigError, ExportError
-from .gather import Comm
+from .gather import Comm, gather_classes
 from .job import ExportJob, ExportResult, __version__  # noqa: F401  (re-exported)
 from .model_info import read_model_info, unwrap_chunks
-from .plan import build_units, describe, expert_group, local_shards
+from .plan import describe, expert_group, local_shards, plan_units
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -103,17 +103,16 @@ class Exporter:
                 from .quant.stats import stat_pieces
 
                 local.update(stat_pieces(local, self.quant))
-            description = describe(local, self.rank)
+            description = describe(local)
         except err_mod.MegatronTrtExtError as exc:
             local_exc = exc
-        gathered = self.comm.all_gather_object(
-            (_describe_error(local_exc) if local_exc else None, description))
-        failures = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+        failures, classes = gather_classes(self.comm, description,
+                                           _describe_error(local_exc) if local_exc else None)
         if failures:
             _raise_agreed(failures, local_exc, "export set-up")
         from .quant.stats import is_stat, weight_of
 
-        units = build_units((d for _, d in gathered), group_key=lambda n: expert_group(weight_of(n)))
+        units = plan_units(classes, group_key=lambda n: expert_group(weight_of(n)))
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,

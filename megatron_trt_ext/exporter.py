@@ -112,7 +112,7 @@ class Exporter:
             _raise_agreed(failures, local_exc, "export set-up")
         from .quant.stats import is_stat, weight_of
 
-        units = plan_units(classes, group_key=lambda n: expert_group(weight_of(n)))
+        units = plan_units(classes, group_key=self._group_key(weight_of))
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
@@ -127,6 +127,14 @@ class Exporter:
 
             self._background = BackgroundExporter(self)
         _live_exporters.add(self)
+
+    def _group_key(self, weight_of):
+        """Which units share a writer: a statistic goes with its linear; experts that one
+        TensorRT-LLM rank stacks go together (HF-only exports have no stacked tensors)."""
+        if "trtllm_checkpoint" not in self.config.formats or not self.info.num_experts:
+            return weight_of
+        per_group = self.info.num_experts // self.moe_ep
+        return lambda name: expert_group(weight_of(name), per_group)
 
     @property
     def units(self) -> list:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -193,13 +193,18 @@ def _natural(name: str):
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 
 
-def expert_group(name: str) -> str:
-    """Units that must meet on one writer: the experts of one layer's linear (they are stacked
-    into one tensor per inference rank). Every other unit is its own group."""
-    return _EXPERT_RE.sub(".experts.*.", name)
+def expert_group(name: str, experts_per_group: Optional[int] = None) -> str:
+    """Units that must meet on one writer: experts that TensorRT-LLM stacks into one tensor.
+    With inference expert parallelism (``moe_ep`` > 1) each inference rank stacks only its
+    ``num_experts / moe_ep`` experts, so those form a group (``experts_per_group``); without
+    (None), every rank stacks a slice of every expert and the whole layer's linear is one group.
+    Every other unit is its own group."""
+    if experts_per_group is None:
+        return _EXPERT_RE.sub(".experts.*.", name)
+    return _EXPERT_RE.sub(lambda m: f".experts.*{int(m.group(1)) // experts_per_group}.", name)
 
 
 def build_units(descriptions: Iterable[dict], group_key=None) -> list:
@@ -211,10 +216,11 @@ def plan_units(classes: list, group_key=None) -> list:
     """Merge the rank classes' slices into one sorted list of units with their writers.
 
     The writer of a unit is a rank that already holds all of it (a full replica, e.g. DP copies or
-    TP-replicated norms), else a rank holding most of its bytes; ties go to the rank with the
-    fewest bytes assigned so far (then the lowest rank), so writing spreads over ranks and each
-    byte crosses the network at most once. Units with the same ``group_key`` share one writer
-    (chosen by their total bytes).
+    TP-replicated norms), else a rank holding most of its bytes, so each byte crosses the network
+    at most once. Units with the same ``group_key`` share one writer (chosen by their total
+    bytes). Groups get their writers largest first, each from the candidates with the fewest
+    bytes assigned so far (then the lowest rank): the big tensors spread over distinct ranks and
+    the small ones fill the gaps, which keeps the most loaded writer close to the largest group.
 
     Time and memory are linear in the slices of the distinct classes (units x TP x EP shards),
     whatever the number of DP replicas: what a rank holds is counted per class, and the least
@@ -227,48 +233,50 @@ def plan_units(classes: list, group_key=None) -> list:
         for i, (name, off, shp, gshape, dtype) in enumerate(cls.pieces):
             mains = [rank for rank, mask in main_members if mask >> i & 1]
             by_name.setdefault(name, []).append((cid, off, shp, gshape, dtype, mains))
-    # bytes of each group's main slices that each class holds
+    planned = [_merge(name, by_name[name]) for name in sorted(by_name, key=_order)]
+    # bytes of each group, and of its main slices that each class holds
+    group_bytes: dict = {}
     group_held: dict = {}
-    slices_of: dict = {}
-    for name, entries in by_name.items():
-        holders: dict = {}
-        for cid, off, shp, _, _, _ in entries:
-            holders.setdefault((off, shp), set()).add(cid)
-        slices_of[name] = holders
-        held = group_held.setdefault(group_key(name), {})
-        for _, off, shp, _, _, mains in entries:
-            for _ in mains:
-                for cid in holders[(off, shp)]:
-                    held[cid] = held.get(cid, 0) + _numel(shp)
+    for name, shape, dtype, main, holders in planned:
+        key = group_key(name)
+        group_bytes[key] = group_bytes.get(key, 0) + _numel(shape) * torch_dtype(dtype).itemsize
+        held = group_held.setdefault(key, {})
+        for piece in main:
+            for cid in holders[(piece.offset, piece.shape)]:
+                held[cid] = held.get(cid, 0) + _numel(piece.shape)
     loads = _Loads(classes)
     group_writer: dict = {}
-    class_of = {rank: cid for cid, cls in enumerate(classes) for rank, _ in cls.members}
+    for key in sorted(group_bytes, key=lambda k: -group_bytes[k]):  # stable: ties keep the unit order
+        group_writer[key] = writer = loads.least_loaded(group_held[key])
+        loads.add(writer, group_bytes[key])
     units = []
-    for name in sorted(by_name, key=_order):
-        entries = by_name[name]
-        shapes = {e[3] for e in entries}
-        dtypes = {e[4] for e in entries}
-        if len(shapes) != 1 or len(dtypes) != 1:
-            raise ExportError(f"tensor {name!r}: ranks disagree on its global shape/dtype {shapes} {dtypes}")
-        shape, dtype = shapes.pop(), dtypes.pop()
-        main = sorted((Piece(rank, off, shp) for _, off, shp, _, _, mains in entries for rank in mains),
-                      key=lambda p: (p.offset, p.rank))
-        covered = sum(_numel(p.shape) for p in main)
-        if covered != _numel(shape) or _overlaps(main):
-            raise ExportError(
-                f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
-                "some rank's slice is missing or duplicated (are all ranks calling export?)")
-        key = group_key(name)
-        if key not in group_writer:
-            group_writer[key] = loads.least_loaded(group_held[key])
-        writer = group_writer[key]
-        writer_class = class_of[writer]
-        writer_slices = frozenset(s for s, cids in slices_of[name].items() if writer_class in cids)
-        unit = Unit(name=name, shape=shape, dtype=dtype, pieces=tuple(main), writer=writer,
-                    writer_slices=writer_slices)
-        loads.add(writer, unit.nbytes)
-        units.append(unit)
+    for name, shape, dtype, main, holders in planned:
+        writer = group_writer[group_key(name)]
+        writer_class = loads.class_of[writer]
+        units.append(Unit(name=name, shape=shape, dtype=dtype, pieces=tuple(main), writer=writer,
+                          writer_slices=frozenset(s for s, cids in holders.items() if writer_class in cids)))
     return units
+
+
+def _merge(name: str, entries: list) -> tuple:
+    """One unit's (name, global shape, dtype, main pieces, {slice: holder classes}); checks that
+    the ranks agree on it and that the main replicas cover it exactly once."""
+    shapes = {e[3] for e in entries}
+    dtypes = {e[4] for e in entries}
+    if len(shapes) != 1 or len(dtypes) != 1:
+        raise ExportError(f"tensor {name!r}: ranks disagree on its global shape/dtype {shapes} {dtypes}")
+    shape, dtype = shapes.pop(), dtypes.pop()
+    main = sorted((Piece(rank, off, shp) for _, off, shp, _, _, mains in entries for rank in mains),
+                  key=lambda p: (p.offset, p.rank))
+    covered = sum(_numel(p.shape) for p in main)
+    if covered != _numel(shape) or _overlaps(main):
+        raise ExportError(
+            f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
+            "some rank's slice is missing or duplicated (are all ranks calling export?)")
+    holders: dict = {}
+    for cid, off, shp, _, _, _ in entries:
+        holders.setdefault((off, shp), set()).add(cid)
+    return name, shape, dtype, main, holders
 
 
 class _Loads:

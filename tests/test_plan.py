@@ -90,3 +90,12 @@ def test_gather_classes_on_one_rank():
     assert failures == [] and len(classes) == 1 and classes[0].pieces == description[0]
     failures, classes = gather_classes(comm, None, ("ExportError", "boom"))
     assert failures == [(0, ("ExportError", "boom"))] and classes is None
+
+
+def test_with_inference_expert_parallelism_each_ranks_experts_form_a_group():
+    names = [f"decoder.layers.3.mlp.experts.experts.{e}.linear_fc1.weight" for e in range(8)]
+    assert len({expert_group(n) for n in names}) == 1  # moe_ep = 1: every rank stacks every expert
+    groups = [expert_group(n, experts_per_group=2) for n in names]  # moe_ep = 4
+    assert groups[0] == groups[1] != groups[2] == groups[3] != groups[4]
+    assert len(set(groups)) == 4
+    assert expert_group("decoder.layers.3.mlp.router.weight", 2) == "decoder.layers.3.mlp.router.weight"

@@ -135,8 +135,10 @@ class TrtllmConverter:
         return torch.stack([layouts.split_for_rank(parts[("w2", e)], 1, self.moe_tp, moe_tp_rank)
                             for e in experts])
 
-    def _place(self, stage: int, name: str, kind: str, tensor) -> Iterator[tuple]:
+    def _place(self, stage: int, name: str, kind: str, tensor, only_ep_rank=None) -> Iterator[tuple]:
         for tp_rank, rank in enumerate(self._stage_ranks(stage)):
+            if only_ep_rank is not None and tp_rank % self.moe_ep != only_ep_rank:
+                continue
             if kind == "replicated":
                 out = tensor
             elif kind == "column":
@@ -244,15 +246,19 @@ class TrtllmConverter:
         experts_re = self.table.get("experts")
         em = experts_re.match(suffix) if experts_re is not None else None
         if em:
+            # Each inference EP rank stacks its own experts: placed as soon as they are all here,
+            # so a writer holds one EP rank's experts at most (see plan.expert_group).
             expert, which = int(em.group(1)), em.group(2)
             kind = "experts_proj" if which == "w2" else "experts_fc"
-            parts = self._pending.setdefault((layer, kind), {})
+            per_rank = self.info.num_experts // self.moe_ep
+            ep_rank = expert // per_rank
+            parts = self._pending.setdefault((layer, kind, ep_rank), {})
             parts[(which, expert)] = tensor
-            if len(parts) < self.info.num_experts * (1 if kind == "experts_proj" else 2):
+            if len(parts) < per_rank * (1 if kind == "experts_proj" else 2):
                 return
-            del self._pending[(layer, kind)]
+            del self._pending[(layer, kind, ep_rank)]
             yield from self._place(stage, prefix + ("mlp.proj.weight" if kind == "experts_proj" else "mlp.fc.weight"),
-                                   kind, parts)
+                                   kind, parts, only_ep_rank=ep_rank)
             return
         entry = self.table["layer"].get(suffix)
         if entry is None:

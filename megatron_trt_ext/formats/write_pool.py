@@ -12,9 +12,29 @@ a failure surfaces in the unit that follows it at the latest, and never gets los
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
+
+
+def _load_malloc_trim():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    return fn
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; nothing elsewhere)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class _Unit:
@@ -46,13 +66,21 @@ class WritePool:
     # ------------------------------------------------------------------ units
     def begin(self, nbytes: int) -> None:
         """A new unit of ``nbytes`` starts: wait until earlier units leave room for it. Never
-        raises (the caller's transfers must go on after a write failure)."""
+        raises (the caller's transfers must go on after a write failure).
+
+        Before a unit larger than the budget (the vocabulary tables), once every earlier write
+        is done, the C heap's free pages go back to the system: the smaller units before it
+        leave freed blocks that malloc keeps (below its mmap threshold), and they would count
+        on top of the largest tensor in the process's peak memory."""
         self.end()
         with self._cond:
             while self._held and self._held + nbytes > self.budget_bytes:
                 self._cond.wait()
+            drained = self._held == 0
             self._unit = _Unit(nbytes)
             self._held += nbytes
+        if drained and nbytes > self.budget_bytes:
+            release_free_heap()
 
     def end(self) -> None:
         """No more writes for the current unit: its bytes are freed once its writes finish."""

@@ -91,3 +91,42 @@ def test_a_unit_larger_than_the_budget_still_runs_alone():
     pool.submit(lambda: None)
     pool.begin(1000)  # returns once the first unit's writes are done
     pool.close()
+
+
+def test_bytes_written_to_two_files_are_hashed_once_and_checksummed_in_both(tmp_path, monkeypatch):
+    import megatron_trt_ext.formats.safetensors_stream as stream
+
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    class Counting:
+        def __init__(self):
+            self.inner = real_sha256()
+
+        def update(self, data):
+            hashed.append(len(data))
+            self.inner.update(data)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(stream.hashlib, "sha256", Counting)
+    shared = torch.randn(64, 32)
+    other = torch.randn(64, 32)  # same shape, other bytes: must not take the shared checksum
+    pool = WritePool(threads=2, budget_bytes=1 << 20)
+    specs = [("w", torch.float32, (64, 32)), ("x", torch.float32, (64, 32))]
+    a = SafetensorsFileWriter(str(tmp_path / "a.safetensors"), specs, pool=pool)
+    b = SafetensorsFileWriter(str(tmp_path / "b.safetensors"), specs, pool=pool)
+    pool.begin(shared.numel() * 4)
+    a.write("w", shared)
+    b.write("w", shared[:])  # another view object of the same bytes
+    a.write("x", other)
+    b.write("x", other)
+    sums_a, sums_b = a.close(), b.close()
+    pool.close()
+    monkeypatch.setattr(stream.hashlib, "sha256", real_sha256)
+    assert sums_a == sums_b
+    assert sums_a["w"] == hashlib.sha256(tensor_bytes(shared)).hexdigest() != sums_a["x"]
+    assert sums_a["x"] == hashlib.sha256(tensor_bytes(other)).hexdigest()
+    assert sum(hashed) == 2 * shared.numel() * 4  # each tensor's bytes hashed once, not twice
+    assert load_file(str(tmp_path / "b.safetensors"))["w"].equal(shared)

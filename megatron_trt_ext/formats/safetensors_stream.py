@@ -54,6 +54,13 @@ def _to_host(tensor):
     return RowBlocks([p.detach().cpu() if isinstance(p, torch.Tensor) else p for p in parts])
 
 
+def sha256_of(tensor) -> str:
+    digest = hashlib.sha256()
+    for data in byte_blocks(tensor):
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def byte_blocks(tensor) -> list:
     """The bytes of a tensor, or of each block of a `layouts.RowBlocks` (zero blocks included),
     in file order."""
@@ -129,18 +136,31 @@ class SafetensorsFileWriter:
         return None
 
     def _write_blocks(self, name: str, tensor, start: int, nbytes: int) -> str:
-        """Write and hash, block by block (a writer thread when there is a pool)."""
-        digest = hashlib.sha256()
-        offset = start
-        for data in byte_blocks(tensor):
-            pwrite_all(self._fd, data, offset)
-            digest.update(data)
-            offset += len(data)
-        if offset - start != nbytes:
-            raise ValueError(f"{self.path}: tensor {name!r} produced {offset - start} bytes, planned {nbytes}")
-        start_writeback(self._fd, start, nbytes)
-        self.checksums[name] = digest.hexdigest()
-        return self.checksums[name]
+        """Write and hash, block by block (in a writer thread when there is a pool). Bytes that
+        another task of the unit hashes already are only written (`WritePool.claim_digest`)."""
+        pool = self.pool
+        entry, first = pool.claim_digest(tensor) if pool is not None else (None, True)
+        digest = hashlib.sha256() if first else None
+        value = None
+        try:
+            offset = start
+            for data in byte_blocks(tensor):
+                pwrite_all(self._fd, data, offset)
+                if digest is not None:
+                    digest.update(data)
+                offset += len(data)
+            if offset - start != nbytes:
+                raise ValueError(f"{self.path}: tensor {name!r} produced {offset - start} bytes, planned {nbytes}")
+            start_writeback(self._fd, start, nbytes)
+            if digest is not None:
+                value = digest.hexdigest()
+        finally:
+            if first and pool is not None:
+                pool.publish_digest(entry, value)  # None after a failure: the others hash for themselves
+        if value is None:
+            value = pool.wait_digest(entry) or sha256_of(tensor)
+        self.checksums[name] = value
+        return value
 
     def close(self) -> dict:
         """Finish this process's writes and fsync them; returns {tensor: sha256} of those tensors."""

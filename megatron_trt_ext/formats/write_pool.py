@@ -18,6 +18,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import torch
+
 
 def _load_malloc_trim():
     try:
@@ -38,10 +40,21 @@ def release_free_heap() -> None:
 
 
 class _Unit:
-    __slots__ = ("nbytes", "tasks", "sealed")
+    __slots__ = ("nbytes", "tasks", "sealed", "digests")
 
     def __init__(self, nbytes: int):
         self.nbytes, self.tasks, self.sealed = nbytes, 0, False
+        self.digests: dict = {}
+
+
+class _Digest:
+    """One tensor's checksum, computed by the first writer of its bytes, awaited by the others.
+    It holds the tensor, so no other tensor of the unit can take its memory (and its key)."""
+
+    __slots__ = ("tensor", "value", "done")
+
+    def __init__(self, tensor):
+        self.tensor, self.value, self.done = tensor, None, threading.Event()
 
 
 class WritePool:
@@ -62,6 +75,7 @@ class WritePool:
         self._error: Optional[BaseException] = None
         self._unit = _Unit(0)
         self._unit.sealed = True
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ units
     def begin(self, nbytes: int) -> None:
@@ -91,10 +105,12 @@ class WritePool:
                 self._release_if_done(unit)
 
     def _release_if_done(self, unit: _Unit) -> None:
-        if unit.sealed and unit.tasks == 0 and unit.nbytes:
-            self._held -= unit.nbytes
-            unit.nbytes = 0
-            self._cond.notify_all()
+        if unit.sealed and unit.tasks == 0:
+            unit.digests.clear()
+            if unit.nbytes:
+                self._held -= unit.nbytes
+                unit.nbytes = 0
+                self._cond.notify_all()
 
     # ------------------------------------------------------------------ tasks
     def submit(self, fn, *args) -> None:
@@ -107,6 +123,7 @@ class WritePool:
         self._executor.submit(self._run, unit, fn, args)
 
     def _run(self, unit: _Unit, fn, args) -> None:
+        self._local.unit = unit
         try:
             fn(*args)
         except BaseException as exc:  # noqa: BLE001 - kept, raised in the caller's thread
@@ -118,6 +135,35 @@ class WritePool:
                 self._pending -= 1
                 self._release_if_done(unit)
                 self._cond.notify_all()
+
+    def claim_digest(self, tensor):
+        """In a writer task: who hashes ``tensor``. The same bytes often go to two files (an HF
+        tensor and the identical TensorRT-LLM one at inference TP 1); they are hashed once.
+        Returns ``(entry, first)``: the first task to ask hashes and calls `publish_digest`, the
+        others write only and take ``wait_digest(entry)``. Keyed by memory and layout (same
+        address, shape, strides and dtype: the same bytes), within one unit."""
+        unit = getattr(self._local, "unit", None)
+        if unit is None or not isinstance(tensor, torch.Tensor):
+            return None, True
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+        with self._cond:
+            entry = unit.digests.get(key)
+            if entry is not None:
+                return entry, False
+            entry = unit.digests[key] = _Digest(tensor)
+            return entry, True
+
+    @staticmethod
+    def publish_digest(entry, value) -> None:
+        if entry is not None:
+            entry.value = value
+            entry.done.set()
+
+    @staticmethod
+    def wait_digest(entry):
+        """The first writer's checksum (None when it failed: then hash it yourself)."""
+        entry.done.wait()
+        return entry.value
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

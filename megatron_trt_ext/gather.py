@@ -199,8 +199,14 @@ def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.
     raise KeyError(f"tensor {unit.name!r}: this rank holds no slice at offset {offset}")
 
 
-def exchange(unit: Unit, local: dict, comm: Comm) -> Optional[torch.Tensor]:
-    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer."""
+def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer.
+
+    ``cast_to``: the dtype the writer casts the whole unit to next (see `ExportJob.convert`):
+    slices are then cast as they are placed, so the unit is assembled and cast in one pass, at
+    the export dtype's size. Local slices that already form one tensor in memory (the gate and
+    up halves of a gated fc1 are views of one parameter) come back as a view, uncopied.
+    """
     rank = comm.rank
     if rank == unit.writer:
         if len(unit.pieces) == 1 and unit.local_to_writer(unit.pieces[0]):
@@ -209,12 +215,16 @@ def exchange(unit: Unit, local: dict, comm: Comm) -> Optional[torch.Tensor]:
         local_parts = [(p, _local_piece(local, unit, p.offset, p.shape))
                        for p in unit.pieces if unit.local_to_writer(p)]
         remote = [(tag, p) for tag, p in enumerate(unit.pieces) if not unit.local_to_writer(p)]
+        if not remote:
+            whole = _one_view(unit, local_parts)
+            if whole is not None:
+                return whole
         device = local_parts[0][1].device if local_parts and not remote else comm.data_device
-        full = torch.empty(unit.shape, dtype=dtype, device=device)
+        full = torch.empty(unit.shape, dtype=cast_to or dtype, device=device)
         pending = []
         for tag, piece in remote:
             target = full[_index(piece)]
-            if target.is_contiguous():  # a row block: received in place, no staging buffer
+            if target.is_contiguous() and full.dtype == dtype:  # a row block: received in place
                 pending.append((piece, None, comm.recv_into(target, piece.rank, tag)))
             else:
                 pending.append((piece, *comm.recv(piece.shape, dtype, piece.rank, tag)))
@@ -232,6 +242,25 @@ def exchange(unit: Unit, local: dict, comm: Comm) -> Optional[torch.Tensor]:
     for _, work in sends:
         work.wait()
     return None
+
+
+def _one_view(unit: Unit, parts: list) -> Optional[torch.Tensor]:
+    """The unit as a view of its local slices' memory, when they are contiguous row blocks lying
+    one after the other in one storage (else None)."""
+    parts = sorted(parts, key=lambda pt: pt[0].offset)
+    first = parts[0][1]
+    row = first.stride(0) if first.dim() else 0
+    position = first.storage_offset()
+    for piece, tensor in parts:
+        if (not tensor.is_contiguous() or tensor.dtype != first.dtype or tensor.device != first.device
+                or tuple(tensor.shape[1:]) != tuple(unit.shape[1:]) or any(piece.offset[1:])
+                or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or tensor.storage_offset() != position):
+            return None
+        position += tensor.numel()
+    if first.dim() == 0 or position - first.storage_offset() != unit.numel:
+        return None
+    return first.as_strided(unit.shape, (row, *first.stride()[1:]), first.storage_offset())
 
 
 def _index(piece) -> tuple:

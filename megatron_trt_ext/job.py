@@ -126,7 +126,7 @@ class ExportJob:
             return
         trt_on = "trtllm_checkpoint" in self.config.formats
         quantizer = self._quantizer(name, tensor, stats)
-        if cast_first and quantizer is None and name not in self.keep_source:
+        if cast_first and quantizer is None and self._cast_first(name):
             tensor = tensor.to(dtype)
         for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)]):
             if quantizer is not None and self._quantized(hf_name):
@@ -136,6 +136,18 @@ class ExportJob:
             yield hf_name, out.to(dtype), trt
             if quantizer is not None and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
                 yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
+
+    def _cast_first(self, name: str) -> bool:
+        """Whether a unit is cast to the export dtype before its transforms: every unquantized
+        unit whose outputs all take the export dtype."""
+        if name in self.keep_source:
+            return False
+        if self.quant is None:
+            return True
+        from .quant.calibrate import is_quantizable_linear
+        from .quant.stats import is_stat
+
+        return not is_stat(name) and not is_quantizable_linear(name)
 
     def _quantizer(self, name: str, tensor: torch.Tensor, stats: Optional[dict]):
         if self.quant is None:
@@ -308,7 +320,7 @@ class ExportJob:
                 run.pool.begin(unit.numel * size)
                 timings["write_s"] += time.perf_counter() - w0
             g0 = time.perf_counter()
-            full = exchange(unit, local, comm)
+            full = exchange(unit, local, comm, cast_to=dtype if self._cast_first(unit.name) else None)
             timings["gather_s"] += time.perf_counter() - g0
             if run.lock is not None:
                 run.lock.refresh()

@@ -209,7 +209,7 @@ class ExportJob:
         export dtype) wait for its writes while the next unit is gathered and converted, which
         keeps peak memory within two of the largest tensor (see `write_pool`). The background
         worker uses one thread: it shares the machine with training."""
-        size = torch.empty((), dtype=torch_dtype(self.config.dtype)).element_size()
+        size = torch_dtype(self.config.dtype).itemsize
         largest = max((u.numel * size for u in self.units), default=0)
         return WritePool(threads=1 if self.mode == "async" else 2, budget_bytes=largest // 2)
 
@@ -285,6 +285,8 @@ class ExportJob:
             raise self._broken(comm, run, exc) from exc
         finally:
             run.pool.close()
+            for writer in run.writers:  # closes what a failed run left open (after a close: nothing)
+                writer.abort()
             if run.lock is not None:
                 run.lock.release()
 
@@ -300,6 +302,7 @@ class ExportJob:
                 run.tmp = mf.start(self.root, iteration, run.lock)
                 if local_exc is None:
                     hf, trt = self.writers(run.tmp, create=True, pool=run.pool)
+                    run.writers = [w for w in (hf, trt) if w is not None]
         except Exception as exc:  # noqa: BLE001 - any failure must become a shared decision
             local_exc = local_exc or exc
         failures = comm.agree(f"{type(local_exc).__name__}: {local_exc}" if local_exc else None)
@@ -307,6 +310,7 @@ class ExportJob:
             self._fail(comm, run, failures, local_exc, [hf, trt])
         if self.rank != 0:
             hf, trt = self.writers(run.tmp, create=False, pool=run.pool)
+            run.writers = [w for w in (hf, trt) if w is not None]
 
         error = None
         checksums: dict = {}
@@ -490,6 +494,7 @@ class _Run:
     on_progress: object = None
     lock: Optional[object] = None
     pool: Optional[WritePool] = None
+    writers: list = field(default_factory=list)
 
 
 @contextlib.contextmanager

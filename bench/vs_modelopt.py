@@ -3,8 +3,9 @@
 One process, one model (Llama-style, fp32 live weights, bf16 output), interleaved rounds; every
 candidate writes a fresh directory and is timed until its bytes are fsynced:
 
-* ours, HF checkpoint and TensorRT-LLM checkpoint (checks and checksums on, the defaults), and
-  the TensorRT-LLM one with ``check_finite: false`` for reference;
+* ours, HF checkpoint and TensorRT-LLM checkpoint (checks and checksums on, the defaults); as
+  diagnostics, the TensorRT-LLM one with ``check_finite: false`` and the HF one with its sha256
+  switched off (what the checksums cost);
 * ModelOpt's ``export_tensorrt_llm_checkpoint`` and ``export_mcore_gpt_to_hf`` (its unified HF
   export needs megatron-core >= 0.19: run with PYTHONPATH=<megatron-core 0.19.2 target dir>;
   where it cannot run, the reason is printed and that comparison is left out), then an fsync of
@@ -20,6 +21,7 @@ Medians over the rounds; ratios of medians, with the goal's target beside each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -39,6 +41,27 @@ def _tensors(directory: Path) -> dict:
     for path in sorted(directory.rglob("*.safetensors")):
         out.update(load_file(str(path)))
     return out
+
+
+@contextlib.contextmanager
+def checksums_off():
+    """Diagnostic only: the HF export with its sha256 replaced by nothing, to show what the
+    checksums cost (the manifest then holds dummy values; the export is deleted right after)."""
+    from megatron_trt_ext.formats import safetensors_stream
+
+    class NoHash:
+        def update(self, data):
+            pass
+
+        def hexdigest(self):
+            return "0" * 64
+
+    real = safetensors_stream.hashlib
+    safetensors_stream.hashlib = type("NoHashlib", (), {"sha256": NoHash})
+    try:
+        yield
+    finally:
+        safetensors_stream.hashlib = real
 
 
 def cpu_seconds() -> float:
@@ -62,6 +85,8 @@ class Candidates:
             "ours_trt_nocheck": Exporter(model, ExportConfig(output_dir=str(work / "ours_trt_nocheck"),
                                                              formats=["trtllm_checkpoint"], check_finite=False,
                                                              **common)),
+            "ours_hf_nosum": Exporter(model, ExportConfig(output_dir=str(work / "ours_hf_nosum"), formats=["hf"],
+                                                          **common)),
         }
         self.hf_config_dir = work / "hf_config"
         self.modelopt_hf_error = None
@@ -73,7 +98,8 @@ class Candidates:
         if name.startswith("ours"):
             exporter = self.ours[name]
             t0 = time.perf_counter()
-            result = exporter.export(self.iteration)
+            with checksums_off() if name.endswith("_nosum") else contextlib.nullcontext():
+                result = exporter.export(self.iteration)
             seconds = time.perf_counter() - t0
             assert result.ok, result.error
             self.bytes[name] = result.bytes_written
@@ -116,6 +142,7 @@ class Candidates:
         self.run("ours_trt")
         ours_trt = self.last_path / "trtllm_checkpoint"
         self.run("ours_trt_nocheck")
+        self.run("ours_hf_nosum")
         self.run("modelopt_trt@1")
         identical["modelopt_trt"] = same_tensors(ours_trt, self.last_path)
         self.cleanup()
@@ -171,7 +198,7 @@ def main(argv=None) -> int:
             c = Candidates(model, work, vocab=args.vocab)
             identical = c.warm_up()
             tools = ["modelopt_trt"] + (["modelopt_hf"] if c.modelopt_hf_error is None else [])
-            names = ["ours_hf", "ours_trt", "ours_trt_nocheck", "raw_hf", "raw_trt"]
+            names = ["ours_hf", "ours_trt", "ours_trt_nocheck", "ours_hf_nosum", "raw_hf", "raw_trt"]
             names += [f"{tool}@{n}" for tool in tools for n in args.modelopt_threads]
             rng = random.Random(0)
             for _ in range(args.rounds):
@@ -214,8 +241,10 @@ def main(argv=None) -> int:
                            med["raw_hf"] / med["ours_hf"], 0.85, lower_is_better=False))
     goals.append(goal_line("TensorRT-LLM: ours' bandwidth / raw write+fsync, same bytes",
                            med["raw_trt"] / med["ours_trt"], 0.85, lower_is_better=False))
-    print(f"  (reference: TensorRT-LLM with check_finite false / with checks: "
-          f"{med['ours_trt_nocheck'] / med['ours_trt']:.2f})")
+    print(f"  (diagnostics: TensorRT-LLM with check_finite false / with checks: "
+          f"{med['ours_trt_nocheck'] / med['ours_trt']:.2f}; HF without sha256 / ModelOpt: "
+          f"{med['ours_hf_nosum'] / best.get('modelopt_hf', float('nan')):.2f}, CPU s "
+          f"{median(cpu['ours_hf_nosum']):.2f} vs {median(cpu['ours_hf']):.2f} with it)")
     if args.json:
         Path(args.json).write_text(json.dumps({"times": times, "cpu_s": cpu, "medians": med, "bytes": c.bytes, "goals": goals,
                                                "identical": identical, "modelopt_hf_error": c.modelopt_hf_error,

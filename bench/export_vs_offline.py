@@ -15,7 +15,6 @@ One run, one process, this machine, a Llama-style model of about 310M parameters
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time

@@ -5,6 +5,8 @@ the export) as a multiple of the largest single tensor of the model, for a ~300M
 Llama-style model in bfloat16.
 
     .venv/bin/python -m bench.distributed_export [--layers 16] [--hidden 1024]
+
+Goal 2 of issue #13: every rank's peak extra memory <= 2x the largest tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import tempfile
 import threading
 import time
+
+from bench.goals import goal_line
 
 
 def _rss() -> int:
@@ -115,6 +119,9 @@ def main(argv=None) -> int:
                   f"{st['write_s']:>7.2f}")
     written = ranks[0]["runs"][-1]["bytes_written"]
     print(f"\nbytes written per export: {written / 2**20:.0f} MiB")
+    print("\nGoal 2 (peak extra memory of every rank, every export, as a multiple of the largest tensor):")
+    worst = max((run["peak_extra_bytes"] / largest, r["rank"]) for r in ranks for run in r["runs"])
+    goal_line(f"worst rank ({worst[1]}): peak extra RSS / largest tensor", worst[0], 2.0)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ranks": ranks, "model": model_kw | {"params_dtype": "bfloat16"}}, f, indent=2, default=str)

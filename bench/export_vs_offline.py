@@ -17,30 +17,13 @@ One run, one process, this machine, a Llama-style model of about 310M parameters
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from bench.distributed_export import PeakRss, _rss
-
-
-def raw_write(directory: Path, nbytes: int, chunk: int = 64 << 20) -> float:
-    """Seconds to write and fsync ``nbytes`` to a new file in ``directory``."""
-    block = os.urandom(chunk)
-    path = directory / "raw_write.bin"
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(block[:min(chunk, left)])
-            left -= chunk
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return seconds
+from bench.goals import raw_write
 
 
 def worker_peak(proc, stop) -> int:

@@ -23,10 +23,10 @@ from .arch import select_family
 from .arch.convert import check_sources
 from .config import ExportConfig
 from .errors import ConfigError, ExportError
-from .gather import Comm
+from .gather import Comm, gather_classes
 from .job import ExportJob, ExportResult, __version__  # noqa: F401  (re-exported)
 from .model_info import drop_mtp_layers, merge_module_facts, module_facts, read_model_info, unwrap_chunks
-from .plan import build_units, describe, expert_group, local_shards
+from .plan import describe, expert_group, local_shards, plan_units
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -137,24 +137,16 @@ class Exporter:
 
                 local.update(stat_pieces(local, self.quant, fold_aliases=self._fold_aliases(),
                                          groups=self.spec.shared_input_linears))
-            description = describe(local, self.rank)
+            description = describe(local)
         except err_mod.MegatronTrtExtError as exc:
             local_exc = exc
-        gathered = self.comm.all_gather_object(
-            (_describe_error(local_exc) if local_exc else None, description))
-        failures = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+        failures, classes = gather_classes(self.comm, description,
+                                           _describe_error(local_exc) if local_exc else None)
         if failures:
             _raise_agreed(failures, local_exc, "export set-up")
         from .quant.stats import is_stat, weight_of
 
-        from .arch.spec import unit_group
-
-        def group_key(name: str) -> str:
-            """Units converted together: a Concat's parts; one layer's experts (TensorRT-LLM stacks them)."""
-            name = weight_of(name)
-            return unit_group(self.spec, name) or expert_group(name)
-
-        units = build_units((d for _, d in gathered), group_key=group_key)
+        units = plan_units(classes, group_key=self._group_key(weight_of))
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
@@ -169,6 +161,24 @@ class Exporter:
 
             self._background = BackgroundExporter(self)
         _live_exporters.add(self)
+
+    def _group_key(self, weight_of):
+        """Which units share a writer: a statistic goes with its linear (or the norm it folds
+        into); the parts of a Concat, and experts stacked into one HF tensor (`unit_group`);
+        experts that one TensorRT-LLM rank stacks."""
+        from .arch.spec import unit_group
+
+        per_group = None
+        if "trtllm_checkpoint" in self.config.formats and self.info.num_experts:
+            per_group = self.info.num_experts // self.moe_ep
+
+        def key(name: str) -> str:
+            name = weight_of(name)
+            group = unit_group(self.spec, name)
+            if group is not None:
+                return group
+            return expert_group(name, per_group) if per_group else name
+        return key
 
     @property
     def units(self) -> list:

@@ -74,6 +74,15 @@ class Comm:
         torch.distributed.all_gather_object(out, obj, group=self.control)
         return out
 
+    def broadcast_object(self, obj, src: int):
+        """``obj`` of rank ``src``, on every rank."""
+        if not self.distributed:
+            return obj
+        self._check()
+        box = [obj if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src=src, group=self.control)
+        return box[0]
+
     def gather_object(self, obj) -> Optional[list]:
         """Every rank's ``obj`` on rank 0 (None elsewhere)."""
         if not self.distributed:
@@ -97,6 +106,11 @@ class Comm:
         self._check()
         buf = torch.empty(shape, dtype=dtype, device=self.data_device)
         return buf, torch.distributed.irecv(buf, src, group=self.data, tag=tag)
+
+    def recv_into(self, buf: torch.Tensor, src: int, tag: int):
+        """Receive straight into ``buf`` (a contiguous view of the tensor being assembled)."""
+        self._check()
+        return torch.distributed.irecv(buf, src, group=self.data, tag=tag)
 
     # ------------------------------------------------------------------ failures
     def next_round(self, iteration: int) -> str:
@@ -147,6 +161,37 @@ class Comm:
             return [0]
 
 
+def gather_classes(comm: Comm, description: Optional[tuple], error) -> tuple:
+    """Every rank's slice description, each distinct one moved once: ``(failures, classes)``.
+
+    First every rank shares a fixed-size line (its error, a digest of its pieces, its main flags);
+    then, for each distinct digest, its lowest rank broadcasts the pieces. DP replicas describe
+    the same pieces, so what each rank receives grows with the model-parallel positions (one
+    description per TP x PP x EP position), never with ranks x their descriptions.
+    ``failures``: [(rank, error)] when some rank could not describe itself (then no classes).
+    """
+    import hashlib
+    import pickle
+
+    from .plan import RankClass, main_mask
+
+    pieces, main = description if description is not None else ((), ())
+    digest = hashlib.sha256(pickle.dumps(pieces, protocol=4)).digest()[:16]
+    table = comm.all_gather_object((error, digest, main_mask(main)))
+    failures = [(rank, err) for rank, (err, _, _) in enumerate(table) if err]
+    if failures:
+        return failures, None
+    members: dict = {}
+    for rank, (_, key, mask) in enumerate(table):
+        members.setdefault(key, []).append((rank, mask))
+    classes = []
+    for key, ranks in members.items():  # in the order of their first rank: the same on every rank
+        first = ranks[0][0]
+        classes.append(RankClass(comm.broadcast_object(pieces if comm.rank == first else None, first),
+                                 tuple(ranks)))
+    return [], classes
+
+
 def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.Tensor:
     for piece in local.get(unit.name, ()):
         if piece.offset == offset and tuple(piece.tensor.shape) == shape:
@@ -154,26 +199,41 @@ def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.
     raise KeyError(f"tensor {unit.name!r}: this rank holds no slice at offset {offset}")
 
 
-def exchange(unit: Unit, local: dict, comm: Comm) -> Optional[torch.Tensor]:
-    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer."""
+def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer.
+
+    ``cast_to``: the dtype the writer casts the whole unit to next (see `ExportJob.convert`):
+    slices are then cast as they are placed, so the unit is assembled and cast in one pass, at
+    the export dtype's size. Local slices that already form one tensor in memory (the gate and
+    up halves of a gated fc1 are views of one parameter) come back as a view, uncopied.
+    """
     rank = comm.rank
     if rank == unit.writer:
         if len(unit.pieces) == 1 and unit.local_to_writer(unit.pieces[0]):
             return _local_piece(local, unit, unit.pieces[0].offset, unit.pieces[0].shape)
         dtype = torch_dtype(unit.dtype)
-        pending = []
-        for tag, piece in enumerate(unit.pieces):
-            if not unit.local_to_writer(piece):
-                pending.append((piece, *comm.recv(piece.shape, dtype, piece.rank, tag)))
         local_parts = [(p, _local_piece(local, unit, p.offset, p.shape))
                        for p in unit.pieces if unit.local_to_writer(p)]
-        device = local_parts[0][1].device if local_parts and not pending else comm.data_device
-        full = torch.empty(unit.shape, dtype=dtype, device=device)
+        remote = [(tag, p) for tag, p in enumerate(unit.pieces) if not unit.local_to_writer(p)]
+        if not remote:
+            whole = _one_view(unit, local_parts)
+            if whole is not None:
+                return whole
+        device = local_parts[0][1].device if local_parts and not remote else comm.data_device
+        full = torch.empty(unit.shape, dtype=cast_to or dtype, device=device)
+        pending = []
+        for tag, piece in remote:
+            target = full[_index(piece)]
+            if target.is_contiguous() and full.dtype == dtype:  # a row block: received in place
+                pending.append((piece, None, comm.recv_into(target, piece.rank, tag)))
+            else:
+                pending.append((piece, *comm.recv(piece.shape, dtype, piece.rank, tag)))
         for piece, tensor in local_parts:
             full[_index(piece)] = tensor.to(device)
         for piece, buf, work in pending:
             work.wait()
-            full[_index(piece)] = buf.to(device)
+            if buf is not None:
+                full[_index(piece)] = buf.to(device)
         return full
     sends = []
     for tag, piece in enumerate(unit.pieces):
@@ -182,6 +242,25 @@ def exchange(unit: Unit, local: dict, comm: Comm) -> Optional[torch.Tensor]:
     for _, work in sends:
         work.wait()
     return None
+
+
+def _one_view(unit: Unit, parts: list) -> Optional[torch.Tensor]:
+    """The unit as a view of its local slices' memory, when they are contiguous row blocks lying
+    one after the other in one storage (else None)."""
+    parts = sorted(parts, key=lambda pt: pt[0].offset)
+    first = parts[0][1]
+    row = first.stride(0) if first.dim() else 0
+    position = first.storage_offset()
+    for piece, tensor in parts:
+        if (not tensor.is_contiguous() or tensor.dtype != first.dtype or tensor.device != first.device
+                or tuple(tensor.shape[1:]) != tuple(unit.shape[1:]) or any(piece.offset[1:])
+                or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or tensor.storage_offset() != position):
+            return None
+        position += tensor.numel()
+    if first.dim() == 0 or position - first.storage_offset() != unit.numel:
+        return None
+    return first.as_strided(unit.shape, (row, *first.stride()[1:]), first.storage_offset())
 
 
 def _index(piece) -> tuple:

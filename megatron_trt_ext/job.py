@@ -11,6 +11,7 @@ the phases on one rank:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,9 +26,11 @@ from .arch.convert import megatron_to_hf
 from .arch.spec import Context
 from .config import ExportConfig
 from .errors import ConfigError, ExportError
+from .finite import check_finite
 from .formats.files import FileSet, write_json
 from .formats.hf import HFWriter
 from .formats.trtllm import TrtllmConverter, trtllm_config
+from .formats.write_pool import WritePool
 from .gather import exchange, iter_meta
 
 logger = logging.getLogger("megatron_trt_ext")
@@ -76,10 +79,11 @@ class ExportJob:
     out_specs: dict = field(default_factory=dict)
     # Megatron linear -> (first HF part, its Algorithm): parts of a fused linear must agree
     _part_algos: dict = field(default_factory=dict, repr=False)
+    keep_source: frozenset = frozenset()  # units with an output in a dtype other than the export's
 
     def __post_init__(self):
         if not self.out_specs:
-            self.out_specs = self._plan_outputs()
+            self.out_specs, self.keep_source = self._plan_outputs()
 
     @property
     def spec(self):
@@ -107,14 +111,18 @@ class ExportJob:
         return spec if spec.enabled else None
 
     def convert(self, converter: TrtllmConverter, name: str, tensor: torch.Tensor, dtype: torch.dtype,
-                state: "ConvertState"):
+                state: "ConvertState", cast_first: bool = True):
         """The one conversion pipeline, shared by the shape-only plan and the real export.
 
-        Yields (hf_name, hf_tensor, [(rank, trt_name, trt_tensor), ...]). Casting is elementwise,
-        so casting before or after a split gives the same bits; the TensorRT-LLM side casts itself
-        because a few tensors (MoE router, scales) stay float32. Calibration statistics (quantized
-        exports) wait in ``state.stats`` until their linear's weight arrives, parts of
-        concatenated tensors in ``state.pending`` until the last part arrives.
+        Yields (hf_name, hf_tensor, [(rank, trt_name, trt_tensor), ...]). Casting is elementwise
+        and every output of an unquantized unit is a rearrangement of its elements (views,
+        splits, zero padding), so the unit is cast once, first: the same bits as casting each
+        output, one pass instead of one per format, and the transforms then move export-dtype
+        bytes. Units with an output that keeps another dtype (MoE routers stay float32;
+        ``keep_source``), norms that take a folded pre-quant scale and quantized linears convert
+        from the source values. Calibration statistics (quantized exports) wait in
+        ``state.stats`` until their linear's weight arrives, parts of concatenated tensors in
+        ``state.pending`` until the last part arrives.
         """
         from .quant.stats import fold_name, is_stat
 
@@ -124,6 +132,8 @@ class ExportJob:
         trt_on = "trtllm_checkpoint" in self.config.formats
         quantizer = self._quantizer(name, tensor, state.stats)
         fold = state.stats.pop(fold_name(name), None) if state.stats else None
+        if cast_first and quantizer is None and fold is None and self._cast_first(name):
+            tensor = tensor.to(dtype)
         native = quantizer.native_scale if quantizer is not None else None
         # FP8-trained weights: their multipliers go through the same row transforms as the bytes
         native_parts = dict(megatron_to_hf(self.spec, self.ctx, [(name, native)], {})) if native is not None else {}
@@ -151,6 +161,29 @@ class ExportJob:
         if any(re.search(pattern, hf_name) for pattern in self.spec.keep_fp32):
             return torch.float32
         return dtype
+
+    def _cast_first(self, name: str) -> bool:
+        """Whether a unit is cast to the export dtype before its transforms: every unquantized
+        unit whose outputs all take the export dtype."""
+        if name in self.keep_source:
+            return False
+        if self.quant is None:
+            return True
+        from .quant.calibrate import is_quantizable_linear
+        from .quant.stats import is_stat
+
+        return not is_stat(name) and not is_quantizable_linear(name) and name not in self._fold_targets
+
+    @property
+    def _fold_targets(self) -> frozenset:
+        """Norm units that take a folded AWQ pre-quant scale in the HF export."""
+        cached = self.__dict__.get("_fold_target_cache")
+        if cached is None:
+            from .quant.stats import FOLD, SEP, weight_of
+
+            cached = frozenset(weight_of(u.name) for u in self.units if SEP + FOLD in u.name)
+            self.__dict__["_fold_target_cache"] = cached
+        return cached
 
     def _quantizer(self, name: str, tensor: torch.Tensor, stats: Optional[dict]):
         if self.quant is None:
@@ -257,18 +290,25 @@ class ExportJob:
                 trt = list(converter.feed_kv_scale(hf_name, which, kv[which])) if trt_on else []
                 yield f"{module}.{which}_scale", kv[which].float(), trt
 
-    def _plan_outputs(self) -> dict:
+    def _plan_outputs(self) -> tuple:
+        """Every output file's tensors, from the conversion run on shape-only tensors; and the
+        units that must not be cast first (an output in another dtype than the export's)."""
         dtype = torch_dtype(self.config.dtype)
         converter = self.new_converter()
         hf_specs, rank_specs = [], {r: [] for r in range(self.config.inference_tp * self.config.inference_pp)}
         state = ConvertState()
+        keep_source = set()
         quantized: dict = {}  # HF module -> Algorithm
         unquantized_hf, unquantized_trt = set(), set()
         for name, meta in iter_meta(self.units):
-            for hf_name, out, trt in self.convert(converter, name, meta, dtype, state):
+            for hf_name, out, trt in self.convert(converter, name, meta, dtype, state, cast_first=False):
                 hf_specs.append((hf_name, out.dtype, tuple(out.shape)))
+                if out.dtype != dtype:
+                    keep_source.add(name)
                 for rank, trt_name, t in trt:
                     rank_specs[rank].append((trt_name, t.dtype, tuple(t.shape)))
+                    if t.dtype != dtype:
+                        keep_source.add(name)
                 if self.quant is None or not hf_name.endswith(".weight"):
                     continue
                 module = hf_name[: -len(".weight")]
@@ -287,9 +327,18 @@ class ExportJob:
             specs["quant"] = {"layers": {m: a.name for m, a in quantized.items()},
                               "hf_exclude": sorted(unquantized_hf),
                               "trt_exclude": ["lm_head", *sorted(unquantized_trt)]}
-        return specs
+        return specs, frozenset(keep_source)
 
-    def writers(self, tmp: Path, create: bool) -> tuple:
+    def write_pool(self) -> WritePool:
+        """Writer threads for one export. The budget lets about half of the largest unit (in the
+        export dtype) wait for its writes while the next unit is gathered and converted, which
+        keeps peak memory within two of the largest tensor (see `write_pool`). The background
+        worker uses one thread: it shares the machine with training."""
+        size = torch_dtype(self.config.dtype).itemsize
+        largest = max((u.numel * size for u in self.units), default=0)
+        return WritePool(threads=1 if self.mode == "async" else 2, budget_bytes=largest // 2)
+
+    def writers(self, tmp: Path, create: bool, pool: Optional[WritePool] = None) -> tuple:
         hf = trt = None
         if "hf" in self.config.formats:
             hf_config = self.spec.hf_config(self.info, self.ctx, self.config.dtype)
@@ -298,9 +347,9 @@ class ExportJob:
 
                 hf_config["quantization_config"] = hf_quantization_config(self.quant, self.out_specs["quant"])
             hf = HFWriter(tmp / "hf", self.out_specs["hf"], self.config.max_shard_size_bytes, hf_config,
-                          create=create)
+                          create=create, pool=pool)
         if "trtllm_checkpoint" in self.config.formats:
-            trt = FileSet(tmp / "trtllm_checkpoint", self.out_specs["trtllm"], create=create)
+            trt = FileSet(tmp / "trtllm_checkpoint", self.out_specs["trtllm"], create=create, pool=pool)
         return hf, trt
 
     def needed_pieces(self) -> list:
@@ -352,13 +401,18 @@ class ExportJob:
                    meta=self.manifest_base(iteration), timings=timings, t0=t0, base_total=base_total,
                    round_name=comm.next_round(iteration) if not comm.broken else "broken",
                    on_progress=on_progress or (lambda: None), verification=verification)
+        run.pool = self.write_pool()
         try:
-            return self._run(comm, local, run, source_error)
+            with _one_torch_thread():
+                return self._run(comm, local, run, source_error)
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - a collective broke: a peer is lost or timed out
             raise self._broken(comm, run, exc) from exc
         finally:
+            run.pool.close()
+            for writer in run.writers:  # closes what a failed run left open (after a close: nothing)
+                writer.abort()
             if run.lock is not None:
                 run.lock.release()
 
@@ -373,23 +427,30 @@ class ExportJob:
                 run.lock = mf.IterationLock(self.root, iteration, stale_after_s=2 * self.config.timeout_s).acquire()
                 run.tmp = mf.start(self.root, iteration, run.lock)
                 if local_exc is None:
-                    hf, trt = self.writers(run.tmp, create=True)
+                    hf, trt = self.writers(run.tmp, create=True, pool=run.pool)
+                    run.writers = [w for w in (hf, trt) if w is not None]
         except Exception as exc:  # noqa: BLE001 - any failure must become a shared decision
             local_exc = local_exc or exc
         failures = comm.agree(f"{type(local_exc).__name__}: {local_exc}" if local_exc else None)
         if failures:
             self._fail(comm, run, failures, local_exc, [hf, trt])
         if self.rank != 0:
-            hf, trt = self.writers(run.tmp, create=False)
+            hf, trt = self.writers(run.tmp, create=False, pool=run.pool)
+            run.writers = [w for w in (hf, trt) if w is not None]
 
         error = None
         checksums: dict = {}
         converter = self.new_converter()
         dtype = torch_dtype(self.config.dtype)
         state = ConvertState()
+        size = dtype.itemsize
         for unit in self.units:
+            if unit.writer == self.rank:  # waits while earlier units' writes hold the memory budget
+                w0 = time.perf_counter()
+                run.pool.begin(unit.numel * size)
+                timings["write_s"] += time.perf_counter() - w0
             g0 = time.perf_counter()
-            full = exchange(unit, local, comm)
+            full = exchange(unit, local, comm, cast_to=dtype if self._cast_first(unit.name) else None)
             timings["gather_s"] += time.perf_counter() - g0
             if run.lock is not None:
                 run.lock.refresh()
@@ -401,17 +462,21 @@ class ExportJob:
             except Exception as exc:  # noqa: BLE001
                 error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
                 local_exc = exc
+            full = None  # the writer threads keep what they still need; the rest goes now
+            run.pool.end()
+        w0 = time.perf_counter()
         try:
             if error is None:
                 converter.finish()
                 state.finish()
             for name, writer in (("hf", hf), ("trtllm_checkpoint", trt)):
-                if writer is not None:
+                if writer is not None:  # waits for the writer threads, then fsyncs
                     for fname, sums in writer.close().items():
                         checksums[f"{name}/{fname}"] = sums
         except Exception as exc:  # noqa: BLE001
             error = error or f"{type(exc).__name__}: {exc}"
             local_exc = local_exc or exc
+        timings["write_s"] += time.perf_counter() - w0
 
         timings["total_s"] = run.base_total + time.perf_counter() - run.t0
         failures = comm.agree(error)
@@ -443,11 +508,14 @@ class ExportJob:
             w0 = time.perf_counter()
             timings["convert_s"] += w0 - c0
             if self.config.check_finite:
-                # checked as written (after the cast): 70000.0 is finite in float32, inf in float16
+                # checked as written (after the cast): 70000.0 is finite in float32, inf in float16;
+                # TensorRT-LLM parts in the export dtype are pieces of `out`, already checked
                 check_finite(hf_name, out)
                 for _, trt_name, t in trt_parts:
                     if t.dtype != out.dtype:
                         check_finite(trt_name, t)
+                timings["check_s"] = timings.get("check_s", 0.0) + time.perf_counter() - w0
+                w0 = time.perf_counter()
             if hf is not None:
                 hf.write(hf_name, out)
             for rank, name, t in trt_parts:
@@ -586,19 +654,25 @@ class _Run:
     on_progress: object = None
     verification: Optional[object] = None
     lock: Optional[object] = None
+    pool: Optional[WritePool] = None
+    writers: list = field(default_factory=list)
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Refuse NaN/Inf in a floating tensor as it is written (FP8 has no Inf: NaN only)."""
-    if not tensor.is_floating_point() or tensor.device.type == "meta":
-        return
-    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        bad = bool(torch.isnan(tensor.float()).any())
-    else:
-        bad = not bool(torch.isfinite(tensor).all())
-    if bad:
-        raise ExportError(f"{name}: contains NaN or Inf values as written ({tensor.dtype}); refusing to export "
-                          "a broken model (values out of the export dtype's range become Inf)")
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Torch's intra-op threads off during an export (restored after). The export's elementwise
+    work (cast, checks, copies) is memory-bound, and its parallelism comes from the writer
+    threads; an OpenMP team on top of them oversubscribes the cores, and its spinning workers
+    doubled the CPU time of an export here. In sync mode training is paused meanwhile; the
+    background worker runs with one thread anyway."""
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
 
 
 def _fold_names(norm_units: list) -> list:

@@ -85,3 +85,96 @@ def repeat_kv_heads(t: torch.Tensor, num_kv_heads: int, head_dim: int, tp: int) 
     rest = t.shape[1:]
     heads = t.reshape(num_kv_heads, 1, head_dim, *rest)
     return heads.expand(num_kv_heads, tp // num_kv_heads, head_dim, *rest).reshape(-1, *rest)
+
+
+def kv_rows_for_rank(t: torch.Tensor, num_kv_heads: int, head_dim: int, tp: int, rank: int) -> torch.Tensor:
+    """``split_for_rank(repeat_kv_heads(t, ...), 0, tp, rank)`` as a view: the rank's KV rows
+    without building the repeated tensor."""
+    if num_kv_heads >= tp:
+        return split_for_rank(t, 0, tp, rank)
+    if tp % num_kv_heads:
+        raise ValueError(f"inference TP {tp} is not a multiple of the {num_kv_heads} KV heads")
+    head = rank // (tp // num_kv_heads)
+    return t[head * head_dim:(head + 1) * head_dim]
+
+
+class ZeroRows:
+    """A block of zero rows, described but never allocated (the vocabulary padding of a split)."""
+
+    def __init__(self, rows: int, tail: tuple, dtype: torch.dtype):
+        self.rows, self.tail, self.dtype = rows, tuple(tail), dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows, *self.tail))
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def to(self, dtype: torch.dtype) -> "ZeroRows":
+        return ZeroRows(self.rows, self.tail, dtype)
+
+
+class RowBlocks:
+    """A dim-0 concatenation that is never materialised: tensors (usually views of one source)
+    and zero blocks, in order. The writer streams the blocks one after the other, so the bytes
+    (and their checksum) equal those of ``torch.cat`` of the blocks, without the copy.
+
+    Used where TensorRT-LLM wants one tensor made of pieces of others: the fused q|k|v of a rank,
+    and the vocabulary-padded slices of ``lm_head``.
+    """
+
+    def __init__(self, parts: list):
+        parts = [p for p in parts if p.shape[0]]
+        if not parts:
+            raise ValueError("RowBlocks needs at least one non-empty block")
+        tails = {tuple(p.shape[1:]) for p in parts}
+        dtypes = {p.dtype for p in parts}
+        if len(tails) != 1 or len(dtypes) != 1:
+            raise ValueError(f"RowBlocks: blocks disagree on row shape {tails} or dtype {dtypes}")
+        self.parts = parts
+        self.dtype = dtypes.pop()
+        self._tail = tails.pop()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.shape[0] for p in self.parts), *self._tail))
+
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, dtype: torch.dtype) -> "RowBlocks":
+        if dtype == self.dtype:
+            return self
+        return RowBlocks([p.to(dtype) for p in self.parts])
+
+    def materialize(self) -> torch.Tensor:
+        """The tensor these blocks describe (tests, and consumers that need a real tensor)."""
+        blocks = [p if isinstance(p, torch.Tensor) else torch.zeros(p.shape, dtype=p.dtype, device=self.device)
+                  for p in self.parts]
+        return torch.cat(blocks, dim=0)
+
+
+def row_blocks(parts: list):
+    """One tensor when there is a single tensor block (nothing to concatenate), else RowBlocks."""
+    parts = [p for p in parts if p.shape[0]]
+    if len(parts) == 1 and isinstance(parts[0], torch.Tensor):
+        return parts[0]
+    return RowBlocks(parts)
+
+
+def padded_rows_for_rank(t: torch.Tensor, tp: int, rank: int):
+    """``split_for_rank(pad_rows(t, tp), 0, tp, rank)`` without the padded copy: a view of the
+    rank's real rows, followed by the zero rows that fall into its slice."""
+    total = t.shape[0] + (-t.shape[0]) % tp
+    per_rank = total // tp
+    start, stop = rank * per_rank, (rank + 1) * per_rank
+    real = t[min(start, t.shape[0]):min(stop, t.shape[0])]
+    zeros = stop - max(start, t.shape[0])
+    blocks = [real] + ([ZeroRows(zeros, tuple(t.shape[1:]), t.dtype)] if zeros > 0 else [])
+    return row_blocks(blocks)

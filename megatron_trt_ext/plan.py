@@ -11,9 +11,10 @@ the same writer for each; nothing in the plan depends on which rank computes it.
 
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -38,11 +39,11 @@ class Unit:
     dtype: str
     pieces: tuple
     writer: int = 0
-    holders: frozenset = frozenset()  # (rank, offset, shape) of every copy, replicas included
+    writer_slices: frozenset = frozenset()  # (offset, shape) of the slices the writer holds itself
 
     def local_to_writer(self, piece: Piece) -> bool:
         """Whether the writer holds ``piece`` itself (as main or replica): then nothing moves."""
-        return (self.writer, piece.offset, piece.shape) in self.holders
+        return (piece.offset, piece.shape) in self.writer_slices
 
     @property
     def numel(self) -> int:
@@ -50,7 +51,7 @@ class Unit:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+        return self.numel * torch_dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,50 @@ def _merge_gated_halves(name: str, offset: tuple, global_shape: tuple) -> tuple:
     return name, offset, global_shape
 
 
-def describe(local: dict, rank: int) -> dict:
-    """Picklable description of a rank's slices, for all_gather_object."""
-    return {name: [(rank, p.offset, tuple(p.tensor.shape), p.global_shape,
-                    str(p.tensor.dtype).replace("torch.", ""), p.main) for p in pieces]
-            for name, pieces in local.items()}
+def describe(local: dict) -> tuple:
+    """This rank's slices as ``(pieces, main)``, for the all-gather: ``pieces`` is a sorted tuple
+    of ``(unit name, offset, local shape, global shape, dtype)`` and does not name the rank, so
+    ranks that hold the same slices (DP replicas) describe them identically and are gathered
+    once (see `group_ranks`); ``main`` flags the main replicas, in the same order."""
+    rows = sorted((name, p.offset, tuple(p.tensor.shape), p.global_shape, str(p.tensor.dtype).replace("torch.", ""),
+                   p.main) for name, pieces in local.items() for p in pieces)
+    return tuple(r[:5] for r in rows), tuple(r[5] for r in rows)
+
+
+def main_mask(main: tuple) -> int:
+    """The main flags as one integer (bit i: piece i is a main replica): small to gather."""
+    return sum(1 << i for i, flag in enumerate(main) if flag)
+
+
+@dataclass(frozen=True)
+class RankClass:
+    """Ranks that hold the same slices: their pieces once, and each member with its main flags.
+
+    DP replicas form one class, so what every rank gathers and plans over grows with the number
+    of distinct model-parallel positions (TP x PP x EP), not with the number of ranks.
+    """
+
+    pieces: tuple   # ((name, offset, shape, global shape, dtype), ...)
+    members: tuple  # ((rank, main mask), ...), ranks ascending
+
+
+def group_ranks(descriptions) -> list:
+    """Per-rank ``(pieces, main)`` descriptions (index = rank) -> RankClasses, by first member."""
+    classes: dict = {}
+    for rank, (pieces, main) in enumerate(descriptions):
+        classes.setdefault(pieces, []).append((rank, main_mask(main)))
+    return [RankClass(pieces, tuple(members)) for pieces, members in classes.items()]
+
+
+def rank_descriptions(legacy: Iterable[dict]) -> list:
+    """The older per-rank form ``{name: [(rank, offset, shape, global shape, dtype, main)]}`` (one
+    dict per rank, in rank order) -> ``(pieces, main)`` descriptions."""
+    out = []
+    for desc in legacy:
+        rows = sorted((name, off, tuple(shp), tuple(gshape), dtype, main)
+                      for name, entries in desc.items() for _, off, shp, gshape, dtype, main in entries)
+        out.append((tuple(r[:5] for r in rows), tuple(r[5] for r in rows)))
+    return out
 
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -167,64 +207,117 @@ def _natural(name: str):
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-_EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
 
 
-def expert_group(name: str) -> str:
-    """Units that must meet on one writer: the experts of one layer's linear (they are stacked
-    into one tensor per inference rank). Every other unit is its own group."""
-    return _EXPERT_RE.sub(".experts.*.", name)
+def expert_group(name: str, experts_per_group: Optional[int] = None) -> str:
+    """Units that must meet on one writer: experts that TensorRT-LLM stacks into one tensor.
+    With inference expert parallelism (``moe_ep`` > 1) each inference rank stacks only its
+    ``num_experts / moe_ep`` experts, so those form a group (``experts_per_group``); without
+    (None), every rank stacks a slice of every expert and the whole layer's linear is one group.
+    Every other unit is its own group."""
+    if experts_per_group is None:
+        return _EXPERT_RE.sub(".experts.*.", name)
+    return _EXPERT_RE.sub(lambda m: f".experts.*{int(m.group(1)) // experts_per_group}.", name)
 
 
 def build_units(descriptions: Iterable[dict], group_key=None) -> list:
-    """Merge every rank's description into one sorted list of units with their writers.
+    """`plan_units` from per-rank descriptions in the older dict form (see `rank_descriptions`)."""
+    return plan_units(group_ranks(rank_descriptions(descriptions)), group_key)
+
+
+def plan_units(classes: list, group_key=None) -> list:
+    """Merge the rank classes' slices into one sorted list of units with their writers.
 
     The writer of a unit is a rank that already holds all of it (a full replica, e.g. DP copies or
-    TP-replicated norms), else the rank holding most of its bytes; ties go to the rank with the
-    fewest bytes assigned so far, so writing spreads over ranks and each byte crosses the network
-    at most once. Units with the same ``group_key`` share one writer (chosen by their total bytes).
+    TP-replicated norms), else a rank holding most of its bytes, so each byte crosses the network
+    at most once. Units with the same ``group_key`` share one writer (chosen by their total
+    bytes). Groups get their writers largest first, each from the candidates with the fewest
+    bytes assigned so far (then the lowest rank): the big tensors spread over distinct ranks and
+    the small ones fill the gaps, which keeps the most loaded writer close to the largest group.
+
+    Time and memory are linear in the slices of the distinct classes (units x TP x EP shards),
+    whatever the number of DP replicas: what a rank holds is counted per class, and the least
+    loaded member of a class comes from a heap.
     """
-    merged: dict = {}
-    for desc in descriptions:
-        for name, pieces in desc.items():
-            merged.setdefault(name, []).extend(pieces)
     group_key = group_key or (lambda n: n)
-    load: dict = {}
-    group_writer: dict = {}
+    by_name: dict = {}
+    for cid, cls in enumerate(classes):
+        main_members = [(rank, mask) for rank, mask in cls.members if mask]
+        for i, (name, off, shp, gshape, dtype) in enumerate(cls.pieces):
+            mains = [rank for rank, mask in main_members if mask >> i & 1]
+            by_name.setdefault(name, []).append((cid, off, shp, gshape, dtype, mains))
+    planned = [_merge(name, by_name[name]) for name in sorted(by_name, key=_order)]
+    # bytes of each group, and of its main slices that each class holds
+    group_bytes: dict = {}
     group_held: dict = {}
-    for name, entries in merged.items():
-        holders = {(r, off, shp) for r, off, shp, _, _, _ in entries}
-        held = group_held.setdefault(group_key(name), {})
-        for r, off, shp, _, _, is_main in entries:
-            if is_main:
-                for h in {h[0] for h in holders if h[1:] == (off, shp)}:
-                    held[h] = held.get(h, 0) + _numel(shp)
-    units = []
-    for name in sorted(merged, key=_order):
-        entries = merged[name]
-        shapes = {e[3] for e in entries}
-        dtypes = {e[4] for e in entries}
-        if len(shapes) != 1 or len(dtypes) != 1:
-            raise ExportError(f"tensor {name!r}: ranks disagree on its global shape/dtype {shapes} {dtypes}")
-        shape, dtype = shapes.pop(), dtypes.pop()
-        main = sorted((Piece(r, off, shp) for r, off, shp, _, _, is_main in entries if is_main),
-                      key=lambda p: (p.offset, p.rank))
-        covered = sum(_numel(p.shape) for p in main)
-        if covered != _numel(shape) or _overlaps(main):
-            raise ExportError(
-                f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
-                "some rank's slice is missing or duplicated (are all ranks calling export?)")
-        holders = frozenset((r, off, shp) for r, off, shp, _, _, _ in entries)
+    for name, shape, dtype, main, holders in planned:
         key = group_key(name)
-        if key not in group_writer:
-            held = group_held[key]
-            group_writer[key] = min(held, key=lambda r: (-held[r], load.get(r, 0), r))
-        writer = group_writer[key]
-        unit = Unit(name=name, shape=shape, dtype=dtype, pieces=tuple(main), writer=writer,
-                    holders=holders)
-        load[writer] = load.get(writer, 0) + unit.nbytes
-        units.append(unit)
+        group_bytes[key] = group_bytes.get(key, 0) + _numel(shape) * torch_dtype(dtype).itemsize
+        held = group_held.setdefault(key, {})
+        for piece in main:
+            for cid in holders[(piece.offset, piece.shape)]:
+                held[cid] = held.get(cid, 0) + _numel(piece.shape)
+    loads = _Loads(classes)
+    group_writer: dict = {}
+    for key in sorted(group_bytes, key=lambda k: -group_bytes[k]):  # stable: ties keep the unit order
+        group_writer[key] = writer = loads.least_loaded(group_held[key])
+        loads.add(writer, group_bytes[key])
+    units = []
+    for name, shape, dtype, main, holders in planned:
+        writer = group_writer[group_key(name)]
+        writer_class = loads.class_of[writer]
+        units.append(Unit(name=name, shape=shape, dtype=dtype, pieces=tuple(main), writer=writer,
+                          writer_slices=frozenset(s for s, cids in holders.items() if writer_class in cids)))
     return units
+
+
+def _merge(name: str, entries: list) -> tuple:
+    """One unit's (name, global shape, dtype, main pieces, {slice: holder classes}); checks that
+    the ranks agree on it and that the main replicas cover it exactly once."""
+    shapes = {e[3] for e in entries}
+    dtypes = {e[4] for e in entries}
+    if len(shapes) != 1 or len(dtypes) != 1:
+        raise ExportError(f"tensor {name!r}: ranks disagree on its global shape/dtype {shapes} {dtypes}")
+    shape, dtype = shapes.pop(), dtypes.pop()
+    main = sorted((Piece(rank, off, shp) for _, off, shp, _, _, mains in entries for rank in mains),
+                  key=lambda p: (p.offset, p.rank))
+    covered = sum(_numel(p.shape) for p in main)
+    if covered != _numel(shape) or _overlaps(main):
+        raise ExportError(
+            f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
+            "some rank's slice is missing or duplicated (are all ranks calling export?)")
+    holders: dict = {}
+    for cid, off, shp, _, _, _ in entries:
+        holders.setdefault((off, shp), set()).add(cid)
+    return name, shape, dtype, main, holders
+
+
+class _Loads:
+    """Bytes assigned to each rank so far, with the least-loaded member of each class at hand."""
+
+    def __init__(self, classes: list):
+        self.load: dict = {}
+        self.heaps = [[(0, rank) for rank, _ in cls.members] for cls in classes]
+        for heap in self.heaps:
+            heapq.heapify(heap)
+        self.class_of = {rank: cid for cid, cls in enumerate(classes) for rank, _ in cls.members}
+
+    def least_loaded(self, held: dict) -> int:
+        """Among the classes holding the most bytes, the member with the least load (then the
+        lowest rank)."""
+        most = max(held.values())
+        best = None
+        for cid in (c for c, n in held.items() if n == most):
+            heap = self.heaps[cid]
+            while heap[0][0] != self.load.get(heap[0][1], 0):  # stale entry: that rank got more since
+                heapq.heappop(heap)
+            best = heap[0] if best is None else min(best, heap[0])
+        return best[1]
+
+    def add(self, rank: int, nbytes: int) -> None:
+        self.load[rank] = self.load.get(rank, 0) + nbytes
+        heapq.heappush(self.heaps[self.class_of[rank]], (self.load[rank], rank))
 
 
 def _overlaps(pieces: list) -> bool:

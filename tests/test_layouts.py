@@ -87,3 +87,48 @@ def test_concat_transform_buffers_parts_and_concatenates_in_order():
     assert [name for name, _ in out] == ["backbone.layers.7.mixer.in_proj.weight"] and pending == {}
     back = torch.split(out[0][1], [sizes[p] for p in t.parts])
     assert all(torch.equal(a, parts[p]) for a, p in zip(back, t.parts))
+
+
+@pytest.mark.parametrize("rows,tp", [(10, 4), (12, 4), (3, 4), (1, 8), (128, 8), (127, 2)])
+def test_padded_rows_for_rank_equals_the_padded_split_without_copying(rows, tp):
+    from megatron_trt_ext.formats.safetensors_stream import byte_blocks, tensor_bytes
+
+    t = torch.randn(rows, 5).bfloat16()
+    padded = layouts.pad_rows(t, tp)
+    for rank in range(tp):
+        expected = layouts.split_for_rank(padded, 0, tp, rank)
+        got = layouts.padded_rows_for_rank(t, tp, rank)
+        assert tuple(got.shape) == tuple(expected.shape) and got.dtype == expected.dtype
+        real = got if isinstance(got, torch.Tensor) else got.parts[0]
+        if isinstance(real, torch.Tensor) and real.numel():  # the real rows are a view, never a copy
+            assert real.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        materialized = got if isinstance(got, torch.Tensor) else got.materialize()
+        assert torch.equal(materialized, expected)
+        assert b"".join(bytes(b) for b in byte_blocks(got)) == bytes(tensor_bytes(expected))
+
+
+@pytest.mark.parametrize("nkv,tp", [(2, 4), (2, 8), (4, 4), (4, 2), (1, 4)])
+def test_kv_rows_for_rank_equals_the_repeated_split(nkv, tp):
+    d = 3
+    k = torch.randn(nkv * d, 6)
+    repeated = layouts.repeat_kv_heads(k, nkv, d, tp)
+    for rank in range(tp):
+        got = layouts.kv_rows_for_rank(k, nkv, d, tp, rank)
+        assert torch.equal(got, layouts.split_for_rank(repeated, 0, tp, rank))
+        assert got.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()  # a view
+
+
+def test_row_blocks_stream_the_bytes_of_their_concatenation():
+    from megatron_trt_ext.formats.safetensors_stream import byte_blocks, tensor_bytes
+
+    base = torch.randn(6, 4)
+    q, k = base[:4], torch.randn(4, 3).t()  # a view and a non-contiguous tensor
+    assert not k.is_contiguous()
+    blocks = layouts.RowBlocks([q, k, layouts.ZeroRows(2, (4,), torch.float32)])
+    expected = torch.cat([q, k, torch.zeros(2, 4)])
+    assert blocks.shape == expected.shape and torch.equal(blocks.materialize(), expected)
+    assert b"".join(bytes(b) for b in byte_blocks(blocks)) == bytes(tensor_bytes(expected))
+    assert blocks.to(torch.bfloat16).materialize().equal(expected.bfloat16())
+    with pytest.raises(ValueError, match="disagree"):
+        layouts.RowBlocks([q, torch.zeros(2, 5)])
+    assert layouts.row_blocks([q, base[:0]]) is q  # one real block: no wrapper

@@ -270,9 +270,10 @@ class ArchSpec:
 
 
 def unit_group(spec: ArchSpec, name: str) -> Optional[str]:
-    """Source tensors that must be converted on one rank: the parts of a `Concat`."""
+    """Source tensors that must be converted on one rank: the parts of a `Concat`, the experts
+    of a layer that `StackExperts` stacks into one HF tensor."""
     for transform in spec.mappings:
-        if isinstance(transform, Concat):
+        if isinstance(transform, (Concat, StackExperts)):
             groups = transform.matches(name)
             if groups is not None:
                 return transform.group(groups)

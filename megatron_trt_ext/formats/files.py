@@ -15,9 +15,11 @@ class FileSet:
         directory: where the files live.
         files: {file name: [(tensor name, dtype, shape), ...]}.
         create: create the directory and the files (one process); others only write into them.
+        pool: a `write_pool.WritePool` shared by the files (writes and hashes in its threads).
     """
 
-    def __init__(self, directory: Path, files: dict, metadata: dict | None = None, create: bool = True):
+    def __init__(self, directory: Path, files: dict, metadata: dict | None = None, create: bool = True,
+                 pool=None):
         self.directory = Path(directory)
         if create:
             make_dir(self.directory, exist_ok=True)
@@ -25,7 +27,7 @@ class FileSet:
         self.route = {}
         try:
             for fname, specs in files.items():
-                self.writers[fname] = SafetensorsFileWriter(str(self.directory / fname), specs, metadata, create)
+                self.writers[fname] = SafetensorsFileWriter(str(self.directory / fname), specs, metadata, create, pool)
                 for name, _, _ in specs:
                     self.route.setdefault(name, fname)
         except BaseException:

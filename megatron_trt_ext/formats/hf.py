@@ -32,11 +32,12 @@ def plan_shards(specs: list, max_shard_bytes: int) -> dict:
 class HFWriter:
     """One HF checkpoint directory, filled from a stream of HF-named tensors (by any rank)."""
 
-    def __init__(self, directory: Path, specs: list, max_shard_bytes: int, config: dict, create: bool = True):
+    def __init__(self, directory: Path, specs: list, max_shard_bytes: int, config: dict, create: bool = True,
+                 pool=None):
         self.directory = Path(directory)
         self.config = config
         self.files = plan_shards(specs, max_shard_bytes)
-        self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"}, create=create)
+        self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"}, create=create, pool=pool)
 
     def write(self, name: str, tensor) -> None:
         self.fileset.write(name, tensor)

@@ -165,12 +165,12 @@ class TrtllmConverter:
     def _stage_ranks(self, stage: int) -> range:
         return range(stage * self.tp, (stage + 1) * self.tp)
 
-    def _qkv_for_rank(self, q, k, v, rank_in_tp: int) -> torch.Tensor:
+    def _qkv_for_rank(self, q, k, v, rank_in_tp: int):
+        """The rank's q|k|v rows as views (KV heads repeated when TP exceeds them), fused lazily:
+        the writer streams the three blocks, so no concatenated copy is made."""
         info, tp = self.info, self.tp
-        k = layouts.repeat_kv_heads(k, info.num_query_groups, info.head_dim, tp)
-        v = layouts.repeat_kv_heads(v, info.num_query_groups, info.head_dim, tp)
-        parts = [layouts.split_for_rank(t, 0, tp, rank_in_tp) for t in (q, k, v)]
-        return torch.cat(parts, dim=0)
+        kv = [layouts.kv_rows_for_rank(t, info.num_query_groups, info.head_dim, tp, rank_in_tp) for t in (k, v)]
+        return layouts.row_blocks([layouts.split_for_rank(q, 0, tp, rank_in_tp), *kv])
 
     def _split_fused(self, fused):
         info = self.info
@@ -189,8 +189,10 @@ class TrtllmConverter:
         return torch.stack([layouts.split_for_rank(parts[("w2", e)], 1, self.moe_tp, moe_tp_rank)
                             for e in experts])
 
-    def _place(self, stage: int, name: str, kind: str, tensor) -> Iterator[tuple]:
+    def _place(self, stage: int, name: str, kind: str, tensor, only_ep_rank=None) -> Iterator[tuple]:
         for tp_rank, rank in enumerate(self._stage_ranks(stage)):
+            if only_ep_rank is not None and tp_rank % self.moe_ep != only_ep_rank:
+                continue
             if kind == "replicated":
                 out = tensor
             elif kind == "column":
@@ -202,7 +204,7 @@ class TrtllmConverter:
             elif kind == "qkv":
                 out = self._qkv_for_rank(*tensor, tp_rank)
             elif kind == "lm_head":
-                out = layouts.split_for_rank(layouts.pad_rows(tensor, self.tp), 0, self.tp, tp_rank)
+                out = layouts.padded_rows_for_rank(tensor, self.tp, tp_rank)
             elif kind == "router":
                 yield rank, name, tensor.to(torch.float32)
                 continue
@@ -312,16 +314,20 @@ class TrtllmConverter:
         experts_re = self.table.get("experts")
         em = experts_re.match(suffix) if experts_re is not None else None
         if em:
+            # Each inference EP rank stacks its own experts: placed as soon as they are all here,
+            # so a writer holds one EP rank's experts at most (see plan.expert_group).
             expert, which = int(em.group(1)), em.group(2)
             which = self.table.get("expert_roles", {}).get(which, which)
             kind = "experts_proj" if which == "w2" else "experts_fc"
-            parts = self._pending.setdefault((layer, kind), {})
+            per_rank = self.info.num_experts // self.moe_ep
+            ep_rank = expert // per_rank
+            parts = self._pending.setdefault((layer, kind, ep_rank), {})
             parts[(which, expert)] = tensor
-            if len(parts) < self.info.num_experts * (1 if kind == "experts_proj" else 2):
+            if len(parts) < per_rank * (1 if kind == "experts_proj" else 2):
                 return
-            del self._pending[(layer, kind)]
+            del self._pending[(layer, kind, ep_rank)]
             yield from self._place(stage, prefix + ("mlp.proj.weight" if kind == "experts_proj" else "mlp.fc.weight"),
-                                   kind, parts)
+                                   kind, parts, only_ep_rank=ep_rank)
             return
         entry = self.table["layer"].get(suffix)
         if entry is None:

@@ -55,6 +55,22 @@ def install() -> bool:
     return True
 
 
+class function_mode_paused:
+    """Leave the cuda-to-cpu TorchFunctionMode for a block (benchmarks): it intercepts every torch
+    call, which would add Python overhead to what they time. ``torch.cuda.current_device`` and
+    ``synchronize`` stay patched."""
+
+    def __enter__(self):
+        self.mode = _state["mode"]
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__enter__()
+
+
 def _patch_megatron() -> None:
     """megatron-core 0.16.1's MoE router names ``te_general_gemm`` without defining it when
     Transformer Engine is absent (NameError on the first MoE forward); define it as absent."""

@@ -118,9 +118,9 @@ def _inject(rank: int, inject: dict) -> None:
         original = job_mod.exchange
         count = {"n": 0}
 
-        def exchange_then_die(unit, local, comm):
+        def exchange_then_die(unit, local, comm, **kwargs):
             count["n"] += 1
             if count["n"] > inject.get("die_after_units", 3):
                 os._exit(17)  # a lost rank: no exception, no goodbye
-            return original(unit, local, comm)
+            return original(unit, local, comm, **kwargs)
         job_mod.exchange = exchange_then_die

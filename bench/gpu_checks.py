@@ -1,0 +1,143 @@
+"""Every check that needs a GPU, in one script (run by hand in a GPU session, never in CI).
+
+    python -m bench.gpu_checks --only stall --out results.json
+    python -m bench.gpu_checks --list
+
+Each check is a function registered with ``@check("name")``: it gets a `Context` (device, sizes,
+a scratch directory) and returns a JSON-able dict; the script writes ``{"device", "dry_run",
+"checks": {name: result}}``. To add one, write a function below and register it.
+
+Without CUDA the script runs a **dry run**: the same code paths on the CPU with tiny sizes, so the
+script itself is exercised (and its JSON produced) before a GPU session spends its minutes on it.
+Dry-run figures say nothing about GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+CHECKS: dict = {}
+
+
+def check(name: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        CHECKS[name] = fn
+        return fn
+    return register
+
+
+@dataclass
+class Context:
+    device: str          # "cuda" or "cpu"
+    dry_run: bool        # no CUDA: tiny sizes, CPU
+    work: Path           # scratch directory on the disk to measure
+    rounds: int
+    model_size: dict = field(default_factory=dict)
+
+    def describe_device(self) -> str:
+        import torch
+
+        if self.device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        return f"CPU (dry run, no CUDA), torch {torch.__version__}"
+
+
+# Sizes: on a GPU a model that fits a few minutes of work (~1.5B parameters in bf16); on the CPU a toy.
+GPU_LLAMA = dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
+                 vocab_size=128256)
+DRY_RUN_LLAMA = dict(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                     vocab_size=512)
+
+
+def build_llama(ctx: Context):
+    """A Megatron-Core Llama on ``ctx.device`` with bf16 weights (a one-rank world)."""
+    import torch
+
+    from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+
+    stub_triton_only_modules()
+    from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+
+    init_single_process()
+    model = tiny_llama(max_seq=4096, params_dtype=torch.bfloat16, **ctx.model_size)
+    if ctx.device == "cuda":
+        model = model.cuda()
+    randomize(model, seed=11)
+    return model
+
+
+@check("stall")
+def stall(ctx: Context) -> dict:
+    """Async export stall (until the training stream is free) vs a plain device-to-host copy of
+    the same weights into pinned memory, and the sync export time (HF + TensorRT-LLM, bf16)."""
+    from bench.stall import stall_rounds
+    from megatron_trt_ext.testing.cpu_shim import function_mode_paused
+
+    model = build_llama(ctx)
+    vocab = ctx.model_size["vocab_size"]
+    with function_mode_paused():
+        figures = stall_rounds(model, ctx.work, ctx.rounds, vocab_size=vocab)
+    med = {k: sorted(v)[len(v) // 2] for k, v in figures.items() if isinstance(v, list)}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "figures": figures,
+        "median": med,
+        "stall_over_copy": med["stall_s"] / med["copy_s"],
+        "target_stall_over_copy": 1.2,
+        "holds": med["stall_s"] / med["copy_s"] <= 1.2,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the checks and exit")
+    p.add_argument("--out", default="gpu_checks.json", help="where to write the JSON results")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, fn in CHECKS.items():
+            print(f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    names = args.only.split(",") if args.only else list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        p.error(f"unknown check(s) {unknown}; known: {sorted(CHECKS)}")
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-gpu-checks-"))
+    ctx = Context(device="cuda" if cuda else "cpu", dry_run=not cuda, work=work,
+                  rounds=args.rounds if cuda else min(args.rounds, 2),
+                  model_size=GPU_LLAMA if cuda else DRY_RUN_LLAMA)
+    results = {"device": ctx.describe_device(), "dry_run": ctx.dry_run, "checks": {}}
+    if ctx.dry_run:
+        print("no CUDA device: dry run on the CPU with tiny sizes (exercises the script; the figures mean nothing)")
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                results["checks"][name] = {"ok": True, **CHECKS[name](ctx)}
+            except Exception as exc:  # noqa: BLE001 - one failed check must not hide the others
+                results["checks"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            results["checks"][name]["seconds"] = time.perf_counter() - t0
+            print(f"{name}: {json.dumps(results['checks'][name], default=str)[:400]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0 if all(r["ok"] for r in results["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Background writes: same bytes and checksums as direct writes, bounded memory, failures kept."""
+
+import hashlib
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_trt_ext.formats.safetensors_stream import SafetensorsFileWriter, tensor_bytes
+from megatron_trt_ext.formats.write_pool import WritePool
+from megatron_trt_ext.layouts import RowBlocks, ZeroRows
+
+
+def _tensors():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 6, generator=gen)
+    return {
+        "a": torch.randn(5, 3, generator=gen).bfloat16(),
+        "b": base.t(),  # non-contiguous
+        "c": RowBlocks([base[:2], base[5:], ZeroRows(1, (6,), torch.float32)]),
+        "d": torch.arange(10, dtype=torch.int64),
+    }
+
+
+def _write(path, pool):
+    tensors = _tensors()
+    writer = SafetensorsFileWriter(str(path), [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], pool=pool)
+    for name in ("c", "a", "d", "b"):  # any order: each tensor has its planned offset
+        writer.write(name, tensors[name])
+    return writer.close()
+
+
+def test_pool_writes_the_same_file_and_checksums_as_direct_writes(tmp_path):
+    direct = _write(tmp_path / "direct.safetensors", None)
+    pool = WritePool(threads=2, budget_bytes=64)
+    pooled = _write(tmp_path / "pooled.safetensors", pool)
+    pool.close()
+    assert direct == pooled and None not in pooled.values()
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "pooled.safetensors").read_bytes()
+    stored = load_file(str(tmp_path / "pooled.safetensors"))
+    for name, tensor in _tensors().items():
+        expected = tensor.materialize() if isinstance(tensor, RowBlocks) else tensor
+        assert torch.equal(stored[name], expected)
+        assert pooled[name] == hashlib.sha256(tensor_bytes(expected)).hexdigest()
+
+
+def test_a_failed_background_write_is_raised_at_the_next_submit_and_at_wait():
+    pool = WritePool(threads=1)
+
+    def fail():
+        raise OSError(28, "No space left on device (injected)")
+
+    pool.submit(fail)
+    with pytest.raises(OSError, match="No space left"):
+        pool.wait()
+    with pytest.raises(OSError, match="No space left"):
+        pool.submit(lambda: None)
+    pool.close()  # never raises: the failure was reported
+
+
+def test_a_unit_waits_while_earlier_units_hold_the_budget():
+    pool = WritePool(threads=1, budget_bytes=100)
+    release = threading.Event()
+    pool.begin(80)
+    pool.submit(release.wait)
+    started = threading.Event()
+    done = threading.Event()
+
+    def next_unit():
+        started.set()
+        pool.begin(50)  # 80 + 50 > 100: must wait for the first unit's write
+        done.set()
+
+    thread = threading.Thread(target=next_unit)
+    thread.start()
+    started.wait()
+    time.sleep(0.1)
+    assert not done.is_set()
+    release.set()
+    thread.join(5)
+    assert done.is_set()
+    pool.begin(10)  # 50 + 10 <= 100: room without waiting for the 50-byte unit
+    pool.close()
+
+
+def test_a_unit_larger_than_the_budget_still_runs_alone():
+    pool = WritePool(threads=1, budget_bytes=10)
+    pool.begin(1000)
+    pool.submit(lambda: None)
+    pool.begin(1000)  # returns once the first unit's writes are done
+    pool.close()
+
+
+def test_bytes_written_to_two_files_are_hashed_once_and_checksummed_in_both(tmp_path, monkeypatch):
+    import megatron_trt_ext.formats.safetensors_stream as stream
+
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    class Counting:
+        def __init__(self):
+            self.inner = real_sha256()
+
+        def update(self, data):
+            hashed.append(len(data))
+            self.inner.update(data)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(stream.hashlib, "sha256", Counting)
+    shared = torch.randn(64, 32)
+    other = torch.randn(64, 32)  # same shape, other bytes: must not take the shared checksum
+    pool = WritePool(threads=2, budget_bytes=1 << 20)
+    specs = [("w", torch.float32, (64, 32)), ("x", torch.float32, (64, 32))]
+    a = SafetensorsFileWriter(str(tmp_path / "a.safetensors"), specs, pool=pool)
+    b = SafetensorsFileWriter(str(tmp_path / "b.safetensors"), specs, pool=pool)
+    pool.begin(shared.numel() * 4)
+    a.write("w", shared)
+    b.write("w", shared[:])  # another view object of the same bytes
+    a.write("x", other)
+    b.write("x", other)
+    sums_a, sums_b = a.close(), b.close()
+    pool.close()
+    monkeypatch.setattr(stream.hashlib, "sha256", real_sha256)
+    assert sums_a == sums_b
+    assert sums_a["w"] == hashlib.sha256(tensor_bytes(shared)).hexdigest() != sums_a["x"]
+    assert sums_a["x"] == hashlib.sha256(tensor_bytes(other)).hexdigest()
+    assert sum(hashed) == 2 * shared.numel() * 4  # each tensor's bytes hashed once, not twice
+    assert load_file(str(tmp_path / "b.safetensors"))["w"].equal(shared)

@@ -39,3 +39,18 @@ def test_simulated_layouts_cover_every_tensor_exactly_once(model, layout):
     assert sorted(u.name for u in units) == sorted(t.name for t in tensors)
     assert {u.shape for u in units if u.name.endswith("output_layer.weight")} == {
         next(t.shape for t in tensors if t.name == "output_layer.weight")}
+
+
+def test_gpu_quant_check_dry_run(megatron_world, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("modelopt.torch.quantization", reason="the check quantizes with ModelOpt")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real checks, not the dry run")
+    from bench import gpu_checks
+
+    out = tmp_path / "results.json"
+    assert gpu_checks.main(["--only", "quant_nvfp4_mxfp8,fp8_trained_te", "--out", str(out), "--dir",
+                            str(tmp_path)]) == 0
+    checks = json.loads(out.read_text())["checks"]
+    assert set(checks["quant_nvfp4_mxfp8"]) >= {"llama/nvfp4", "llama/mxfp8", "moe/nvfp4", "moe/mxfp8"}
+    assert all(checks["quant_nvfp4_mxfp8"][k]["ok"] for k in ("llama/nvfp4", "moe/mxfp8"))

@@ -96,3 +96,15 @@ def test_quantized_moe_refusals(megatron_world, tmp_path):
     with pytest.raises(ConfigError, match="SmoothQuant/AWQ exports of mixture-of-experts"):
         Exporter(model, ExportConfig(output_dir=str(tmp_path), formats=["hf"],
                                      quantization={"algorithm": "int4_awq", "calibration": CALIB}))
+
+
+def test_verify_passes_on_a_quantized_moe_export(megatron_world, tmp_path):
+    """`verify` dequantizes the export and lets transformers load it the way it loads the hub's
+    checkpoints (its Qwen3-MoE keeps the experts fused): the probe's logits agree."""
+    from megatron_trt_ext.verification.check import verify
+
+    model = build("qwen3_moe")
+    result = Exporter(model, ExportConfig(output_dir=str(tmp_path), formats=["hf"], dtype="bfloat16", mode="sync",
+                                          quantization={"algorithm": "fp8", "calibration": CALIB})).export(1)
+    report = verify(result.path)
+    assert report.passed, report.lines()

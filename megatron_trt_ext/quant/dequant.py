@@ -69,10 +69,20 @@ def _algo_of(quant: dict, module: str) -> str:
     return quant["quant_algo"]
 
 
+SCALES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale", ".pre_quant_scale")
+
+
 def load_dequantized(hf_dir) -> torch.nn.Module:
-    """A float32 transformers model from a (possibly quantized) HF export directory."""
+    """A float32 transformers model from a (possibly quantized) HF export directory.
+
+    The checkpoint is dequantized into a temporary unquantized copy (the export's own tensor
+    names) that transformers then loads the usual way, so models whose modules transformers
+    lays out differently from the checkpoint (fused MoE experts) load as they would from the hub.
+    """
+    import tempfile
+
     import transformers
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     hf_dir = Path(hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())
@@ -82,20 +92,20 @@ def load_dequantized(hf_dir) -> torch.nn.Module:
     tensors = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
-                                                           dtype=torch.float32)
     state = {}
-    for name in model.state_dict():
-        module = name[: -len(".weight")]
-        if f"{module}.weight_scale" in tensors:
+    for name, tensor in tensors.items():
+        if name.endswith(SCALES):
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module is not None and f"{module}.weight_scale" in tensors:
             state[name] = dequantize_weight(_algo_of(quant, module), tensors, module)
-        elif name in tensors:
-            state[name] = tensors[name].float()
-    missing, _ = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
-    if set(missing) - tied:
-        raise ValueError(f"{hf_dir}: tensors missing from the export: {sorted(set(missing) - tied)[:8]}")
-    model.tie_weights()
+        else:
+            state[name] = tensor.float()
+    with tempfile.TemporaryDirectory(prefix="mte-dequantized-") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     for name, module in model.named_modules():
         pqs = tensors.get(f"{name}.pre_quant_scale")
         if isinstance(module, torch.nn.Linear) and pqs is not None:

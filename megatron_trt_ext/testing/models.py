@@ -91,7 +91,7 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Full-sequence logits [b, s, V_pad] of a single-rank GPTModel in eval mode."""
     was_training = model.training
     model.eval()
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     out = model(tokens, positions, attention_mask=None)
     model.train(was_training)
     return out

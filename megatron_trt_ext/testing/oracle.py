@@ -40,12 +40,13 @@ def modelopt_fake_quant(model, exporter, weight_only: bool = False):
     from ..quant.calibrate import replicate
 
     spec = exporter.quant
-    batches = calibration_tokens(exporter)
+    device = next(model.parameters()).device
+    batches = [t.to(device) for t in calibration_tokens(exporter)]
 
     def loop(m):
         with torch.no_grad():
             for t in batches:
-                m(t, torch.arange(t.shape[1]).unsqueeze(0).expand_as(t), attention_mask=None)
+                m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), attention_mask=None)
     replica = mtq.quantize(replicate([model])[0].eval(), modelopt_config(spec.algorithm, "none",
                                                                          spec.smoothquant_alpha), loop)
     if weight_only:

@@ -176,6 +176,57 @@ def test_hf_checkpoint_equals_modelopts_hf_export(megatron_world, tmp_path, algo
             == json.loads((theirs / "config.json").read_text())["quantization_config"])
 
 
+def mcore_at_least_0_19() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        from megatron.core.package_info import __version__ as mcore
+    except ImportError:
+        try:
+            mcore = version("megatron-core")
+        except PackageNotFoundError:
+            mcore = "0"
+    if tuple(int(x) for x in mcore.split(".")[:2]) < (0, 19):
+        pytest.skip(f"ModelOpt 0.47's Megatron HF exporter needs megatron-core >= 0.19 (NameError HybridModel on "
+                    f"{mcore}); scripts/test-mcore-latest runs this")
+
+
+@pytest.mark.parametrize("algo", ["fp8", "nvfp4", "w4a16_nvfp4"])
+def test_hf_checkpoint_equals_modelopts_megatron_export(megatron_world, tmp_path, algo):
+    """The formats ModelOpt's own Megatron HF exporter (export_mcore_gpt_to_hf) writes, from the
+    Megatron model ModelOpt calibrated: bit-equal tensors (its per-tensor scalars are shaped [1]
+    where its HF exporter and we write []) and the same hf_quant_config.json. The model holds
+    bfloat16 weights, as trained models do: this exporter quantizes weights after casting them to
+    the export dtype, where we (and ModelOpt's other exporters) quantize the weights as they are."""
+    mcore_at_least_0_19()
+    from modelopt.torch.export import export_mcore_gpt_to_hf
+
+    model = llama_128().bfloat16()
+    common = dict(mode="sync", formats=["hf"], verification={"enabled": False})
+    plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), dtype="bfloat16", **common)).export(1)
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), dtype="bfloat16", **common,
+                                            quantization={"algorithm": algo, "calibration": CALIB}))
+    ours = exporter.export(1).path / "hf"
+    export_mcore_gpt_to_hf(modelopt_fake_quant(model, exporter), str(plain.path / "hf"),
+                           export_dir=str(tmp_path / "modelopt"), dtype=torch.bfloat16)
+    theirs = load_dir(tmp_path / "modelopt")
+    mine = load_dir(ours)
+    scalars = {n for n, t in theirs.items() if n.endswith("_scale") and tuple(t.shape) == (1,)}
+    mine = {n: t.reshape(1) if n in scalars else t for n, t in mine.items()}
+    fp8 = {n for n, t in theirs.items() if t.dtype == torch.float8_e4m3fn}
+    # FP8 weights: this exporter divides by the (shared, bit-equal) scale in bfloat16, its
+    # TensorRT-LLM exporter (bit-equal to ours above) in float32; bfloat16's rounding moves the
+    # elements near an E4M3 rounding boundary to the neighbouring code (a few percent of them
+    # here), never further
+    for name in fp8:
+        codes = (mine[name].view(torch.uint8).int() - theirs[name].view(torch.uint8).int()).abs()
+        assert int(codes.max()) <= 1, name
+    assert_same_tensors({n: t for n, t in mine.items() if n not in fp8},
+                        {n: t for n, t in theirs.items() if n not in fp8}, f"{algo} (Megatron)")
+    assert (json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
+            == json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())["quantization"])
+
+
 def test_awq_hf_layout_is_modelopts(megatron_world, tmp_path):
     """int4_awq's HF checkpoint (loaded by TensorRT-LLM's PyTorch backend, which reads no pre-quant
     scale on fused q/k/v or gate/up): the scales of the linears after a norm are folded into the

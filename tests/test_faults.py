@@ -59,8 +59,9 @@ def _launch(tmp_path, *launcher):
     done = subprocess.run([*launcher, str(SCRIPTS / "launched_export.py"), str(out)], capture_output=True,
                           text=True, timeout=300, env=env, cwd=str(ROOT))
     elapsed = time.monotonic() - t0
-    rows = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and len(rows) == 2, (done.stdout[-2000:], done.stderr[-4000:])
+    files = sorted(tmp_path.glob("exports.rank*.json"))
+    assert done.returncode == 0 and len(files) == 2, (done.stdout[-2000:], done.stderr[-4000:])
+    rows = [json.loads(f.read_text()) for f in files]
     return out, rows, elapsed
 
 

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 tests/scripts/launched_export.py OUTPUT_DIR
 
 TP2 tiny Llama on gloo (CPU), `attach` in its default async mode, two saves, then detach. Each
-rank prints one line ``RESULT <json>`` with what it saw; the test reads them.
+rank writes what it saw to ``<OUTPUT_DIR>.rank<N>.json`` (a file: the launcher interleaves the
+ranks' stdout); the test reads them.
 """
 
 import json
@@ -42,7 +43,8 @@ def main(output_dir: str) -> None:
     handle.detach()
     seen.update(statuses=[r.status for r in results], errors=[r.error for r in results],
                 paths=[str(r.path) for r in results], seconds=time.monotonic() - t0, rank=dist.get_rank())
-    print("RESULT " + json.dumps(seen), flush=True)
+    with open(f"{output_dir}.rank{dist.get_rank()}.json", "w") as f:
+        json.dump(seen, f)
     dist.destroy_process_group()
 
 

@@ -38,3 +38,14 @@ def short_repr(value: Any, limit: int = 80) -> str:
     r.maxlist = r.maxdict = r.maxtuple = 6
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_int_fields(obj, limits: dict, source: str) -> None:
+    """Every ``limits`` field of ``obj`` an int in [1, upper] (``seed``: [0, upper]), else a
+    ConfigError naming ``source.field`` and the range."""
+    for name, upper in limits.items():
+        value = getattr(obj, name)
+        lower = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not lower <= value <= upper:
+            raise ConfigError(f"{source}.{name}: expected an integer between {lower} and {upper}, got "
+                              f"{short_repr(value)}")

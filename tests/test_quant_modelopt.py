@@ -157,15 +157,19 @@ HF_CASES = [("fp8_pb_wo", "none"), ("fp8_pc_pt", "fp8"), ("mxfp8", "none"), ("w4
             ("nvfp4", "nvfp4"), ("nvfp4", "fp8")]
 
 
-@pytest.mark.parametrize("algo,kv", HF_CASES)
-def test_hf_checkpoint_equals_modelopts_hf_export(megatron_world, tmp_path, algo, kv):
-    model = llama_128()
+def ours_and_modelopts_hf(model, tmp_path, algo: str, kv: str) -> tuple:
+    """(our quantized HF export, ModelOpt's export of the same model, our exporter), float32."""
     common = dict(dtype="float32", mode="sync", formats=["hf"], verification={"enabled": False})
     plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), **common)).export(1).path / "hf"
     exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), **common, quantization={
         "algorithm": algo, "kv_cache": kv, "calibration": CALIB}))
     ours = exporter.export(1).path / "hf"
-    theirs = modelopt_hf(plain, algo, kv, batches_for(exporter), tmp_path / "modelopt")
+    return ours, modelopt_hf(plain, algo, kv, batches_for(exporter), tmp_path / "modelopt"), exporter
+
+
+@pytest.mark.parametrize("algo,kv", HF_CASES)
+def test_hf_checkpoint_equals_modelopts_hf_export(megatron_world, tmp_path, algo, kv):
+    ours, theirs, _ = ours_and_modelopts_hf(llama_128(), tmp_path, algo, kv)
 
     assert_same_tensors(load_dir(ours), load_dir(theirs), f"{algo} kv={kv}",
                         close=("input_scale", "k_scale", "v_scale"))

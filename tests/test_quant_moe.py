@@ -20,7 +20,7 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is th
 pytest.importorskip("transformers", reason="transformers runs ModelOpt's HF export")
 
 from test_moe_families import live_routing, mla_builds_here  # noqa: E402
-from test_quant_modelopt import (CALIB, assert_same_tensors, batches_for, load_dir, modelopt_hf,  # noqa: E402
+from test_quant_modelopt import (CALIB, assert_same_tensors, load_dir, ours_and_modelopts_hf,  # noqa: E402
                                  shared_fp8_scales)
 
 MODELS = {
@@ -45,12 +45,7 @@ def build(name):
 def test_moe_hf_checkpoint_equals_modelopts(megatron_world, tmp_path, name, algo):
     model = build(name)
     kv = "none" if name.startswith("deepseek") else "fp8"
-    common = dict(dtype="float32", mode="sync", formats=["hf"], verification={"enabled": False})
-    plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), **common)).export(1).path / "hf"
-    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), **common, quantization={
-        "algorithm": algo, "kv_cache": kv, "calibration": CALIB}))
-    ours = exporter.export(1).path / "hf"
-    theirs = modelopt_hf(plain, algo, kv, batches_for(exporter), tmp_path / "modelopt")
+    ours, theirs, exporter = ours_and_modelopts_hf(model, tmp_path, algo, kv)
 
     mine, want = load_dir(ours), load_dir(theirs)
     expert_inputs = {n for n in want if ".experts." in n and n.endswith("input_scale")}

@@ -182,13 +182,19 @@ def _group_amax(local: dict, groups: tuple, comm) -> dict:
             if t.dtype == torch.uint8:  # FP8-trained: dequantized by its own statistic, which it carries
                 continue
             mine[key] = max(mine.get(key, 0.0), float(t.detach().abs().amax()))
+    return _max_over_ranks(mine, comm)
+
+
+def _max_over_ranks(mine: dict, comm) -> dict:
+    """{name: float} -> {name: float32 scalar}, the MAX of every rank's value for each name (ranks
+    of different pipeline stages name different linears; floats hold float32 values exactly)."""
     if comm is not None and comm.distributed:
         merged: dict = {}
         for theirs in comm.all_gather_object(mine):
-            for key, value in theirs.items():
-                merged[key] = max(merged.get(key, value), value)
+            for name, value in theirs.items():
+                merged[name] = max(merged.get(name, value), value)
         mine = merged
-    return {key: torch.tensor(value, dtype=torch.float32) for key, value in mine.items()}
+    return {name: torch.tensor(value, dtype=torch.float32) for name, value in mine.items()}
 
 
 def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_loop: Optional[Callable] = None,
@@ -270,15 +276,7 @@ def _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm) -> C
     finally:
         for h in handles:
             h.remove()
-    mine = {name: float(value) for name, value in amax.items()}
-    if comm is not None and comm.distributed:
-        merged: dict = {}
-        for theirs in comm.all_gather_object(mine):
-            for name, value in theirs.items():
-                merged[name] = max(merged.get(name, value), value)
-        mine = merged
-    return Calibration(input_amax={n: torch.tensor(v, dtype=torch.float32) for n, v in mine.items()},
-                       kv_amax=kv_amax)
+    return Calibration(input_amax=_max_over_ranks({n: float(v) for n, v in amax.items()}, comm), kv_amax=kv_amax)
 
 
 def linear_input(module, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from ..errors import ConfigError, reject_unknown_keys, short_repr
+from ..errors import ConfigError, check_int_fields, reject_unknown_keys, short_repr
 
 
 # Where each checkpoint format loads (README's recipe table is generated from the same facts).
@@ -118,12 +118,7 @@ class CalibrationOptions:
     def validate(self, source: str) -> None:
         if not isinstance(self.source, str) or self.source not in SOURCES:
             raise ConfigError(f"{source}.source: unknown {short_repr(self.source)}; choose one of {list(SOURCES)}")
-        for name, upper in self.LIMITS.items():
-            value = getattr(self, name)
-            lower = 0 if name == "seed" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or not lower <= value <= upper:
-                raise ConfigError(f"{source}.{name}: expected an integer between {lower} and {upper}, got "
-                                  f"{short_repr(value)}")
+        check_int_fields(self, self.LIMITS, source)
         if self.num_samples * self.seq_len > self.MAX_TOKENS:
             raise ConfigError(f"{source}: num_samples x seq_len = {self.num_samples * self.seq_len} tokens is more "
                               f"than {self.MAX_TOKENS}; calibration needs a few hundred samples")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
-from ..errors import ConfigError, reject_unknown_keys, short_repr
+from ..errors import ConfigError, check_int_fields, reject_unknown_keys, short_repr
 
 
 @dataclass
@@ -51,12 +51,7 @@ class VerificationOptions:
     def validate(self, source: str = "verification") -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{source}.enabled: expected true or false, got {short_repr(self.enabled)}")
-        for name, upper in self.LIMITS.items():
-            value = getattr(self, name)
-            lower = 0 if name == "seed" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or not lower <= value <= upper:
-                raise ConfigError(f"{source}.{name}: expected an integer between {lower} and {upper}, got "
-                                  f"{short_repr(value)}")
+        check_int_fields(self, self.LIMITS, source)
         if self.num_sequences * self.seq_len > self.MAX_TOKENS:
             raise ConfigError(f"{source}: num_sequences x seq_len = {self.num_sequences * self.seq_len} tokens is "
                               f"more than {self.MAX_TOKENS}; the probe runs while training waits: a few short "

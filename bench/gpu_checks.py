@@ -178,6 +178,91 @@ def fp8_trained_te(ctx: Context) -> dict:
     return {"tensor_class": type(linear.weight).__name__, "holds": bool(torch.equal(ours, dequantized))}
 
 
+FAMILY_BUILDERS = {  # name -> (builder from megatron_trt_ext.testing, what it needs)
+    "llama": ("models.tiny_llama", None),
+    "gpt": ("models.tiny_gpt", None),
+    "mixtral": ("models.tiny_llama:moe", None),
+    "qwen3": ("families.tiny_qwen3", None),
+    "nemotron": ("families.tiny_nemotron", None),
+    "starcoder2_window": ("families.tiny_starcoder2:window", None),
+    "gemma": ("families.tiny_gemma", "megatron-core >= 0.19 (MuP embedding multiplier)"),
+    "hybrid_llama": ("families.tiny_hybrid", "megatron-core >= 0.19 (HybridModel)"),
+    "qwen3_moe": ("families.tiny_qwen3_moe", None),
+    "deepseek_v3": ("families.tiny_deepseek", "megatron-core >= 0.19 (MLA without Transformer Engine)"),
+    "gpt_oss": ("families.tiny_gpt_oss", None),
+    "nemotron_h": ("families.tiny_nemotron_h", "mamba_ssm and causal_conv1d (Megatron's Mamba kernels)"),
+}
+
+
+def _family_model(name: str):
+    import importlib
+
+    from megatron_trt_ext.testing import families as fam  # noqa: F401 (the builders' module)
+
+    path, _ = FAMILY_BUILDERS[name]
+    module, _, variant = path.partition(":")
+    mod_name, fn_name = module.split(".")
+    build = getattr(importlib.import_module(f"megatron_trt_ext.testing.{mod_name}"), fn_name)
+    kwargs = {"moe": True} if variant == "moe" else {"window": 5} if variant == "window" else {}
+    return build(**kwargs)
+
+
+@check("families")
+def families(ctx: Context) -> dict:
+    """Every family's tiny model on the device (Megatron's CUDA kernels, Mamba included where
+    installed), exported async from the device-resident weights (HF, float32) and compared with
+    transformers' logits on the same device (max |diff| / logit scale; target < 1e-4, as on CPU).
+    Families this machine cannot build are reported with the reason. The dry run does llama only."""
+    import importlib.util
+
+    import torch
+
+    from megatron_trt_ext import ExportConfig, Exporter
+    from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+
+    stub_triton_only_modules()
+    from megatron_trt_ext.testing.models import init_single_process, megatron_logits, randomize
+
+    init_single_process()
+    import transformers
+
+    names = list(FAMILY_BUILDERS) if ctx.device == "cuda" else ["llama"]
+    tokens = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(9))
+    out = {}
+    for name in names:
+        need = FAMILY_BUILDERS[name][1]
+        if name == "nemotron_h" and importlib.util.find_spec("mamba_ssm") is None:
+            out[name] = {"skipped": f"needs {need}, not installed here"}
+            continue
+        try:
+            model = _family_model(name)
+        except Exception as exc:  # noqa: BLE001 - a family this megatron-core cannot build
+            out[name] = {"skipped": f"cannot build here ({type(exc).__name__}: {exc}); needs {need or 'n/a'}"}
+            continue
+        randomize(model, seed=5, scale=0.1)
+        if ctx.device == "cuda":
+            model.cuda()
+        t0 = time.perf_counter()
+        exporter = Exporter(model, ExportConfig(output_dir=str(ctx.work / name), formats=["hf"], dtype="float32",
+                                                vocab_size=120, mode="async", verification={"enabled": False}))
+        exporter.export(1)
+        result = exporter.wait()
+        exporter.close()
+        row = {"export_s": time.perf_counter() - t0, "ok": result.ok}
+        if result.ok:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(result.path / "hf"), dtype=torch.float32)
+            hf = hf.to(ctx.device).eval()
+            want = megatron_logits(model, tokens.to(ctx.device))[..., :120].float()
+            with torch.no_grad():
+                got = hf(tokens.to(ctx.device)).logits.float()
+            rel = float((got - want).abs().max() / want.abs().max())
+            row.update(rel_logit_diff=rel, holds=rel < 1e-4)
+        else:
+            row["error"] = result.error
+        out[name] = row
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")

@@ -41,7 +41,7 @@ def test_simulated_layouts_cover_every_tensor_exactly_once(model, layout):
         next(t.shape for t in tensors if t.name == "output_layer.weight")}
 
 
-def test_gpu_quant_check_dry_run(megatron_world, tmp_path):
+def test_gpu_quant_and_family_checks_dry_run(megatron_world, tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("modelopt.torch.quantization", reason="the check quantizes with ModelOpt")
     if torch.cuda.is_available():
@@ -49,8 +49,9 @@ def test_gpu_quant_check_dry_run(megatron_world, tmp_path):
     from bench import gpu_checks
 
     out = tmp_path / "results.json"
-    assert gpu_checks.main(["--only", "quant_nvfp4_mxfp8,fp8_trained_te", "--out", str(out), "--dir",
+    assert gpu_checks.main(["--only", "quant_nvfp4_mxfp8,fp8_trained_te,families", "--out", str(out), "--dir",
                             str(tmp_path)]) == 0
     checks = json.loads(out.read_text())["checks"]
+    assert checks["families"]["llama"]["holds"]  # the dry run exports and compares llama only
     assert set(checks["quant_nvfp4_mxfp8"]) >= {"llama/nvfp4", "llama/mxfp8", "moe/nvfp4", "moe/mxfp8"}
     assert all(checks["quant_nvfp4_mxfp8"][k]["ok"] for k in ("llama/nvfp4", "moe/mxfp8"))

@@ -256,6 +256,10 @@ class Exporter:
         if self.spec.quantization_unsupported:
             raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
                               "(recipes/bf16.yaml)")
+        for fmt in self.config.formats:
+            reason = self.spec.quantized_formats_unsupported.get(fmt)
+            if reason:
+                raise ConfigError(f"quantization with formats: [{fmt}] ({self.spec.name} family): {reason}")
         if self.info.num_experts:
             if spec.calibration_kind in ("smoothquant", "awq"):
                 raise ConfigError(f"{where}: SmoothQuant/AWQ exports of mixture-of-experts models are not supported "

@@ -149,6 +149,8 @@ class ExportJob:
 
                 out = dequantize(out, native_parts[hf_name])
             trt = list(converter.feed(hf_name, out)) if trt_on else []
+            if trt and quantizer is not None:
+                trt += self._fused_kv_scale(converter, quantizer, hf_name)
             hf_out = out if fold is None else self._fold_into_norm(hf_name, out, fold)
             yield hf_name, hf_out.to(self._hf_dtype(hf_name, dtype)), trt
             if quantizer is not None and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
@@ -270,9 +272,13 @@ class ExportJob:
     def _convert_quantized(self, converter, quantizer, hf_name, weight, trt_on, algo, folded: bool = False,
                            native=None):
         module = hf_name[: -len(".weight")]
+        if self.spec.conv1d_linears:  # back to Linear layout: scales and packing follow [out, in]
+            weight = weight.t()
+            native = native.t() if native is not None and native.dim() == 2 else native
         self._check_shape(converter, module, tuple(weight.shape), algo, trt_on)
         qlinear = quantizer.quantize_part(weight, algo, native)
-        trt = list(converter.feed(hf_name, qlinear)) if trt_on else []
+        trt = list(converter.feed(hf_name, qlinear)) + self._fused_kv_scale(converter, quantizer, hf_name) \
+            if trt_on else []
         yield hf_name, qlinear.quantized(), trt
         for scale, (value, _) in qlinear.scales.items():
             if scale == "pre_quant_scale" and folded:
@@ -281,6 +287,15 @@ class ExportJob:
             out = value.to(torch_dtype(self.config.dtype)) if scale == "pre_quant_scale" else _scale_dtype(value)
             yield f"{module}.{scale}", out.contiguous(), []
         yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
+
+    @staticmethod
+    def _fused_kv_scale(converter, quantizer, hf_name) -> list:
+        """The KV-cache scale of a fused q|k|v HF linear (GPT-2's c_attn), for TensorRT-LLM: the
+        HF format of such a family is not written quantized (`ArchSpec.quantized_formats_unsupported`)."""
+        kv = quantizer.kv_scales()
+        if not kv or not converter.fused_qkv(hf_name):
+            return []
+        return [t for which in ("k", "v") for t in converter.feed_kv_scale(hf_name, which, kv[which])]
 
     def _kv_scale(self, converter, quantizer, hf_name, trt_on):
         kv = quantizer.kv_scales()

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter
-from megatron_trt_ext.testing.models import randomize, tiny_llama
+from megatron_trt_ext.testing.models import randomize, tiny_gpt, tiny_llama
 from megatron_trt_ext.testing.oracle import modelopt_fake_quant
 
 mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle (extra 'quant')")
@@ -37,6 +37,16 @@ def llama_128():
                        kv_channels=64)
     randomize(model, seed=23)
     return model
+
+
+def gpt_256():
+    """GPT-2: Conv1D HF linears and one fused c_attn (MHA); every linear's dims are multiples of 128."""
+    model = tiny_gpt(hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=4, tied=False)
+    randomize(model, seed=29)
+    return model
+
+
+MODELS = {"llama": llama_128, "gpt": gpt_256}  # ModelOpt decoder type -> model
 
 
 def load_dir(path: Path) -> dict:
@@ -102,39 +112,79 @@ def shared_fp8_scales(ours: dict, theirs: dict) -> set:
 
 
 # ---------------------------------------------------------------- TensorRT-LLM checkpoints
-TRT_CASES = [("fp8", 1), ("int8_sq", 1), ("int4_awq", 1), ("w4a8_awq", 1), ("fp8_pc_pt", 1), ("nvfp4", 1),
-             ("int4_awq", 2), ("fp8_pc_pt", 2), ("nvfp4", 2), ("int8_sq", 2)]
+TRT_CASES = [("llama", a, tp) for a, tp in [
+    ("fp8", 1), ("int8_sq", 1), ("int4_awq", 1), ("w4a8_awq", 1), ("fp8_pc_pt", 1), ("nvfp4", 1),
+    ("int4_awq", 2), ("fp8_pc_pt", 2), ("nvfp4", 2), ("int8_sq", 2)]] + [
+    # GPT-2: Conv1D storage and the fused c_attn (per-row scales split with its q/k/v rows)
+    ("gpt", a, tp) for a, tp in [("fp8", 1), ("fp8_pc_pt", 1), ("w4a8_awq", 1), ("nvfp4", 1),
+                                 ("int8_sq", 2), ("int4_awq", 2)]]
 
 
-@pytest.mark.parametrize("algo,tp", TRT_CASES)
-def test_trtllm_checkpoint_equals_modelopts_export(megatron_world, tmp_path, algo, tp):
+@pytest.mark.parametrize("decoder,algo,tp", TRT_CASES)
+def test_trtllm_checkpoint_equals_modelopts_export(megatron_world, tmp_path, decoder, algo, tp):
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    model = llama_128()
+    model = MODELS[decoder]()
     cfg = ExportConfig(output_dir=str(tmp_path / "ours"), dtype="bfloat16", mode="sync", inference_tp=tp,
                        formats=["trtllm_checkpoint"], verification={"enabled": False},
                        quantization={"algorithm": algo, "calibration": CALIB})
     exporter = Exporter(model, cfg)
     ours = exporter.export(1).path / "trtllm_checkpoint"
     oracle = modelopt_fake_quant(model, exporter)
-    export_tensorrt_llm_checkpoint(oracle, "llama", torch.bfloat16, str(tmp_path / "modelopt"),
+    export_tensorrt_llm_checkpoint(oracle, decoder, torch.bfloat16, str(tmp_path / "modelopt"),
                                    inference_tensor_parallel=tp)
     theirs_cfg = json.loads((tmp_path / "modelopt" / "config.json").read_text())["quantization"]
     ours_cfg = json.loads((ours / "config.json").read_text())["quantization"]
     assert ours_cfg == theirs_cfg
     for rank in range(tp):
-        # the vocabulary tables are laid out differently (ModelOpt pads the vocabulary for its
-        # parallel embedding); they are unquantized and compared with the HF export elsewhere
-        vocab = ("vocab_embedding", "lm_head")
+        # the embedding tables are laid out differently (ModelOpt pads the vocabulary and splits
+        # the positions for its parallel embedding); they are unquantized and compared with the
+        # HF export elsewhere
+        vocab = ("vocab_embedding", "lm_head", "position_embedding")
         mine = {k: v for k, v in load_file(str(ours / f"rank{rank}.safetensors")).items()
                 if not any(v in k for v in vocab)}
         theirs = {k: v for k, v in load_file(str(tmp_path / "modelopt" / f"rank{rank}.safetensors")).items()
                   if not any(v in k for v in vocab)}
-        assert_same_tensors(mine, theirs, f"{algo} TP{tp} rank {rank}")
+        assert_same_tensors(mine, theirs, f"{decoder} {algo} TP{tp} rank {rank}")
     if algo in ("int4_awq", "w4a8_awq"):  # what TensorRT-LLM repacks for its int4 kernels
         assert mine["transformer.layers.0.mlp.fc.weight"].dtype == torch.int8
     if algo in ("int8_sq", "int4_awq"):  # TensorRT-LLM declares it in the checkpoint dtype
         assert mine["transformer.layers.0.mlp.fc.prequant_scaling_factor"].dtype == torch.bfloat16
+
+
+def test_gpt2_kv_cache_scale_equals_modelopts_hf_kv_quantizers(megatron_world, tmp_path):
+    """GPT-2's fused c_attn carries the K and V statistics: the layer's kv_cache_scaling_factor is
+    the larger of ModelOpt's K and V amax / 448, as its quantizers measure them in transformers'
+    GPT2Attention (ModelOpt's TensorRT-LLM exporter writes no KV scale for a Megatron GPT)."""
+    model = gpt_256()
+    plain = Exporter(model, ExportConfig(output_dir=str(tmp_path / "plain"), dtype="float32", mode="sync",
+                                         formats=["hf"], verification={"enabled": False})).export(1).path / "hf"
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), dtype="bfloat16", mode="sync",
+                                            formats=["trtllm_checkpoint"], verification={"enabled": False},
+                                            quantization={"algorithm": "fp8", "kv_cache": "fp8",
+                                                          "calibration": CALIB}))
+    out = exporter.export(1).path / "trtllm_checkpoint"
+    ours = load_file(str(out / "rank0.safetensors"))
+    assert json.loads((out / "config.json").read_text())["quantization"]["kv_cache_quant_algo"] == "FP8"
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32).eval()
+
+    def loop(m):
+        with torch.no_grad():
+            for tokens in batches_for(exporter):
+                m(tokens)
+    hf = mtq.quantize(hf, modelopt_cfg("fp8", "fp8"), loop)
+    for i, block in enumerate(hf.transformer.h):
+        expected = torch.maximum(block.attn.k_bmm_quantizer.amax, block.attn.v_bmm_quantizer.amax).float() / 448
+        torch.testing.assert_close(ours[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"],
+                                   expected.reshape(1), rtol=1e-5, atol=0)
+
+
+def test_quantized_gpt2_hf_checkpoint_is_refused_at_attach(megatron_world, tmp_path):
+    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf", "trtllm_checkpoint"],
+                       quantization={"algorithm": "fp8", "calibration": CALIB})
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel.*write formats: \[trtllm_checkpoint\]"):
+        Exporter(gpt_256(), cfg)
 
 
 # ---------------------------------------------------------------- Hugging Face checkpoints

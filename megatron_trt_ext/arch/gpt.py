@@ -77,6 +77,16 @@ def _check(info):
     return None
 
 
+# Quantized GPT-2 is a TensorRT-LLM checkpoint (GPTForCausalLM, which ModelOpt also exports for
+# decoder_type "gpt"): no Hugging Face loader takes a quantized GPT2LMHeadModel.
+_NO_QUANTIZED_HF = (
+    "no serving engine loads a quantized GPT2LMHeadModel checkpoint (its linears are Conv1D, stored "
+    "[in, out]: vLLM's GPT-2 loader transposes every c_attn/c_proj/c_fc weight, which breaks quantized "
+    "weights, and TensorRT-LLM's PyTorch backend and SGLang have no GPT-2 ModelOpt path); write formats: "
+    "[trtllm_checkpoint] (trtllm-build, TensorRT-LLM <= 1.2: fp8, fp8_pc_pt, int8_sq, int4_awq, w4a8_awq, "
+    "nvfp4), or export this model unquantized for Hugging Face (recipes/bf16.yaml)")
+
+
 GPT = ArchSpec(
     name="gpt",
     requires=requirements(
@@ -91,5 +101,6 @@ GPT = ArchSpec(
     hf_config=hf_config,
     trtllm=trtllm,
     checks=(_check,),
-    quantization_unsupported="quantized GPT-2 exports are not supported yet (GPT2LMHeadModel stores Conv1D weights, which ModelOpt's unified checkpoint does not describe)",
+    conv1d_linears=True,
+    quantized_formats_unsupported={"hf": _NO_QUANTIZED_HF},
 )

@@ -251,6 +251,11 @@ class ArchSpec:
     trtllm_unsupported: Optional[Callable] = None
     # None when quantized exports are supported, else why not
     quantization_unsupported: Optional[str] = None
+    # format -> why quantized exports of this family are refused in that format (others are written)
+    quantized_formats_unsupported: dict = field(default_factory=dict)
+    # the HF class stores every linear transposed ([in, out]: GPT-2's Conv1D); quantized linears
+    # are quantized, scaled and placed in Linear layout ([out, in]), as ModelOpt does
+    conv1d_linears: bool = False
     # HF names (regular expressions) kept in float32 whatever the export dtype (MoE routers)
     keep_fp32: tuple = ()
     # Megatron linears of one layer (name suffixes) that read the same input and that serving

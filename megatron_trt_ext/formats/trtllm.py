@@ -224,12 +224,28 @@ class TrtllmConverter:
         out = layouts.repeat_kv_heads(rows, info.num_query_groups, info.head_dim, self.tp)
         return out if t.dim() > 1 else out.squeeze(1)
 
+    def _split_quant_fused(self, q) -> tuple:
+        """A fused [Q|K|V] `QuantLinear` as three, rows split and per-row scales with them."""
+        from dataclasses import replace
+
+        def rows(t, start, stop, skind):
+            return t[start:stop] if skind in ("out", "block") else t
+
+        info = self.info
+        q_rows, kv_rows = info.num_attention_heads * info.head_dim, info.num_query_groups * info.head_dim
+        bounds = ((0, q_rows), (q_rows, q_rows + kv_rows), (q_rows + kv_rows, q_rows + 2 * kv_rows))
+        return tuple(replace(q, weight=q.weight[a:b],
+                             scales={k: (rows(v, a, b, skind), skind) for k, (v, skind) in q.scales.items()})
+                     for a, b in bounds)
+
     def _place_quant(self, stage: int, name: str, kind: str, q) -> Iterator[tuple]:
         """A quantized linear: split the float weight and its scales, then quantize each split."""
         from ..quant.numerics import split_scale
 
         module = name[: -len(".weight")]
         for tp_rank, rank in enumerate(self._stage_ranks(stage)):
+            if kind == "fused_qkv":  # GPT-2's c_attn: its q, k and v rows, as separate parts
+                q, kind = self._split_quant_fused(q), "qkv"
             if kind == "qkv":
                 parts = []
                 for which, part in zip("qkv", q):
@@ -333,7 +349,9 @@ class TrtllmConverter:
         if entry is None:
             raise ExportError(f"TensorRT-LLM layout: no mapping for HF tensor {hf_name!r}")
         trt_suffix, kind, op = entry
-        tensor = _apply_op(tensor, op)
+        if isinstance(tensor, torch.Tensor):
+            tensor = _apply_op(tensor, op)
+        # else a quantized linear (`QuantLinear`): its weight is in Linear layout already
         if kind in ("q", "k", "v"):
             parts = self._pending.setdefault((layer, trt_suffix), {})
             parts[kind] = tensor
@@ -347,6 +365,12 @@ class TrtllmConverter:
             yield from self._place_quant(stage, prefix + trt_suffix, kind, tensor)
         else:
             yield from self._place(stage, prefix + trt_suffix, kind, tensor)
+
+    def fused_qkv(self, hf_name: str) -> bool:
+        """Whether this HF tensor is one fused q|k|v linear weight (GPT-2's c_attn)."""
+        m = self.layer_re.match(hf_name)
+        entry = self.table["layer"].get(m.group(2)) if m else None
+        return entry is not None and entry[1] == "fused_qkv" and hf_name.endswith(".weight")
 
     def splits_inputs(self, hf_name: str) -> bool:
         """Whether the inference TP ranks split this HF linear along its inputs (row-parallel)."""

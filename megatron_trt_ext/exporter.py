@@ -256,6 +256,9 @@ class Exporter:
         if self.spec.quantization_unsupported:
             raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
                               "(recipes/bf16.yaml)")
+        if self.spec.calibration_unsupported and spec.calibration_kind is not None:
+            raise ConfigError(f"{where}" + (f", kv_cache {spec.kv_cache}" if spec.kv_cache != "none" else "")
+                              + f": {self.spec.calibration_unsupported}")
         for fmt in self.config.formats:
             reason = self.spec.quantized_formats_unsupported.get(fmt)
             if reason:
@@ -346,10 +349,11 @@ class Exporter:
         if self.config.drop_mtp:  # the MTP layers' tensors neither move nor get written
             local = {name: pieces for name, pieces in local.items() if not name.startswith("mtp.")}
         if self._native_fp8():
-            from .quant.calibrate import is_quantizable_linear
+            from .quant.calibrate import is_linear_part, is_quantizable_linear
             from .quant.fp8_source import native_pieces
 
-            local = native_pieces(local, chunks, is_quantizable_linear)
+            # (components of a concatenated linear are dequantized: their format scales span them all)
+            local = native_pieces(local, chunks, lambda n: is_quantizable_linear(n) and not is_linear_part(n))
         return local
 
     def _native_fp8(self) -> bool:

@@ -32,10 +32,15 @@ from .formats.hf import HFWriter
 from .formats.trtllm import TrtllmConverter, trtllm_config
 from .formats.write_pool import WritePool
 from .gather import exchange, iter_meta
+from .quant.numerics import LinearQuantizer
 
 logger = logging.getLogger("megatron_trt_ext")
 
 __version__ = "0.1.0"
+
+# The quantizer of a component of a concatenated linear (a Mamba mixer's in_proj): made from the
+# whole HF weight once its last component arrives (`ExportJob.convert`).
+WHOLE_HF_TENSOR = object()
 
 
 @dataclass
@@ -134,12 +139,14 @@ class ExportJob:
         fold = state.stats.pop(fold_name(name), None) if state.stats else None
         if cast_first and quantizer is None and fold is None and self._cast_first(name):
             tensor = tensor.to(dtype)
-        native = quantizer.native_scale if quantizer is not None else None
+        native = quantizer.native_scale if isinstance(quantizer, LinearQuantizer) else None
         # FP8-trained weights: their multipliers go through the same row transforms as the bytes
         native_parts = dict(megatron_to_hf(self.spec, self.ctx, [(name, native)], {})) if native is not None else {}
         for hf_name, out in megatron_to_hf(self.spec, self.ctx, [(name, tensor)], state.pending):
             algo = self._algo_for(name, hf_name) if quantizer is not None else None
             if algo is not None:
+                if quantizer is WHOLE_HF_TENSOR:  # the concatenated linear is complete: its own scales
+                    quantizer = LinearQuantizer(out, {})
                 yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on, algo,
                                                    folded=name in self.folded_linears,
                                                    native=native_parts.get(hf_name))
@@ -149,11 +156,11 @@ class ExportJob:
 
                 out = dequantize(out, native_parts[hf_name])
             trt = list(converter.feed(hf_name, out)) if trt_on else []
-            if trt and quantizer is not None:
+            if trt and isinstance(quantizer, LinearQuantizer):
                 trt += self._fused_kv_scale(converter, quantizer, hf_name)
             hf_out = out if fold is None else self._fold_into_norm(hf_name, out, fold)
             yield hf_name, hf_out.to(self._hf_dtype(hf_name, dtype)), trt
-            if quantizer is not None and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
+            if isinstance(quantizer, LinearQuantizer) and hf_name.endswith(("k_proj.weight", "v_proj.weight")):
                 yield from self._kv_scale(converter, quantizer, hf_name, trt_on)
 
     def _hf_dtype(self, hf_name: str, dtype: torch.dtype) -> torch.dtype:
@@ -190,12 +197,13 @@ class ExportJob:
     def _quantizer(self, name: str, tensor: torch.Tensor, stats: Optional[dict]):
         if self.quant is None:
             return None
-        from .quant.calibrate import is_quantizable_linear
-        from .quant.numerics import LinearQuantizer
+        from .quant.calibrate import is_linear_part, is_quantizable_linear
         from .quant.stats import stat_name, stats_for
 
         if not is_quantizable_linear(name):
             return None
+        if is_linear_part(name):
+            return WHOLE_HF_TENSOR
         from .quant.fp8_source import STAT
 
         from .quant.stats import GROUP
@@ -330,7 +338,7 @@ class ExportJob:
                 algo = self._part_algos.get(name, (None, None))[1] if module != "lm_head" else None
                 if algo is not None:
                     quantized[module] = algo
-                elif out.dim() == 2:  # an unquantized linear (or embedding): listed, as ModelOpt does
+                elif out.dim() >= 2:  # an unquantized linear, embedding or convolution: listed, as ModelOpt does
                     unquantized_hf.add(module)
                     unquantized_trt.update(n[: -len(".weight")] for _, n, t in trt
                                            if t.dim() == 2 and n.endswith(".weight") and ".layers." in n)

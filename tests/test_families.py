@@ -208,6 +208,54 @@ def test_nemotron_h_refuses_the_tensorrt_llm_formats(megatron_world, tmp_path):
         Exporter(fam.tiny_nemotron_h("M*-M"), ExportConfig(output_dir=str(tmp_path), vocab_size=VOCAB))
 
 
+@pytest.mark.parametrize("algo", ["fp8_pc_pt", "mxfp8", "w4a16_nvfp4"])
+def test_nemotron_h_weight_only_exports_equal_modelopts(megatron_world, tmp_path, algo):
+    """Weight-only recipes need no forward pass, so Nemotron-H quantizes on CPU: every tensor equals
+    ModelOpt's `export_hf_checkpoint` of the transformers Nemotron-H holding the same weights. The
+    mixers' in_proj (its scales over the whole concatenation of Megatron's z/x/B/C/dt components,
+    e.g. NVFP4's weight_scale_2) and out_proj, attention and MLP linears are quantized; conv1d, the
+    SSM parameters, norms, embeddings and lm_head are not, and the unquantized modules are listed."""
+    mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle")
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from megatron_trt_ext.testing.oracle import modelopt_config
+
+    model, hf = random_nemotron_h(seed=3)
+    path = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), formats=["hf"], dtype="float32",
+                                        vocab_size=VOCAB, verification={"enabled": False},
+                                        quantization={"algorithm": algo})).export(1).path / "hf"
+    hf.config.architectures = ["NemotronHForCausalLM"]  # ModelOpt's exporter reads it
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+
+    def loop(m):
+        with torch.no_grad():
+            m(tokens)
+    export_hf_checkpoint(mtq.quantize(hf, modelopt_config(algo), loop), export_dir=str(tmp_path / "modelopt"))
+    ours = load_file(str(path / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "modelopt" / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        assert (ours[name].dtype, ours[name].shape) == (value.dtype, value.shape), name
+        assert torch.equal(ours[name].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), name
+    assert ours["backbone.layers.0.mixer.in_proj.weight"].dtype != torch.float32
+    assert ours["backbone.layers.0.mixer.conv1d.weight"].dtype == torch.float32
+    ours_q = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
+    theirs_q = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())["quantization"]
+    # ModelOpt 0.47 under transformers 5 appends a name sentinel to each excluded module
+    # ("lm_head.\x00backbone.pt_name_sentinel"): the modules are what is compared
+    theirs_q["exclude_modules"] = sorted(n.split(".\x00")[0] for n in theirs_q["exclude_modules"])
+    assert ours_q == theirs_q
+
+
+@pytest.mark.parametrize("quantization", [{"algorithm": "fp8"}, {"algorithm": "int4_awq"},
+                                          {"algorithm": "fp8_pc_pt", "kv_cache": "fp8"}])
+def test_nemotron_h_recipes_that_calibrate_are_refused_at_attach(megatron_world, tmp_path, quantization):
+    hybrid_only()
+    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf"], vocab_size=VOCAB, quantization=quantization)
+    with pytest.raises(ConfigError, match="calibrate on activations.*use a weight-only recipe"):
+        Exporter(fam.tiny_nemotron_h("M*-M"), cfg)
+
+
 QUANT_VARIANTS = ["qwen3", "nemotron", "starcoder2", "gemma", "hybrid_llama"]
 
 

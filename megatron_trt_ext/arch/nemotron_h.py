@@ -133,5 +133,8 @@ NEMOTRON_H = ArchSpec(
     trtllm=trtllm,
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
-    quantization_unsupported="quantized Nemotron-H exports are not supported yet (its Mamba mixers calibrate only with CUDA kernels, and their fused in_proj needs one scale over its components)",
+    calibration_unsupported=("Nemotron-H recipes that calibrate on activations are not supported yet: their forward "
+                             "pass runs Megatron's Mamba mixers, whose CUDA kernels (mamba_ssm, causal_conv1d) this "
+                             "version has not been verified with; use a weight-only recipe (fp8_pc_pt, fp8_pb_wo, "
+                             "mxfp8, w4a16_nvfp4) with kv_cache: none"),
 )

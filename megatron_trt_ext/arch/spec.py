@@ -251,6 +251,9 @@ class ArchSpec:
     trtllm_unsupported: Optional[Callable] = None
     # None when quantized exports are supported, else why not
     quantization_unsupported: Optional[str] = None
+    # None when recipes that calibrate on activations (a forward pass: static input scales,
+    # SmoothQuant/AWQ, KV-cache scales) are supported, else why not (weight-only recipes still are)
+    calibration_unsupported: Optional[str] = None
     # format -> why quantized exports of this family are refused in that format (others are written)
     quantized_formats_unsupported: dict = field(default_factory=dict)
     # the HF class stores every linear transposed ([in, out]: GPT-2's Conv1D); quantized linears

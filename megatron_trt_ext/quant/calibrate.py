@@ -38,12 +38,22 @@ LINEAR_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "line
 _LINEAR = re.compile(r"\.layers\.\d+\.(self_attention|mlp|mlp\.shared_experts|mlp\.experts\.experts\.\d+)\."
                      r"(" + "|".join(LINEAR_MODULES) + r")\.weight$")
 _EXPERT = re.compile(r"\.experts\.experts\.\d+\.")
+# A Mamba-2 mixer's projections (Nemotron-H): out_proj, and in_proj, which Megatron's sharded state
+# dict holds as its components (z, x, B, C, dt) and the HF export concatenates (`is_linear_part`).
+# Its conv1d and SSM parameters stay unquantized, as ModelOpt leaves them.
+_MIXER = re.compile(r"\.layers\.\d+\.mixer\.(out_proj\.weight|in_proj\.weight\.(z|x|B|C|dt))$")
 
 UNQUANTIZED = ("*output_layer*", "*router*")
 
 
 def is_quantizable_linear(unit_name: str) -> bool:
-    return _LINEAR.search(unit_name) is not None
+    return _LINEAR.search(unit_name) is not None or _MIXER.search(unit_name) is not None
+
+
+def is_linear_part(unit_name: str) -> bool:
+    """A component of one linear that the HF export concatenates (a Mamba mixer's in_proj): its
+    scales come from the whole concatenated weight, and it carries no statistics of its own."""
+    return _MIXER.search(unit_name) is not None and not unit_name.endswith(".weight")
 
 
 def sharing_key(unit_name: str) -> str:
@@ -253,7 +263,7 @@ def _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm) -> C
     linears = {}  # module -> canonical weight name
     if any(a.activation is not None for a in spec.algorithms):
         for name, pieces in local.items():
-            if is_quantizable_linear(name):
+            if is_quantizable_linear(name) and not is_linear_part(name):
                 module = owners.get(pieces[0].tensor.untyped_storage().data_ptr())
                 if module is not None:
                     linears[module] = name

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..plan import LocalPiece
-from .calibrate import group_key, is_quantizable_linear
+from .calibrate import group_key, is_linear_part, is_quantizable_linear
 
 SEP = ".#"
 GROUP = "group_amax"
@@ -96,7 +96,7 @@ def stat_pieces(local: dict, spec, calibration=None, fold_aliases: Optional[dict
     owners = _owner_map(replica) if replica is not None else {}
     out: dict = {}
     for name, pieces in local.items():
-        if not is_quantizable_linear(name):
+        if not is_quantizable_linear(name) or is_linear_part(name):
             continue
         key = group_key(name, groups) if groups else None
         if key is not None:  # the group's shared weight amax rides with each member (`group_key`)

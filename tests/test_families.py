@@ -61,6 +61,9 @@ VARIANTS = {
     "hybrid_llama": (lambda: fam.tiny_hybrid("*-*-"), "LlamaForCausalLM", hybrid_only),
     "hybrid_qwen3": (lambda: fam.tiny_hybrid("*-*-", qk_layernorm=True, kv_channels=16), "Qwen3ForCausalLM",
                      hybrid_only),
+    # Megatron's Mamba forward on CPU: its SSD scan is transformers' reference of mamba_ssm's
+    # kernel (test-only, `testing.families.allow_mamba_build`); everything else is Megatron's code
+    "nemotron_h": (lambda: fam.tiny_nemotron_h("M*-M"), "NemotronHForCausalLM", hybrid_only),
 }
 
 

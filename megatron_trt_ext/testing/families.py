@@ -114,15 +114,35 @@ def tiny_gemma(vocab_size=128, max_seq=64, tied=True, model_kwargs=None, **kw):
 
 # ---------------------------------------------------------------------- HybridModel
 def allow_mamba_build() -> None:
-    """Let MambaMixer be constructed without mamba_ssm (its forward still needs the kernels)."""
+    """Let MambaMixer be constructed and run without mamba_ssm (test-only): its gated norm is a
+    plain-torch stand-in, and its chunked SSD scan (mamba_ssm's CUDA/Triton kernel) is
+    transformers' PyTorch reference of the same function (`mamba2_chunk_scan`), when transformers
+    is installed. Megatron's own code does everything else (the in_proj split, its plain-torch
+    conv1d path, out_proj). The fused training kernel (mamba_split_conv1d_scan_combined) has no
+    reference: `tiny_nemotron_h` builds its models with ``use_mamba_mem_eff_path=False``."""
     from megatron.core.ssm import mamba_mixer
 
     class GatedNormStandIn(torch.nn.Module):
+        """mamba_ssm's RMSNormGated with norm_before_gate=False: RMS-normalise x * silu(z) per group."""
+
         def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=False, device=None,
                      dtype=None, **kwargs):
             super().__init__()
+            if norm_before_gate:
+                raise NotImplementedError("the test stand-in norms after the gate, as Megatron's mixer asks")
             self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
             self.group_size = group_size
+            self.eps = eps
+
+        def forward(self, x, z=None):
+            dtype, shape = x.dtype, x.shape
+            x = x.float()
+            if z is not None:
+                x = x * F.silu(z.float())
+            group = self.group_size or shape[-1]
+            x = x.view(*shape[:-1], shape[-1] // group, group)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (self.weight.float() * x.view(shape)).to(dtype)
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -135,6 +155,13 @@ def allow_mamba_build() -> None:
     mamba_mixer.HAVE_EINOPS = True
     mamba_mixer.RMSNormGated = GatedNormStandIn
     mamba_mixer.ExtendedRMSNorm = GatedNormStandIn
+    if mamba_mixer.mamba_chunk_scan_combined is None:
+        try:
+            from transformers.models.mamba2 import modeling_mamba2
+        except ImportError:
+            return
+        scan = modeling_mamba2.mamba2_chunk_scan
+        mamba_mixer.mamba_chunk_scan_combined = getattr(scan, "__wrapped__", scan)
 
 
 def hybrid_stack_spec(config, num_experts=None, zero_centered=False):
@@ -202,7 +229,8 @@ def tiny_nemotron_h(pattern: str = "M*-M", **kw):
     from megatron.core.activations import squared_relu
 
     base = dict(gated_linear_unit=False, activation_func=squared_relu, position_embedding_type="none",
-                mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2, layernorm_epsilon=1e-5)
+                mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2, layernorm_epsilon=1e-5,
+                use_mamba_mem_eff_path=False)
     return tiny_hybrid(pattern, **{**base, **kw})
 
 

@@ -53,6 +53,23 @@ class Source:
     probe_s: float = 0.0
 
 
+def _missing_mamba_kernel(chunks) -> Optional[str]:
+    """The kernel a Mamba mixer of the model would call in a forward pass that its Megatron module
+    could not import (mamba_ssm's), or None. The mixer calls ``mamba_split_conv1d_scan_combined``
+    on its memory-efficient path, else ``mamba_chunk_scan_combined``."""
+    import sys
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            if type(module).__name__ != "MambaMixer":
+                continue
+            kernel = ("mamba_split_conv1d_scan_combined" if getattr(module, "use_mem_eff_path", False)
+                      else "mamba_chunk_scan_combined")
+            if getattr(sys.modules.get(type(module).__module__), kernel, None) is None:
+                return kernel
+    return None
+
+
 def _describe_error(exc: BaseException) -> tuple:
     return (type(exc).__name__, str(exc))
 
@@ -256,9 +273,17 @@ class Exporter:
         if self.spec.quantization_unsupported:
             raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
                               "(recipes/bf16.yaml)")
-        if self.spec.calibration_unsupported and spec.calibration_kind is not None:
-            raise ConfigError(f"{where}" + (f", kv_cache {spec.kv_cache}" if spec.kv_cache != "none" else "")
-                              + f": {self.spec.calibration_unsupported}")
+        refused = self.spec.calibration_unsupported.get(spec.calibration_kind)
+        if refused:
+            raise ConfigError(f"{where}: {refused}")
+        if spec.calibration_kind is not None:
+            missing = _missing_mamba_kernel(self.chunks)
+            if missing:
+                raise ConfigError(
+                    f"{where}" + (f", kv_cache {spec.kv_cache}" if spec.kv_cache != "none" else "") +
+                    f": calibration runs the model's forward pass, and its Mamba mixers need {missing} "
+                    "(mamba_ssm, on a CUDA machine); install mamba-ssm, or use a weight-only recipe (fp8_pc_pt, "
+                    "fp8_pb_wo, mxfp8, w4a16_nvfp4) with kv_cache: none, which needs no forward pass")
         for fmt in self.config.formats:
             reason = self.spec.quantized_formats_unsupported.get(fmt)
             if reason:

@@ -146,7 +146,7 @@ class ExportJob:
             algo = self._algo_for(name, hf_name) if quantizer is not None else None
             if algo is not None:
                 if quantizer is WHOLE_HF_TENSOR:  # the concatenated linear is complete: its own scales
-                    quantizer = LinearQuantizer(out, {})
+                    quantizer = self._whole_quantizer(name, out, state.stats)
                 yield from self._convert_quantized(converter, quantizer, hf_name, out, trt_on, algo,
                                                    folded=name in self.folded_linears,
                                                    native=native_parts.get(hf_name))
@@ -212,6 +212,16 @@ class ExportJob:
         group_amax = stats.pop(stat_name(name, GROUP), None)
         return LinearQuantizer(tensor, values, native_scale=stats.pop(stat_name(name, STAT), None),
                                group_amax=group_amax)
+
+    def _whole_quantizer(self, name: str, weight: torch.Tensor, stats: dict) -> LinearQuantizer:
+        """The quantizer of a concatenated linear (its last component ``name`` just arrived):
+        weight scales from the whole HF weight, statistics named after the whole linear."""
+        from .quant.calibrate import linear_of
+        from .quant.stats import stat_name, stats_for
+
+        whole = linear_of(name)
+        return LinearQuantizer(weight, {stat: stats.pop(stat_name(whole, stat))
+                                        for stat in stats_for(self.quant, whole)})
 
     def _algo_for(self, source_name: str, hf_name: str):
         """The algorithm of one HF part of a quantizable Megatron linear (None: unquantized).

@@ -251,15 +251,16 @@ def test_lost_worker_in_an_async_export_fails_every_rank_naming_it(megatron_worl
 QUANT_MODEL = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
 
 
-def export_quantized_from(tmp_path, layout, algo, kv_cache, target, reference_target=None, num_layers=2):
+def export_quantized_from(tmp_path, layout, algo, kv_cache, target, reference_target=None, num_layers=2,
+                          family="llama", model_kw=None):
     """Single-rank reference export (``reference_target``, default the quantized ``target``) to
     ref0/, the same weights exported quantized from ``layout`` on 2 ranks to dist0/."""
     pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine")
-    model_kw = dict(QUANT_MODEL, num_layers=num_layers)
+    model_kw = dict(QUANT_MODEL, num_layers=num_layers) if model_kw is None else model_kw
     quant = {"algorithm": algo, "kv_cache": kv_cache, "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}}
     target = dict(target, quantization=quant, dtype="float32")
-    ckpt = reference(tmp_path, "llama", model_kw, 120, [reference_target or target])
-    outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout=layout, checkpoint_dir=str(ckpt),
+    ckpt = reference(tmp_path, family, model_kw, 120, [reference_target or target])
+    outcome = run_ranks(2, WORKER, timeout_s=240, family=family, layout=layout, checkpoint_dir=str(ckpt),
                         exports=[dict(output_dir=str(tmp_path / "dist0"), vocab_size=120, **target)],
                         model_kw=model_kw)
     for rank, (status, value) in outcome.items():
@@ -267,16 +268,23 @@ def export_quantized_from(tmp_path, layout, algo, kv_cache, target, reference_ta
     return tmp_path / "ref0" / "iter_0000001", tmp_path / "dist0" / "iter_0000001"
 
 
-@pytest.mark.parametrize("layout,layers", [({"tp": 2}, 2), ({"pp": 2}, 2), ({"pp": 2, "vpp": 2}, 4)],
-                         ids=["tp2", "pp2", "pp2_vpp2"])
-def test_fp8_export_from_parallel_layouts_equals_single_rank(megatron_world, tmp_path, layout, layers):
+@pytest.mark.parametrize("family,layout,layers", [("llama", {"tp": 2}, 2), ("llama", {"pp": 2}, 2),
+                                                  ("llama", {"pp": 2, "vpp": 2}, 4), ("nemotron_h", {"tp": 2}, 4)],
+                         ids=["tp2", "pp2", "pp2_vpp2", "tp2_nemotron_h"])
+def test_fp8_export_from_parallel_layouts_equals_single_rank(megatron_world, tmp_path, family, layout, layers):
     """Calibrated on the training layout (ModelOpt max-reduces amax over TP ranks; pipeline
     layouts calibrate through Megatron's schedule): weights and weight scales are bit-equal to the
     single-rank export; activation and KV scales come from activations that a parallel forward
-    computes in another order, so they agree to float32 rounding."""
+    computes in another order, so they agree to float32 rounding. Nemotron-H: each TP rank holds a
+    slice of every in_proj component; the whole in_proj's statistics and scales are one."""
     from safetensors.torch import load_file
 
-    ref, got = export_quantized_from(tmp_path, layout, "fp8", "fp8", dict(inference_tp=2), num_layers=layers)
+    if family == "nemotron_h":
+        _hybrid()
+        ref, got = export_quantized_from(tmp_path, layout, "fp8", "fp8", dict(formats=["hf"]), family=family,
+                                         model_kw={})
+    else:
+        ref, got = export_quantized_from(tmp_path, layout, "fp8", "fp8", dict(inference_tp=2), num_layers=layers)
     files = sorted(p.relative_to(ref) for p in ref.rglob("*.safetensors") if p.name != PROBE)
     assert files == sorted(p.relative_to(got) for p in got.rglob("*.safetensors") if p.name != PROBE)
     assert_same_probe(ref, got)

@@ -172,18 +172,8 @@ def test_trtllm_formats_are_refused_where_tensorrt_llm_has_no_such_model(megatro
 
 
 def random_nemotron_h(seed=0):
-    """A random transformers Nemotron-H and the Megatron HybridModel holding its weights."""
     hybrid_only()
-    model = fam.tiny_nemotron_h("M*-M")
-    config = fam.nemotron_h_hf_config(model, VOCAB)
-    torch.manual_seed(seed)
-    hf = transformers.NemotronHForCausalLM(config).eval()
-    with torch.no_grad():  # distinct values everywhere (init leaves norms at one, biases at zero)
-        gen = torch.Generator().manual_seed(seed)
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    fam.load_hf_nemotron_h(model, hf.state_dict())
-    return model, hf
+    return fam.random_nemotron_h(VOCAB, seed)
 
 
 def test_nemotron_h_round_trip_equals_the_hf_model(megatron_world, tmp_path):
@@ -227,7 +217,6 @@ def test_nemotron_h_weight_only_exports_equal_modelopts(megatron_world, tmp_path
     path = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), formats=["hf"], dtype="float32",
                                         vocab_size=VOCAB, verification={"enabled": False},
                                         quantization={"algorithm": algo})).export(1).path / "hf"
-    hf.config.architectures = ["NemotronHForCausalLM"]  # ModelOpt's exporter reads it
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
 
     def loop(m):
@@ -250,13 +239,31 @@ def test_nemotron_h_weight_only_exports_equal_modelopts(megatron_world, tmp_path
     assert ours_q == theirs_q
 
 
-@pytest.mark.parametrize("quantization", [{"algorithm": "fp8"}, {"algorithm": "int4_awq"},
-                                          {"algorithm": "fp8_pc_pt", "kv_cache": "fp8"}])
-def test_nemotron_h_recipes_that_calibrate_are_refused_at_attach(megatron_world, tmp_path, quantization):
+@pytest.mark.parametrize("algorithm", ["int4_awq", "w4a8_awq"])  # (int8_sq: TensorRT-LLM only, refused already)
+def test_nemotron_h_smoothquant_and_awq_are_refused_at_attach(megatron_world, tmp_path, algorithm):
     hybrid_only()
-    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf"], vocab_size=VOCAB, quantization=quantization)
-    with pytest.raises(ConfigError, match="calibrate on activations.*use a weight-only recipe"):
+    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf"], vocab_size=VOCAB,
+                       quantization={"algorithm": algorithm})
+    with pytest.raises(ConfigError, match="SmoothQuant/AWQ exports of Mamba hybrids are not supported"):
         Exporter(fam.tiny_nemotron_h("M*-M"), cfg)
+
+
+@pytest.mark.parametrize("quantization", [{"algorithm": "fp8"}, {"algorithm": "fp8_pc_pt", "kv_cache": "fp8"}])
+def test_calibrating_mamba_without_its_kernels_is_refused_at_attach(megatron_world, tmp_path, monkeypatch,
+                                                                    quantization):
+    """Calibration runs the forward pass; without mamba_ssm (here: the test's reference scan
+    taken away) that fails at attach, naming the kernel and the recipes that need no forward."""
+    hybrid_only()
+    model = fam.tiny_nemotron_h("M*-M")
+    from megatron.core.ssm import mamba_mixer
+
+    monkeypatch.setattr(mamba_mixer, "mamba_chunk_scan_combined", None)
+    cfg = ExportConfig(output_dir=str(tmp_path), formats=["hf"], vocab_size=VOCAB, quantization=quantization)
+    with pytest.raises(ConfigError, match="need mamba_chunk_scan_combined.*use a weight-only recipe"):
+        Exporter(model, cfg)
+    weight_only = ExportConfig(output_dir=str(tmp_path), formats=["hf"], vocab_size=VOCAB,
+                               quantization={"algorithm": "fp8_pc_pt"})
+    assert Exporter(model, weight_only).export(1).status == "complete"
 
 
 QUANT_VARIANTS = ["qwen3", "nemotron", "starcoder2", "gemma", "hybrid_llama"]

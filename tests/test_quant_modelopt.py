@@ -230,6 +230,36 @@ def test_hf_checkpoint_equals_modelopts_hf_export(megatron_world, tmp_path, algo
             == json.loads((theirs / "config.json").read_text())["quantization_config"])
 
 
+@pytest.mark.parametrize("algo,kv", [("fp8", "fp8"), ("nvfp4", "none")])
+def test_nemotron_h_calibrated_export_equals_modelopts_hf_export(megatron_world, tmp_path, algo, kv):
+    """Nemotron-H calibrated on this CPU: Megatron's Mamba forward with mamba_ssm's SSD scan replaced
+    by transformers' PyTorch reference (test-only, `testing.families.allow_mamba_build`); ModelOpt
+    calibrates the transformers Nemotron-H our float export loads as, on the same batches. Weights
+    and weight scales equal ModelOpt's; input scales (the mixers' in_proj, whose statistics belong
+    to the whole concatenated linear, and out_proj included) and KV scales agree to rounding."""
+    pytest.importorskip("megatron.core.models.hybrid.hybrid_model",
+                        reason="HybridModel arrived in megatron-core 0.19 (scripts/test-mcore-latest runs this)")
+    from megatron_trt_ext.testing.families import tiny_nemotron_h
+
+    model = tiny_nemotron_h("M*-M")
+    randomize(model, seed=31)
+    ours, theirs, _ = ours_and_modelopts_hf(model, tmp_path, algo, kv)
+    mine, their = load_dir(ours), load_dir(theirs)
+    differ = shared_fp8_scales(mine, their)  # q/k/v: one FP8 weight scale (Megatron's fused QKV)
+    assert_same_tensors({k: v for k, v in mine.items() if k not in differ},
+                        {k: v for k, v in their.items() if k not in differ}, f"nemotron_h {algo} kv={kv}",
+                        close=("input_scale", "k_scale", "v_scale"))
+    assert "backbone.layers.0.mixer.in_proj.input_scale" in mine and "backbone.layers.3.mixer.out_proj.input_scale" \
+        in mine
+    if kv != "none":
+        assert "backbone.layers.1.mixer.k_proj.k_scale" in mine
+    ours_q = json.loads((ours / "hf_quant_config.json").read_text())["quantization"]
+    theirs_q = json.loads((theirs / "hf_quant_config.json").read_text())["quantization"]
+    # ModelOpt 0.47 under transformers 5 appends a name sentinel to each excluded module
+    theirs_q["exclude_modules"] = sorted(n.split(".\x00")[0] for n in theirs_q["exclude_modules"])
+    assert ours_q == theirs_q
+
+
 def mcore_at_least_0_19() -> None:
     from importlib.metadata import PackageNotFoundError, version
 

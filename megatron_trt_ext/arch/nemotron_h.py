@@ -114,6 +114,12 @@ def _check(info):
     return None
 
 
+_NO_REPLICA_CALIBRATION = (
+    "SmoothQuant/AWQ exports of Mamba hybrids are not supported (their per-channel scales would span the "
+    "components of a mixer's in_proj, and ModelOpt has no SmoothQuant/AWQ recipe for Mamba mixers); use fp8, "
+    "nvfp4, mixed precision or a weight-only recipe")
+
+
 NEMOTRON_H = ArchSpec(
     name="nemotron_h",
     requires=requirements(
@@ -133,8 +139,5 @@ NEMOTRON_H = ArchSpec(
     trtllm=trtllm,
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
-    calibration_unsupported=("Nemotron-H recipes that calibrate on activations are not supported yet: their forward "
-                             "pass runs Megatron's Mamba mixers, whose CUDA kernels (mamba_ssm, causal_conv1d) this "
-                             "version has not been verified with; use a weight-only recipe (fp8_pc_pt, fp8_pb_wo, "
-                             "mxfp8, w4a16_nvfp4) with kv_cache: none"),
+    calibration_unsupported={kind: _NO_REPLICA_CALIBRATION for kind in ("smoothquant", "awq")},
 )

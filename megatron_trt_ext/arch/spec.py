@@ -164,6 +164,14 @@ class Concat(Transform):
         m = _pattern(self.src, self.parts).match(name)
         return m.groupdict() if m else None
 
+    def matches_whole(self, name: str) -> Optional[dict]:
+        """The whole tensor's name (``src`` without its ``.{P}``): what statistics of the
+        concatenated linear are named after (`quant.calibrate.linear_of`)."""
+        if not self.src.endswith(".{P}"):
+            return None
+        m = _pattern(self.src[: -len(".{P}")]).match(name)
+        return m.groupdict() if m else None
+
     def group(self, groups: dict) -> str:
         return _fill(self.dst, groups)
 
@@ -251,9 +259,9 @@ class ArchSpec:
     trtllm_unsupported: Optional[Callable] = None
     # None when quantized exports are supported, else why not
     quantization_unsupported: Optional[str] = None
-    # None when recipes that calibrate on activations (a forward pass: static input scales,
-    # SmoothQuant/AWQ, KV-cache scales) are supported, else why not (weight-only recipes still are)
-    calibration_unsupported: Optional[str] = None
+    # calibration kind (`QuantSpec.calibration_kind`: max, smoothquant, awq) -> why this family's
+    # recipes of that kind are refused
+    calibration_unsupported: dict = field(default_factory=dict)
     # format -> why quantized exports of this family are refused in that format (others are written)
     quantized_formats_unsupported: dict = field(default_factory=dict)
     # the HF class stores every linear transposed ([in, out]: GPT-2's Conv1D); quantized linears
@@ -283,6 +291,8 @@ def unit_group(spec: ArchSpec, name: str) -> Optional[str]:
     for transform in spec.mappings:
         if isinstance(transform, (Concat, StackExperts)):
             groups = transform.matches(name)
+            if groups is None and isinstance(transform, Concat):
+                groups = transform.matches_whole(name)
             if groups is not None:
                 return transform.group(groups)
     return None

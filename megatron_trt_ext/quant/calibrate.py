@@ -52,8 +52,15 @@ def is_quantizable_linear(unit_name: str) -> bool:
 
 def is_linear_part(unit_name: str) -> bool:
     """A component of one linear that the HF export concatenates (a Mamba mixer's in_proj): its
-    scales come from the whole concatenated weight, and it carries no statistics of its own."""
+    scales come from the whole concatenated weight, and the statistics belong to the whole linear
+    (`linear_of`)."""
     return _MIXER.search(unit_name) is not None and not unit_name.endswith(".weight")
+
+
+def linear_of(unit_name: str) -> str:
+    """The weight name of the linear a unit belongs to: the unit itself, or, for a component
+    (`is_linear_part`), the whole linear's (``...mixer.in_proj.weight``), which names its statistics."""
+    return unit_name.rsplit(".", 1)[0] if is_linear_part(unit_name) else unit_name
 
 
 def sharing_key(unit_name: str) -> str:
@@ -263,10 +270,10 @@ def _calibrate_live(chunks, spec, info, local, batches, forward_loop, comm) -> C
     linears = {}  # module -> canonical weight name
     if any(a.activation is not None for a in spec.algorithms):
         for name, pieces in local.items():
-            if is_quantizable_linear(name) and not is_linear_part(name):
+            if is_quantizable_linear(name):
                 module = owners.get(pieces[0].tensor.untyped_storage().data_ptr())
                 if module is not None:
-                    linears[module] = name
+                    linears[module] = linear_of(name)
     amax: dict = {}
     kv_amax: dict = {}
     handles = []

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..plan import LocalPiece
-from .calibrate import group_key, is_linear_part, is_quantizable_linear
+from .calibrate import group_key, is_quantizable_linear, linear_of
 
 SEP = ".#"
 GROUP = "group_amax"
@@ -95,9 +95,15 @@ def stat_pieces(local: dict, spec, calibration=None, fold_aliases: Optional[dict
     replica = calibration.replica if calibration is not None else None
     owners = _owner_map(replica) if replica is not None else {}
     out: dict = {}
-    for name, pieces in local.items():
-        if not is_quantizable_linear(name) or is_linear_part(name):
+    for unit, pieces in local.items():
+        if not is_quantizable_linear(unit):
             continue
+        name = linear_of(unit)
+        if name != unit:  # a component: the whole linear's scalar statistics, from its first component
+            if any(s.startswith(name[: -len(".weight")] + SEP) for s in out):
+                continue
+            if spec.calibration_kind in ("smoothquant", "awq"):
+                raise AssertionError(f"{name}: per-channel statistics of a concatenated linear (refused at attach)")
         key = group_key(name, groups) if groups else None
         if key is not None:  # the group's shared weight amax rides with each member (`group_key`)
             value = calibration.group_amax[key].reshape(1) if calibration is not None else torch.zeros(1)

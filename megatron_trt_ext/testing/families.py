@@ -251,6 +251,23 @@ def nemotron_h_hf_config(model, vocab_size: int):
         tie_word_embeddings=False, time_step_min=1e-9)
 
 
+def random_nemotron_h(vocab_size: int, seed: int = 0, pattern: str = "M*-M"):
+    """A random transformers Nemotron-H and the Megatron HybridModel holding its weights."""
+    import transformers
+
+    model = tiny_nemotron_h(pattern)
+    config = nemotron_h_hf_config(model, vocab_size)
+    torch.manual_seed(seed)
+    hf = transformers.NemotronHForCausalLM(config).eval()
+    hf.config.architectures = ["NemotronHForCausalLM"]
+    with torch.no_grad():  # distinct values everywhere (init leaves norms at one, biases at zero)
+        gen = torch.Generator().manual_seed(seed)
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    load_hf_nemotron_h(model, hf.state_dict())
+    return model, hf
+
+
 @torch.no_grad()
 def load_hf_nemotron_h(model, hf_state: dict) -> None:
     """Test-only HF -> Megatron loader (single rank): Nemotron-H weights into ``model`` (built by

@@ -14,6 +14,7 @@ a machine without Transformer Engine.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +120,12 @@ def allow_mamba_build() -> None:
     transformers' PyTorch reference of the same function (`mamba2_chunk_scan`), when transformers
     is installed. Megatron's own code does everything else (the in_proj split, its plain-torch
     conv1d path, out_proj). The fused training kernel (mamba_split_conv1d_scan_combined) has no
-    reference: `tiny_nemotron_h` builds its models with ``use_mamba_mem_eff_path=False``."""
+    reference: `tiny_nemotron_h` builds its models with ``use_mamba_mem_eff_path=False``. Where
+    mamba_ssm is installed, nothing is replaced."""
     from megatron.core.ssm import mamba_mixer
+
+    if mamba_mixer.mamba_chunk_scan_combined is not None and mamba_mixer.HAVE_MAMBA_SSM:
+        return  # the real kernels (or the stand-ins, installed already)
 
     class GatedNormStandIn(torch.nn.Module):
         """mamba_ssm's RMSNormGated with norm_before_gate=False: RMS-normalise x * silu(z) per group."""
@@ -230,7 +235,8 @@ def tiny_nemotron_h(pattern: str = "M*-M", **kw):
 
     base = dict(gated_linear_unit=False, activation_func=squared_relu, position_embedding_type="none",
                 mamba_state_dim=16, mamba_head_dim=16, mamba_num_groups=2, layernorm_epsilon=1e-5,
-                use_mamba_mem_eff_path=False)
+                # the fused training kernel only with mamba_ssm (`allow_mamba_build`)
+                use_mamba_mem_eff_path=importlib.util.find_spec("mamba_ssm") is not None)
     return tiny_hybrid(pattern, **{**base, **kw})
 
 

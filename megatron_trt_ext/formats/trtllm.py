@@ -243,9 +243,9 @@ class TrtllmConverter:
         from ..quant.numerics import split_scale
 
         module = name[: -len(".weight")]
+        if kind == "fused_qkv":  # GPT-2's c_attn: its q, k and v rows, as separate parts
+            q, kind = self._split_quant_fused(q), "qkv"
         for tp_rank, rank in enumerate(self._stage_ranks(stage)):
-            if kind == "fused_qkv":  # GPT-2's c_attn: its q, k and v rows, as separate parts
-                q, kind = self._split_quant_fused(q), "qkv"
             if kind == "qkv":
                 parts = []
                 for which, part in zip("qkv", q):

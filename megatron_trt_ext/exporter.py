@@ -292,10 +292,6 @@ class Exporter:
             if spec.calibration_kind in ("smoothquant", "awq"):
                 raise ConfigError(f"{where}: SmoothQuant/AWQ exports of mixture-of-experts models are not supported "
                                   "yet; use fp8, nvfp4 or a weight-only FP8/FP4 recipe")
-            if "trtllm_checkpoint" in self.config.formats:
-                raise ConfigError("quantization: quantized mixture-of-experts models are written as Hugging Face "
-                                  "checkpoints only in this version (vLLM, SGLang and TensorRT-LLM's PyTorch backend "
-                                  "load them); use formats: [hf]")
         if spec.kv_cache != "none" and self.info.mla:
             raise ConfigError(f"quantization.kv_cache {spec.kv_cache}: multi-latent attention caches the compressed "
                               "latent, whose scales this version does not export; use kv_cache: none")

@@ -258,10 +258,10 @@ class ExportJob:
         if algo.block and out % algo.block:
             raise ConfigError(f"quantization {algo.name}: {module} has {out} outputs, not a multiple of the "
                               f"{what} {algo.block}; {fix}")
-        tp = self.config.inference_tp
-        if trt_on and group and converter.splits_inputs(module + ".weight") and (inp // tp) % group:
-            raise ConfigError(f"quantization {algo.name}: with inference_tp={tp} each rank holds {inp // tp} inputs "
-                              f"of {module}, not a multiple of the {what} {group}; lower inference_tp or {fix}")
+        splits, key = converter.input_splits(module + ".weight") if trt_on else (1, None)
+        if group and splits > 1 and (inp // splits) % group:
+            raise ConfigError(f"quantization {algo.name}: with {key}={splits} each rank holds {inp // splits} inputs "
+                              f"of {module}, not a multiple of the {what} {group}; lower {key} or {fix}")
 
     @property
     def folded_linears(self) -> frozenset:

@@ -269,23 +269,72 @@ class TrtllmConverter:
                 scales = {key: (split_scale(v, skind, placement, self.tp if kind != "replicated" else 1, tp_rank), skind)
                           for key, (v, skind) in q.scales.items()}
                 ref = q
-            packed = ref.quantized(weight, scales)
-            if ref.algo.weight == "int4_block":
-                # int8, as ModelOpt writes them: TensorRT-LLM only repacks int8 weights for its int4 kernels
-                packed = packed.view(torch.int8)
-            yield rank, name, packed
-            for key, (value, skind) in scales.items():
-                if key == "pre_quant_scale":
-                    out = value.to(self.dtype)  # declared in the checkpoint dtype by TensorRT-LLM
-                elif value.dtype in (torch.float8_e4m3fn, torch.uint8):
-                    out = value  # NVFP4 block scales (FP8), MXFP8 exponents (uint8)
+            yield rank, name, self._packed(ref, weight, scales)
+            for key, out in self._scale_tensors(ref, scales):
+                yield rank, f"{module}.{key}", out
+
+    @staticmethod
+    def _packed(ref, weight: torch.Tensor, scales: dict) -> torch.Tensor:
+        packed = ref.quantized(weight, scales)
+        if ref.algo.weight == "int4_block":
+            # int8, as ModelOpt writes them: TensorRT-LLM only repacks int8 weights for its int4 kernels
+            return packed.view(torch.int8)
+        return packed
+
+    def _scale_tensors(self, ref, scales: dict) -> list:
+        """(TensorRT-LLM name suffix, tensor) of each scale of one quantized linear (split)."""
+        out = []
+        for key, (value, skind) in scales.items():
+            if key == "pre_quant_scale":
+                t = value.to(self.dtype)  # declared in the checkpoint dtype by TensorRT-LLM
+            elif value.dtype in (torch.float8_e4m3fn, torch.uint8):
+                t = value  # NVFP4 block scales (FP8), MXFP8 exponents (uint8)
+            else:
+                t = value.float()
+            trt_key = "per_channel_scale" if ref.algo.weight == "fp8_channel" and key == "weight_scale" \
+                else self._TRT_SCALE[key]
+            if skind == "tensor":  # [1], except NVFP4's scalars (as ModelOpt writes each)
+                t = t.reshape(()) if ref.algo.weight == "nvfp4_block" else t.reshape(1)
+            out.append((trt_key, t))
+        return out
+
+    def _place_quant_experts(self, stage: int, name: str, kind: str, parts: dict, ep_rank: int) -> Iterator[tuple]:
+        """One inference EP rank's quantized experts, stacked as `_experts_for_rank` stacks float
+        ones (fc = [up; gate] of each expert, split over the expert-TP ranks): each expert's split
+        quantized with its own scales, which are stacked along the expert dimension (per-tensor
+        ones: [E, 1], NVFP4's [E]); the input scale is one for the layer's experts (ModelOpt syncs
+        it), written once as [1], as ModelOpt writes it for experts (NVFP4's too)."""
+        from ..quant.numerics import split_scale
+
+        module = name[: -len(".weight")]
+        per_rank = self.info.num_experts // self.moe_ep
+        experts = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+        for tp_rank, rank in enumerate(self._stage_ranks(stage)):
+            if tp_rank % self.moe_ep != ep_rank:
+                continue
+            moe_tp_rank = tp_rank // self.moe_ep
+            packed, per_expert = [], []
+            for e in experts:
+                if kind == "experts_fc":  # up (w3) then gate (w1): one Megatron linear, per-tensor scales shared
+                    pieces = (parts[("w3", e)], parts[("w1", e)])
+                    weight = torch.cat([layouts.split_for_rank(p.weight, 0, self.moe_tp, moe_tp_rank) for p in pieces])
+                    scales = {key: (torch.cat([split_scale(p.scales[key][0], skind, "column", self.moe_tp, moe_tp_rank)
+                                               for p in pieces]) if skind in ("out", "block") else value, skind)
+                              for key, (value, skind) in pieces[0].scales.items()}
+                    ref = pieces[0]
                 else:
-                    out = value.float()
-                trt_key = "per_channel_scale" if ref.algo.weight == "fp8_channel" and key == "weight_scale" \
-                    else self._TRT_SCALE[key]
-                if skind == "tensor":  # [1], except NVFP4's scalars (as ModelOpt writes each)
-                    out = out.reshape(()) if ref.algo.weight == "nvfp4_block" else out.reshape(1)
-                yield rank, f"{module}.{trt_key}", out
+                    ref = parts[("w2", e)]
+                    weight = layouts.split_for_rank(ref.weight, 1, self.moe_tp, moe_tp_rank)
+                    scales = {key: (split_scale(v, skind, "row", self.moe_tp, moe_tp_rank), skind)
+                              for key, (v, skind) in ref.scales.items()}
+                packed.append(self._packed(ref, weight, scales))
+                per_expert.append(self._scale_tensors(ref, scales))
+            yield rank, name, torch.stack(packed)
+            for i, (key, first) in enumerate(per_expert[0]):
+                if key == self._TRT_SCALE["input_scale"]:
+                    yield rank, f"{module}.{key}", first.reshape(1)
+                else:
+                    yield rank, f"{module}.{key}", torch.stack([scales[i][1] for scales in per_expert])
 
     def feed_kv_scale(self, hf_name: str, which: str, scale: torch.Tensor) -> Iterator[tuple]:
         """FP8 KV cache: one scale per layer, the larger of the K and V scales."""
@@ -342,8 +391,11 @@ class TrtllmConverter:
             if len(parts) < per_rank * (1 if kind == "experts_proj" else 2):
                 return
             del self._pending[(layer, kind, ep_rank)]
-            yield from self._place(stage, prefix + ("mlp.proj.weight" if kind == "experts_proj" else "mlp.fc.weight"),
-                                   kind, parts, only_ep_rank=ep_rank)
+            name = prefix + ("mlp.proj.weight" if kind == "experts_proj" else "mlp.fc.weight")
+            if isinstance(tensor, torch.Tensor):
+                yield from self._place(stage, name, kind, parts, only_ep_rank=ep_rank)
+            else:  # quantized experts (`QuantLinear`s)
+                yield from self._place_quant_experts(stage, name, kind, parts, ep_rank)
             return
         entry = self.table["layer"].get(suffix)
         if entry is None:
@@ -372,11 +424,19 @@ class TrtllmConverter:
         entry = self.table["layer"].get(m.group(2)) if m else None
         return entry is not None and entry[1] == "fused_qkv" and hf_name.endswith(".weight")
 
-    def splits_inputs(self, hf_name: str) -> bool:
-        """Whether the inference TP ranks split this HF linear along its inputs (row-parallel)."""
+    def input_splits(self, hf_name: str) -> tuple:
+        """(how many ranks split this HF linear along its inputs, the config key that sets it):
+        the inference TP for row-parallel linears, the expert TP for experts' down projections."""
         m = self.layer_re.match(hf_name)
-        entry = self.table["layer"].get(m.group(2)) if m else None
-        return entry is not None and entry[1] == "row"
+        if not m:
+            return 1, None
+        experts_re = self.table.get("experts")
+        em = experts_re.match(m.group(2)) if experts_re is not None else None
+        if em:
+            role = self.table.get("expert_roles", {}).get(em.group(2), em.group(2))
+            return (self.moe_tp, "inference_moe_tp") if role == "w2" else (1, None)
+        entry = self.table["layer"].get(m.group(2))
+        return (self.tp, "inference_tp") if entry is not None and entry[1] == "row" else (1, None)
 
     def finish(self) -> None:
         if self._pending:

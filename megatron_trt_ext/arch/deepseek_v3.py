@@ -12,7 +12,7 @@ DeepSeek-V3 engine (its PyTorch backend loads the HF checkpoint).
 """
 
 from . import llama, moe
-from .spec import ArchSpec, Rename, Vocab, requirements
+from .spec import ArchSpec, Rename, Vocab, no_trtllm, requirements
 
 P = "decoder.layers.{L}"
 H = "model.layers.{L}"
@@ -118,10 +118,6 @@ def hf_config(info, ctx, dtype: str) -> dict:
     }
 
 
-def trtllm(info) -> dict:
-    return {}
-
-
 def _trtllm_unsupported(info):
     return ("TensorRT-LLM (<= 1.2) has no DeepSeek-V3 engine (its TensorRT backend has DeepSeek-V2 without the "
             "noaux_tc routing and MTP; the PyTorch backend loads the HF checkpoint)")
@@ -177,7 +173,7 @@ DEEPSEEK_V3 = ArchSpec(
     mappings=MAPPINGS,
     aliases=ALIASES,
     hf_config=hf_config,
-    trtllm=trtllm,
+    trtllm=no_trtllm,
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
     keep_fp32=(r"\.mlp\.gate\.weight$", r"\.mlp\.gate\.e_score_correction_bias$"),

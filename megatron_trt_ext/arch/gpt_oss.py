@@ -10,7 +10,7 @@ and their biases. Megatron's ``window_size=(W-1, 0)`` is HF's ``sliding_window: 
 """
 
 from . import llama, moe
-from .spec import ArchSpec, Rename, StackExperts, requirements
+from .spec import ArchSpec, Rename, StackExperts, no_trtllm, requirements
 
 P = "decoder.layers.{L}"
 H = "model.layers.{L}"
@@ -76,10 +76,6 @@ def hf_config(info, ctx, dtype: str) -> dict:
     }
 
 
-def trtllm(info) -> dict:
-    return {}
-
-
 def _trtllm_unsupported(info):
     return "TensorRT-LLM (<= 1.2) has no GPT-OSS engine (its PyTorch backend loads the HF checkpoint)"
 
@@ -118,7 +114,7 @@ GPT_OSS = ArchSpec(
     mappings=MAPPINGS,
     aliases=llama.ALIASES,
     hf_config=hf_config,
-    trtllm=trtllm,
+    trtllm=no_trtllm,
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
     quantization_unsupported=("quantized GPT-OSS exports are not supported yet (its experts are fused 3-D "

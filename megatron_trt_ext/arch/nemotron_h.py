@@ -9,7 +9,7 @@ concatenated in that order (`Concat`). TensorRT-LLM (<= 1.2) has no Nemotron-H e
 TensorRT-LLM formats are refused.
 """
 
-from .spec import QKV, ArchSpec, Concat, Rename, Vocab, requirements
+from .spec import ArchSpec, Concat, QKV, Rename, Vocab, no_trtllm, requirements
 
 E = "decoder.layers.{L}"
 B = "backbone.layers.{L}"
@@ -96,10 +96,6 @@ def hf_config(info, ctx, dtype: str) -> dict:
     }
 
 
-def trtllm(info) -> dict:
-    return {}
-
-
 def _trtllm_unsupported(info):
     return ("TensorRT-LLM (<= 1.2) has no Nemotron-H engine (its TensorRT backend has no hybrid Mamba model; "
             "the PyTorch backend loads the HF checkpoint)")
@@ -136,7 +132,7 @@ NEMOTRON_H = ArchSpec(
     mappings=MAPPINGS,
     aliases=ALIASES,
     hf_config=hf_config,
-    trtllm=trtllm,
+    trtllm=no_trtllm,
     checks=(_check,),
     trtllm_unsupported=_trtllm_unsupported,
     calibration_unsupported={kind: _NO_REPLICA_CALIBRATION for kind in ("smoothquant", "awq")},

@@ -285,6 +285,11 @@ class ArchSpec:
         return out
 
 
+def no_trtllm(info) -> dict:
+    """`ArchSpec.trtllm` of a family TensorRT-LLM has no engine for (see ``trtllm_unsupported``)."""
+    return {}
+
+
 def unit_group(spec: ArchSpec, name: str) -> Optional[str]:
     """Source tensors that must be converted on one rank: the parts of a `Concat`, the experts
     of a layer that `StackExperts` stacks into one HF tensor."""

@@ -373,16 +373,23 @@ class TrtllmConverter:
         elif kind == "lm_head":
             yield from self._place(last, name, "lm_head", tensor)
 
+    def _expert(self, suffix: str):
+        """(expert number, role w1 gate / w3 up / w2 down) of an expert linear's HF name suffix
+        within a layer, or None."""
+        experts_re = self.table.get("experts")
+        em = experts_re.match(suffix) if experts_re is not None else None
+        if em is None:
+            return None
+        return int(em.group(1)), self.table.get("expert_roles", {}).get(em.group(2), em.group(2))
+
     def _feed_layer(self, layer: int, suffix: str, hf_name: str, tensor) -> Iterator[tuple]:
         stage, local = divmod(layer, self.layers_per_stage)
         prefix = f"transformer.layers.{local}."
-        experts_re = self.table.get("experts")
-        em = experts_re.match(suffix) if experts_re is not None else None
-        if em:
+        expert_role = self._expert(suffix)
+        if expert_role:
             # Each inference EP rank stacks its own experts: placed as soon as they are all here,
             # so a writer holds one EP rank's experts at most (see plan.expert_group).
-            expert, which = int(em.group(1)), em.group(2)
-            which = self.table.get("expert_roles", {}).get(which, which)
+            expert, which = expert_role
             kind = "experts_proj" if which == "w2" else "experts_fc"
             per_rank = self.info.num_experts // self.moe_ep
             ep_rank = expert // per_rank
@@ -430,11 +437,9 @@ class TrtllmConverter:
         m = self.layer_re.match(hf_name)
         if not m:
             return 1, None
-        experts_re = self.table.get("experts")
-        em = experts_re.match(m.group(2)) if experts_re is not None else None
-        if em:
-            role = self.table.get("expert_roles", {}).get(em.group(2), em.group(2))
-            return (self.moe_tp, "inference_moe_tp") if role == "w2" else (1, None)
+        expert_role = self._expert(m.group(2))
+        if expert_role:
+            return (self.moe_tp, "inference_moe_tp") if expert_role[1] == "w2" else (1, None)
         entry = self.table["layer"].get(m.group(2))
         return (self.tp, "inference_tp") if entry is not None and entry[1] == "row" else (1, None)
 

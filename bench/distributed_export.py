@@ -55,7 +55,7 @@ def bench_rank(rank: int, world_size: int, out: str, model_kw: dict, layout: dic
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_trt_ext import ExportConfig, Exporter
-    from megatron_trt_ext.testing.workers import build
+    from tests.support.workers import build
 
     ps.initialize_model_parallel(layout["tp"], layout["pp"])
     model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_trt_ext.testing.distributed import run_ranks
+    from tests.support.distributed import run_ranks
 
     model_kw = dict(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                     num_attention_heads=args.heads, num_query_groups=args.groups, vocab_size=args.vocab,

@@ -54,13 +54,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+    from examples.cpu_shim import stub_triton_only_modules
 
     stub_triton_only_modules()
     from megatron.core import dist_checkpointing
 
     from megatron_trt_ext import ExportConfig, Exporter
-    from megatron_trt_ext.testing.models import init_single_process, tiny_llama
+    from tests.support.models import init_single_process, tiny_llama
 
     init_single_process()
     kw = dict(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=16,

@@ -52,7 +52,8 @@ CASES = [
 
 def _support():
     try:
-        from tests.support import cpu_shim, models, workers
+        from examples import cpu_shim
+        from tests.support import models, workers
     except ImportError:  # the tree before issue 18
         from megatron_trt_ext.testing import cpu_shim, models, workers
     cpu_shim.stub_triton_only_modules()  # before megatron.core is imported (0.19 imports Triton)

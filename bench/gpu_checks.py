@@ -61,10 +61,10 @@ def build_llama(ctx: Context):
     """A Megatron-Core Llama on ``ctx.device`` with bf16 weights (a one-rank world)."""
     import torch
 
-    from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+    from examples.cpu_shim import stub_triton_only_modules
 
     stub_triton_only_modules()
-    from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+    from tests.support.models import init_single_process, randomize, tiny_llama
 
     init_single_process()
     model = tiny_llama(max_seq=4096, params_dtype=torch.bfloat16, **ctx.model_size)
@@ -79,7 +79,7 @@ def stall(ctx: Context) -> dict:
     """Async export stall (until the training stream is free) vs a plain device-to-host copy of
     the same weights into pinned memory, and the sync export time (HF + TensorRT-LLM, bf16)."""
     from bench.stall import stall_rounds
-    from megatron_trt_ext.testing.cpu_shim import function_mode_paused
+    from examples.cpu_shim import function_mode_paused
 
     model = build_llama(ctx)
     vocab = ctx.model_size["vocab_size"]
@@ -102,10 +102,10 @@ QUANT_LLAMA = dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_atten
 
 def _quant_models(ctx: Context) -> dict:
     """A tiny Llama and a tiny MoE (Mixtral-style, 4 experts top-2), float32, on the device."""
-    from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+    from examples.cpu_shim import stub_triton_only_modules
 
     stub_triton_only_modules()
-    from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+    from tests.support.models import init_single_process, randomize, tiny_llama
 
     init_single_process()
     models = {"llama": tiny_llama(**QUANT_LLAMA), "moe": tiny_llama(moe=True, **QUANT_LLAMA)}
@@ -126,8 +126,8 @@ def quant_nvfp4_mxfp8(ctx: Context) -> dict:
 
     from megatron_trt_ext import ExportConfig, Exporter
     from megatron_trt_ext.quant.dequant import load_dequantized
-    from megatron_trt_ext.testing.models import megatron_logits
-    from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+    from tests.support.models import megatron_logits
+    from tests.support.oracle import modelopt_fake_quant
 
     out = {}
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(4))
@@ -178,7 +178,7 @@ def fp8_trained_te(ctx: Context) -> dict:
     return {"tensor_class": type(linear.weight).__name__, "holds": bool(torch.equal(ours, dequantized))}
 
 
-FAMILY_BUILDERS = {  # name -> (builder from megatron_trt_ext.testing, what it needs)
+FAMILY_BUILDERS = {  # name -> (builder from tests.support, what it needs)
     "llama": ("models.tiny_llama", None),
     "gpt": ("models.tiny_gpt", None),
     "mixtral": ("models.tiny_llama:moe", None),
@@ -197,12 +197,12 @@ FAMILY_BUILDERS = {  # name -> (builder from megatron_trt_ext.testing, what it n
 def _family_model(name: str):
     import importlib
 
-    from megatron_trt_ext.testing import families as fam  # noqa: F401 (the builders' module)
+    from tests.support import families as fam  # noqa: F401 (the builders' module)
 
     path, _ = FAMILY_BUILDERS[name]
     module, _, variant = path.partition(":")
     mod_name, fn_name = module.split(".")
-    build = getattr(importlib.import_module(f"megatron_trt_ext.testing.{mod_name}"), fn_name)
+    build = getattr(importlib.import_module(f"tests.support.{mod_name}"), fn_name)
     kwargs = {"moe": True} if variant == "moe" else {"window": 5} if variant == "window" else {}
     return build(**kwargs)
 
@@ -218,10 +218,10 @@ def families(ctx: Context) -> dict:
     import torch
 
     from megatron_trt_ext import ExportConfig, Exporter
-    from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+    from examples.cpu_shim import stub_triton_only_modules
 
     stub_triton_only_modules()
-    from megatron_trt_ext.testing.models import init_single_process, megatron_logits, randomize
+    from tests.support.models import init_single_process, megatron_logits, randomize
 
     init_single_process()
     import transformers

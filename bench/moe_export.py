@@ -31,7 +31,7 @@ def rank_main(rank: int, world_size: int, out: str, layout: dict, exports: int) 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_trt_ext import ExportConfig, Exporter
-    from megatron_trt_ext.testing.families import tiny_deepseek
+    from tests.support.families import tiny_deepseek
 
     ps.initialize_model_parallel(pipeline_model_parallel_size=layout["pp"],
                                  expert_model_parallel_size=layout["ep"])
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--exports", type=int, default=2)
     p.add_argument("--dir", default=None)
     args = p.parse_args(argv)
-    from megatron_trt_ext.testing.distributed import run_ranks
+    from tests.support.distributed import run_ranks
 
     layout = {"ep": 2, "pp": 2}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

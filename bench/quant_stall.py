@@ -37,7 +37,7 @@ RECIPES = [  # (label, quantization section or None, formats)
 def build(layers: int):
     import torch
 
-    from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+    from tests.support.models import init_single_process, randomize, tiny_llama
 
     init_single_process()
     model = tiny_llama(vocab_size=32000, max_seq=512, num_layers=layers, hidden_size=1024, ffn_hidden_size=4096,

@@ -176,12 +176,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_trt_ext.testing.cpu_shim import function_mode_paused, stub_triton_only_modules
+    from examples.cpu_shim import function_mode_paused, stub_triton_only_modules
 
     stub_triton_only_modules()
     import megatron.core
 
-    from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+    from tests.support.models import init_single_process, randomize, tiny_llama
 
     init_single_process()
     model = tiny_llama(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -180,17 +180,6 @@ def group_ranks(descriptions) -> list:
     return [RankClass(pieces, tuple(members)) for pieces, members in classes.items()]
 
 
-def rank_descriptions(legacy: Iterable[dict]) -> list:
-    """The older per-rank form ``{name: [(rank, offset, shape, global shape, dtype, main)]}`` (one
-    dict per rank, in rank order) -> ``(pieces, main)`` descriptions."""
-    out = []
-    for desc in legacy:
-        rows = sorted((name, off, tuple(shp), tuple(gshape), dtype, main)
-                      for name, entries in desc.items() for _, off, shp, gshape, dtype, main in entries)
-        out.append((tuple(r[:5] for r in rows), tuple(r[5] for r in rows)))
-    return out
-
-
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -219,11 +208,6 @@ def expert_group(name: str, experts_per_group: Optional[int] = None) -> str:
     if experts_per_group is None:
         return _EXPERT_RE.sub(".experts.*.", name)
     return _EXPERT_RE.sub(lambda m: f".experts.*{int(m.group(1)) // experts_per_group}.", name)
-
-
-def build_units(descriptions: Iterable[dict], group_key=None) -> list:
-    """`plan_units` from per-rank descriptions in the older dict form (see `rank_descriptions`)."""
-    return plan_units(group_ranks(rank_descriptions(descriptions)), group_key)
 
 
 def plan_units(classes: list, group_key=None) -> list:

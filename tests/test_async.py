@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from megatron_trt_ext import ExportConfig, Exporter, attach
 from megatron_trt_ext import manifest as mf
-from megatron_trt_ext.testing.models import randomize, tiny_llama
+from tests.support.models import randomize, tiny_llama
 
 
 def medium_llama():

@@ -3,7 +3,7 @@
 save (non-persistent saves neither export nor count), a resumed run exports where an uninterrupted
 one does, and the export's logits equal the final model's.
 
-Bridge 0.6.2 runs here through megatron_trt_ext.testing.bridge_shim (it declares Python 3.12 and
+Bridge 0.6.2 runs here through tests.support.bridge_shim (it declares Python 3.12 and
 pins transformers <= 5.12.1; its training loop needs neither). scripts/test-mcore-latest installs
 it next to megatron-core 0.19.2."""
 

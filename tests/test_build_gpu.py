@@ -20,7 +20,7 @@ def test_real_engine_build(megatron_world, tmp_path):
     from megatron_trt_ext import ExportConfig, Exporter
     from megatron_trt_ext.build.options import BuildOptions
     from megatron_trt_ext.build.runner import build_export
-    from megatron_trt_ext.testing.models import tiny_llama
+    from tests.support.models import tiny_llama
 
     model = tiny_llama().cuda()
     path = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, mode="sync")).export(1).path

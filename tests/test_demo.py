@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.parametrize("recipe", ["bf16.yaml", "fp8.yaml"])
 def test_demo_trains_exports_and_generates(tmp_path, recipe):
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_trt_ext.demo", "--steps", "200", "--save-every", "100",
+        [sys.executable, "-m", "examples.demo", "--steps", "200", "--save-every", "100",
          "--workdir", str(tmp_path / "run"), "--recipe", str(ROOT / "recipes" / recipe)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

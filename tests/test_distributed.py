@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from megatron_trt_ext import ExportConfig, Exporter
-from megatron_trt_ext.testing.distributed import run_ranks
-from megatron_trt_ext.testing.models import randomize
-from megatron_trt_ext.testing.workers import BUILDERS
+from tests.support.distributed import run_ranks
+from tests.support.models import randomize
+from tests.support.workers import BUILDERS
 
 import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-WORKER = "megatron_trt_ext.testing.workers:export_layout"
+WORKER = "tests.support.workers:export_layout"
 
 # inference targets exported from every layout: HF + TRT-LLM TP1, TRT-LLM TP2, TRT-LLM PP2
 TARGETS = [dict(inference_tp=1), dict(inference_tp=2, formats=["trtllm_checkpoint"]),
@@ -160,7 +160,7 @@ def test_async_export_from_tp2_pp2_equals_single_rank(megatron_world, tmp_path):
 def test_writing_is_spread_over_ranks(megatron_world):
     """The plan alone: with TP2 every rank writes about half of the bytes, and DP replicas write
     without receiving anything."""
-    from megatron_trt_ext.plan import build_units
+    from tests.support.plans import build_units
 
     def desc(rank, tp_rank, dp_main):
         out = {}

@@ -13,7 +13,7 @@ from megatron_trt_ext import ConfigError, ExportConfig, Exporter
 from megatron_trt_ext.arch import FAMILIES
 from megatron_trt_ext.arch.convert import canonical_name, megatron_to_hf
 from megatron_trt_ext.formats.safetensors_stream import SafetensorsFileWriter, tensor_bytes
-from megatron_trt_ext.testing.models import randomize, tiny_gpt, tiny_llama
+from tests.support.models import randomize, tiny_gpt, tiny_llama
 
 
 def test_export_layout_and_manifest(megatron_world, tmp_path):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter
-from megatron_trt_ext.testing import families as fam
-from megatron_trt_ext.testing.models import megatron_logits, randomize, tiny_llama
+from tests.support import families as fam
+from tests.support.models import megatron_logits, randomize, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is the HF oracle (extra 'test')")
 
@@ -211,7 +211,7 @@ def test_nemotron_h_weight_only_exports_equal_modelopts(megatron_world, tmp_path
     mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle")
     from modelopt.torch.export import export_hf_checkpoint
 
-    from megatron_trt_ext.testing.oracle import modelopt_config
+    from tests.support.oracle import modelopt_config
 
     model, hf = random_nemotron_h(seed=3)
     path = Exporter(model, ExportConfig(output_dir=str(tmp_path / "ours"), formats=["hf"], dtype="float32",
@@ -281,7 +281,7 @@ def test_quantized_exports_of_each_family(megatron_world, tmp_path, variant, alg
     if requirement:
         requirement()
     from megatron_trt_ext.quant.dequant import load_dequantized
-    from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+    from tests.support.oracle import modelopt_fake_quant
 
     model = build()
     randomize(model, seed=zlib.crc32(variant.encode()) % 1000)

@@ -20,7 +20,7 @@ import torch
 
 from megatron_trt_ext import ConfigError, ExportConfig, ExportError, Exporter, attach
 from megatron_trt_ext import manifest as mf
-from megatron_trt_ext.testing.models import randomize, tiny_llama
+from tests.support.models import randomize, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -215,9 +215,9 @@ def test_interpreter_exit_is_bounded_with_a_stopped_worker(tmp_path):
     script = f"""
 import os, signal, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+from examples.cpu_shim import stub_triton_only_modules
 stub_triton_only_modules()
-from megatron_trt_ext.testing.models import init_single_process, tiny_llama
+from tests.support.models import init_single_process, tiny_llama
 from megatron_trt_ext import ExportConfig, attach
 init_single_process()
 model = tiny_llama(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
@@ -280,9 +280,9 @@ def test_two_writers_never_publish_a_mix(tmp_path):
     script = f"""
 import sys, json
 sys.path.insert(0, {str(ROOT)!r})
-from megatron_trt_ext.testing.cpu_shim import stub_triton_only_modules
+from examples.cpu_shim import stub_triton_only_modules
 stub_triton_only_modules()
-from megatron_trt_ext.testing.models import init_single_process, randomize, tiny_llama
+from tests.support.models import init_single_process, randomize, tiny_llama
 from megatron_trt_ext import ExportConfig, Exporter
 init_single_process()
 model = tiny_llama(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,

@@ -1,6 +1,6 @@
 """FP8-trained models (Transformer Engine FP8 parameters): the E4M3 bytes and scales are exported
 as trained, without dequantizing and quantizing again. Built on TE's format contract
-(`megatron_trt_ext.testing.fp8` stands in for TE's tensor subclasses, which do not install here):
+(`tests.support.fp8` stands in for TE's tensor subclasses, which do not install here):
 the oracle is the trained data itself, and the logits of the dequantized export against the
 FP8-trained model's."""
 
@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter
 from megatron_trt_ext.layouts import qkv_interleaved_to_split
 from megatron_trt_ext.plan import LocalPiece
-from megatron_trt_ext.testing.fp8 import fp8_model
-from megatron_trt_ext.testing.models import megatron_logits, randomize, tiny_llama
+from tests.support.fp8 import fp8_model
+from tests.support.models import megatron_logits, randomize, tiny_llama
 
 pytest.importorskip("modelopt.torch.quantization", reason="quantized exports need nvidia-modelopt")
 transformers = pytest.importorskip("transformers", reason="transformers loads the dequantized export")

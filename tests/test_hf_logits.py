@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_trt_ext import ExportConfig, Exporter
-from megatron_trt_ext.testing.models import megatron_logits, randomize, tiny_gpt, tiny_llama
+from tests.support.models import megatron_logits, randomize, tiny_gpt, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is the HF oracle (extra 'test')")
 

@@ -12,7 +12,7 @@ from megatron.core.dist_checkpointing import serialization
 
 from megatron_trt_ext import ConfigError, ExportConfig, attach
 from megatron_trt_ext.hook import iteration_from_path
-from megatron_trt_ext.testing.models import tiny_llama
+from tests.support.models import tiny_llama
 
 
 def save(model, directory):

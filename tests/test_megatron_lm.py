@@ -7,7 +7,7 @@ import pytest
 
 from megatron_trt_ext import ConfigError
 from megatron_trt_ext.megatron_lm import add_export_args, attach_from_args, config_from_args
-from megatron_trt_ext.testing.models import tiny_llama
+from tests.support.models import tiny_llama
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "bf16.yaml"
 

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_trt_ext import ExportConfig, Exporter
 from megatron_trt_ext import metrics
-from megatron_trt_ext.testing.models import randomize, tiny_llama
+from tests.support.models import randomize, tiny_llama
 
 
 class FakeTensorBoard:

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter
-from megatron_trt_ext.testing import families as fam
-from megatron_trt_ext.testing.models import megatron_logits, randomize
+from tests.support import families as fam
+from tests.support.models import megatron_logits, randomize
 
 transformers = pytest.importorskip("transformers", reason="transformers is the HF oracle (extra 'test')")
 

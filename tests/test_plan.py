@@ -2,8 +2,8 @@
 
 import torch
 
-from megatron_trt_ext.plan import (LocalPiece, describe, expert_group, group_ranks, plan_units,
-                                   rank_descriptions, build_units)
+from megatron_trt_ext.plan import LocalPiece, describe, expert_group, group_ranks, plan_units
+from tests.support.plans import build_units, rank_descriptions
 
 
 def _local(tp: int, tp_rank: int, dp_rank: int, layers: int = 8, experts: int = 0) -> dict:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter, attach
 from megatron_trt_ext.layouts import qkv_interleaved_to_split
-from megatron_trt_ext.testing.models import megatron_logits, randomize, tiny_llama
+from tests.support.models import megatron_logits, randomize, tiny_llama
 
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the quantization engine (extra 'quant')")
 transformers = pytest.importorskip("transformers", reason="transformers builds the reference model")
@@ -111,7 +111,7 @@ def fake_quant_parts(replica, layer, linear, info):
 def calibrated(megatron_world):
     """ModelOpt's own calibration of a copy of the model, on the batches the export used: its
     fake-quantized replica is the reference."""
-    from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+    from tests.support.oracle import modelopt_fake_quant
 
     return modelopt_fake_quant
 

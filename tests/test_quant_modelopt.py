@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter
-from megatron_trt_ext.testing.models import randomize, tiny_gpt, tiny_llama
-from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+from tests.support.models import randomize, tiny_gpt, tiny_llama
+from tests.support.oracle import modelopt_fake_quant
 
 mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle (extra 'quant')")
 transformers = pytest.importorskip("transformers", reason="transformers runs ModelOpt's HF export")
@@ -57,13 +57,13 @@ def load_dir(path: Path) -> dict:
 
 
 def batches_for(exporter) -> list:
-    from megatron_trt_ext.testing.oracle import calibration_tokens
+    from tests.support.oracle import calibration_tokens
 
     return calibration_tokens(exporter)
 
 
 def modelopt_cfg(algo: str, kv: str = "none") -> dict:
-    from megatron_trt_ext.testing.oracle import modelopt_config
+    from tests.support.oracle import modelopt_config
 
     return modelopt_config(algo, kv)
 
@@ -239,7 +239,7 @@ def test_nemotron_h_calibrated_export_equals_modelopts_hf_export(megatron_world,
     to the whole concatenated linear, and out_proj included) and KV scales agree to rounding."""
     pytest.importorskip("megatron.core.models.hybrid.hybrid_model",
                         reason="HybridModel arrived in megatron-core 0.19 (scripts/test-mcore-latest runs this)")
-    from megatron_trt_ext.testing.families import tiny_nemotron_h
+    from tests.support.families import tiny_nemotron_h
 
     model = tiny_nemotron_h("M*-M")
     randomize(model, seed=31)

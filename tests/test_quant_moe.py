@@ -14,8 +14,8 @@ import pytest
 from safetensors.torch import load_file
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter
-from megatron_trt_ext.testing import families as fam
-from megatron_trt_ext.testing.models import randomize, tiny_llama
+from tests.support import families as fam
+from tests.support.models import randomize, tiny_llama
 
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle (extra 'quant')")
 pytest.importorskip("transformers", reason="transformers runs ModelOpt's HF export")
@@ -71,7 +71,7 @@ def test_moe_hf_checkpoint_equals_modelopts(megatron_world, tmp_path, name, algo
 def assert_expert_inputs_are_modelopts_megatron(model, exporter, algo, scales: dict):
     import re
 
-    from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+    from tests.support.oracle import modelopt_fake_quant
 
     replica = modelopt_fake_quant(model, exporter)
     divisor = {"fp8": 448.0, "nvfp4": 6 * 448.0}.get(algo)
@@ -95,7 +95,7 @@ def test_mixtral_fp8_trtllm_checkpoint_equals_modelopts(megatron_world, tmp_path
     import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    from megatron_trt_ext.testing.oracle import modelopt_fake_quant
+    from tests.support.oracle import modelopt_fake_quant
     from test_quant_modelopt import assert_same_tensors
 
     model = build("mixtral")

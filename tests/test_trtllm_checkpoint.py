@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_trt_ext import ExportConfig, Exporter
-from megatron_trt_ext.testing.models import randomize, tiny_gpt, tiny_llama
+from tests.support.models import randomize, tiny_gpt, tiny_llama
 
 VOCAB = 120
 

@@ -4,7 +4,7 @@ import pytest
 import torch.nn.functional as F
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter, UnsupportedModelError, attach
-from megatron_trt_ext.testing.models import tiny_gpt, tiny_llama
+from tests.support.models import tiny_gpt, tiny_llama
 
 
 

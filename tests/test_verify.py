@@ -16,7 +16,7 @@ from megatron_trt_ext import ConfigError, ExportConfig, Exporter
 from megatron_trt_ext import manifest as mf
 from megatron_trt_ext.cli import main as cli
 from megatron_trt_ext.formats.safetensors_stream import tensor_bytes
-from megatron_trt_ext.testing.models import megatron_logits, randomize, sharpen_attention, tiny_gpt, tiny_llama
+from tests.support.models import megatron_logits, randomize, sharpen_attention, tiny_gpt, tiny_llama
 from megatron_trt_ext.verification.check import verify
 from megatron_trt_ext.verification.thresholds import THRESHOLDS
 
@@ -341,7 +341,7 @@ def _has(module: str, attribute: str = None) -> bool:
 
 
 def _family_cases():
-    from megatron_trt_ext.testing import families as fam
+    from tests.support import families as fam
 
     hybrid = (lambda: _has("megatron.core.models.hybrid.hybrid_model"), "HybridModel arrived in megatron-core 0.19")
     return {

@@ -3,7 +3,9 @@
 
 import sys
 
-from megatron_trt_ext.testing.cpu_shim import install_megatron_training
+import os  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository: examples/, tests/support/
+from examples.cpu_shim import install_megatron_training
 
 install_megatron_training()
 

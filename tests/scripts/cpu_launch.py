@@ -11,7 +11,8 @@ tensorboard package is missing (see fake_tensorboard.py).
 import os
 import sys
 
-from megatron_trt_ext.testing.cpu_shim import install_megatron_training
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository: examples/, tests/support/
+from examples.cpu_shim import install_megatron_training
 
 install_megatron_training()
 if os.environ.get("MTE_FAKE_TENSORBOARD"):  # tests: a recording SummaryWriter where tensorboard is missing

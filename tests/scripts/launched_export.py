@@ -11,10 +11,11 @@ import json
 import os
 import sys
 import time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository: examples/, tests/support/
 
 
 def main(output_dir: str) -> None:
-    from megatron_trt_ext.testing.cpu_shim import install, stub_triton_only_modules
+    from examples.cpu_shim import install, stub_triton_only_modules
 
     stub_triton_only_modules()
     install()
@@ -24,7 +25,7 @@ def main(output_dir: str) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_trt_ext import ExportConfig, attach
-    from megatron_trt_ext.testing.models import tiny_llama
+    from tests.support.models import tiny_llama
 
     dist.init_process_group("gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=2)

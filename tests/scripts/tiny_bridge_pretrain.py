@@ -5,7 +5,7 @@ switched on by one callback: ``callbacks=[ExportCallback(...)]``.
 
 Saves every 2 iterations (torch_dist), a non-persistent save every 3, exports every 2nd persistent
 save in float32. ``--logits FILE`` saves the final model's logits on fixed tokens (test oracle).
-Test code: loads the Bridge/CPU shims (megatron_trt_ext.testing).
+Test code: loads the Bridge/CPU shims (tests.support).
 """
 
 import functools
@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_trt_ext.testing.bridge_shim import install
+import os  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository: examples/, tests/support/
+from tests.support.bridge_shim import install
 
 install()  # at import: the checkpoint writer's spawned children re-import this file
 

@@ -5,7 +5,7 @@ Megatron-LM's pretrain_gpt.py (arguments parsed with the script's own extra_args
     python tests/scripts/cpu_launch.py tests/scripts/tiny_pretrain.py --save CKPT --save-interval 2 \
         --export-dir EXPORTS --export-interval 2
 
-Test code: it loads the CPU shim (megatron_trt_ext.testing) when CUDA is absent. Flags given on the
+Test code: it loads the CPU shim (tests.support) when CUDA is absent. Flags given on the
 command line override DEFAULT_ARGV.
 """
 
@@ -14,7 +14,9 @@ import sys
 
 import torch
 
-from megatron_trt_ext.testing.cpu_shim import install_megatron_training
+import os  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository: examples/, tests/support/
+from examples.cpu_shim import install_megatron_training
 
 install_megatron_training()  # at import: the checkpoint writer's spawned children re-import this file
 

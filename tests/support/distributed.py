@@ -23,7 +23,7 @@ def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, res
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        from .cpu_shim import install, stub_triton_only_modules
+        from examples.cpu_shim import install, stub_triton_only_modules
 
         stub_triton_only_modules()
         install()

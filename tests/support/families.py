@@ -279,7 +279,7 @@ def load_hf_nemotron_h(model, hf_state: dict) -> None:
     """Test-only HF -> Megatron loader (single rank): Nemotron-H weights into ``model`` (built by
     `tiny_nemotron_h`), so the export can be compared with the HF tensors it came from. HF names
     may be the hub's (``backbone.``) or transformers' internal ones (``model.``)."""
-    from .. import layouts
+    from megatron_trt_ext import layouts
 
     hf = {k.replace("model.", "backbone.", 1) if k.startswith("model.") else k: v for k, v in hf_state.items()}
     params = dict(model.named_parameters())

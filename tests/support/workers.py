@@ -60,7 +60,7 @@ def export_layout(rank: int, world_size: int, family: str, layout: dict, checkpo
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from .. import ExportConfig, Exporter
+    from megatron_trt_ext import ExportConfig, Exporter
 
     ps.initialize_model_parallel(layout.get("tp", 1), layout.get("pp", 1), layout.get("vpp"),
                                  expert_model_parallel_size=layout.get("ep", 1),
@@ -107,8 +107,8 @@ def _kill_own_worker(exporter) -> None:
 
 def _inject(rank: int, inject: dict) -> None:
     """Fault injection for the collective-safety tests."""
-    from ..formats import safetensors_stream
-    from .. import job as job_mod
+    from megatron_trt_ext.formats import safetensors_stream
+    from megatron_trt_ext import job as job_mod
 
     if inject.get("disk_full_rank") == rank:
         def full(self, name, tensor):

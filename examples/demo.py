@@ -4,7 +4,7 @@ It learns to count (each token is the previous one plus one, modulo the vocabula
 ``megatron.core.dist_checkpointing.save`` every K steps while `attach` exports each save, and at the
 end loads the newest Hugging Face export with transformers and generates from a prompt.
 
-    python -m megatron_trt_ext.demo [--steps 300] [--save-every 100] [--recipe recipes/bf16.yaml]
+    python -m examples.demo [--steps 300] [--save-every 100] [--recipe recipes/bf16.yaml]
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Megatron warns at import that Apex/Transformer Engine are absent: expected on CPU.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-    from .testing.cpu_shim import stub_triton_only_modules
+    from examples.cpu_shim import stub_triton_only_modules
 
     stub_triton_only_modules()  # before megatron.core: newer versions import a Triton-only module
     from megatron.core import dist_checkpointing
 
-    from . import ExportConfig, attach
-    from .manifest import latest_export, read_manifest, verify_export
-    from .testing.models import init_single_process, tiny_llama
+    from megatron_trt_ext import ExportConfig, attach
+    from megatron_trt_ext.manifest import latest_export, read_manifest, verify_export
+    from examples.tiny_model import init_single_process, tiny_llama
 
     init_single_process(seed=1234)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,14 +109,14 @@ def main(argv=None) -> int:
         if problems:
             print(f"FAILED: {path} does not match its manifest: {problems[:3]}")
             return 1
-    from . import Exporter
+    from megatron_trt_ext import Exporter
 
     sync = Exporter(model, ExportConfig.from_yaml(args.recipe, output_dir=str(work / "sync_exports"),
                                                   vocab_size=VOCAB, mode="sync")).export(args.steps)
     print(f"\nthe same export in sync mode stalls training {sync.timings['stall_s'] * 1000:.1f} ms; the async "
           f"exports above stalled it {max(stalls) * 1000:.1f} ms at most")
 
-    from .quant.dequant import load_dequantized
+    from megatron_trt_ext.quant.dequant import load_dequantized
 
     hf = load_dequantized(export / "hf")  # plain from_pretrained, or dequantized for quantized recipes
     prompt = torch.tensor([[37, 38, 39, 40, 41]])

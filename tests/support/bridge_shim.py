@@ -39,7 +39,7 @@ def _stand_in(name: str) -> types.ModuleType:
             setattr(self, attr, value)
             return value
 
-    module = StandIn(name, "inert test stand-in (megatron_trt_ext.testing.bridge_shim)")
+    module = StandIn(name, "inert test stand-in (tests.support.bridge_shim)")
     module.__path__ = []
     module.__spec__ = importlib.util.spec_from_loader(name, None, is_package=True)
     sys.modules.setdefault(name, module)
@@ -73,7 +73,7 @@ def _missing(name: str) -> bool:
 def install() -> None:
     if _done["installed"]:
         return
-    from .cpu_shim import install_megatron_training
+    from examples.cpu_shim import install_megatron_training
 
     cpu = install_megatron_training()  # typing.override, Triton stand-in, CUDA stand-ins
     import megatron.core  # noqa: F401

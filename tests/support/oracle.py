@@ -12,7 +12,7 @@ def modelopt_config(algorithm: str, kv_cache: str = "none", smoothquant_alpha: f
     """The ModelOpt config of a recipe algorithm (plus its KV-cache config)."""
     import modelopt.torch.quantization as mtq
 
-    from ..quant.spec import ALGORITHMS
+    from megatron_trt_ext.quant.spec import ALGORITHMS
 
     cfg = copy.deepcopy(getattr(mtq, ALGORITHMS[algorithm].modelopt_cfg))
     if algorithm == "int8_sq":
@@ -25,7 +25,7 @@ def modelopt_config(algorithm: str, kv_cache: str = "none", smoothquant_alpha: f
 
 def calibration_tokens(exporter) -> list:
     """The batches the exporter's calibration draws (synthetic source: seeded)."""
-    from ..quant.calibrate import calibration_batches
+    from megatron_trt_ext.quant.calibrate import calibration_batches
 
     return calibration_batches(exporter.quant.calibration, None, exporter.info.padded_vocab_size,
                                torch.device("cpu"))
@@ -37,7 +37,7 @@ def modelopt_fake_quant(model, exporter, weight_only: bool = False):
     as in the deployed kernels)."""
     import modelopt.torch.quantization as mtq
 
-    from ..quant.calibrate import replicate
+    from megatron_trt_ext.quant.calibrate import replicate
 
     spec = exporter.quant
     device = next(model.parameters()).device

@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 
 def _build_options(args):
-    from .build.options import BuildOptions
+    from .engines.options import BuildOptions
 
     data = {}
     if args.recipe:
@@ -143,7 +143,7 @@ def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = 
               progress=None) -> int:
     """Build one export (or watch a root); print the record. Exit status: 0 built, skipped or not
     buildable by this TensorRT-LLM (recorded), 1 build failed, 2 bad input."""
-    from .build import runner
+    from .engines import runner
     from .progress import wanted
 
     try:

@@ -81,7 +81,7 @@ class ExportConfig:
             export (logged) or ``"wait"`` for the previous one.
         keep_last: keep only the newest N complete exports (never the newest, never one being
             built); unset keeps all.
-        build: engine-build options (see `build.options.BuildOptions`), used with the
+        build: engine-build options (see `engines.options.BuildOptions`), used with the
             ``trtllm_engine`` format.
         quantization: quantized export (see `quant.spec.QuantSpec`): algorithm, KV cache,
             excluded modules and calibration.
@@ -144,7 +144,7 @@ class ExportConfig:
         if self.busy_policy not in BUSY_POLICIES:
             raise ConfigError(f"busy_policy{source}: unknown policy {short_repr(self.busy_policy)}; choose one of "
                               f"{list(BUSY_POLICIES)}")
-        from .build.options import BuildOptions
+        from .engines.options import BuildOptions
 
         self.build_options = BuildOptions.from_dict(self.build, f"build{source}")
         from .quant.spec import QuantSpec

@@ -441,7 +441,7 @@ class Exporter:
             source = None  # noqa: F841 - drop the calibration replica now
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
         self._record(result)
-        from .build.runner import launch_after_export
+        from .engines.runner import launch_after_export
 
         launch_after_export(self.config, self.rank, result)
         return result

@@ -159,7 +159,7 @@ class Worker:
             self.locks[slot].release()
         self.conn.send(("done", result))
         self.beat()
-        from .build.runner import launch_after_export
+        from .engines.runner import launch_after_export
 
         launch_after_export(self.job.config, self.job.rank, result)
         sys.stdout.flush()

@@ -12,8 +12,8 @@ import pytest
 
 from megatron_trt_ext import ConfigError, ExportConfig, Exporter, attach
 from megatron_trt_ext import manifest as mf
-from megatron_trt_ext.build.options import BuildOptions
-from megatron_trt_ext.build.runner import build_export
+from megatron_trt_ext.engines.options import BuildOptions
+from megatron_trt_ext.engines.runner import build_export
 from tests.support.models import randomize, tiny_llama
 
 FAKES = Path(__file__).resolve().parent / "fakes"

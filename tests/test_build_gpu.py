@@ -18,8 +18,8 @@ def test_real_engine_build(megatron_world, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from megatron_trt_ext import ExportConfig, Exporter
-    from megatron_trt_ext.build.options import BuildOptions
-    from megatron_trt_ext.build.runner import build_export
+    from megatron_trt_ext.engines.options import BuildOptions
+    from megatron_trt_ext.engines.runner import build_export
     from tests.support.models import tiny_llama
 
     model = tiny_llama().cuda()

@@ -27,7 +27,7 @@ RESULT_TAG = "MEGATRON_TRT_EXT_RESULT "
 
 def build_command(export_dir, options: BuildOptions) -> list:
     """The command that builds an export's engines (also what to run later by hand)."""
-    return [sys.executable, "-m", "megatron_trt_ext.build", str(export_dir),
+    return [sys.executable, "-m", "megatron_trt_ext.engines", str(export_dir),
             "--options", json.dumps(options.to_dict(), sort_keys=True)]
 
 
@@ -62,7 +62,7 @@ def require_complete_export(export_dir) -> dict:
 
 
 def _step(args: list, timeout: float, env: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "megatron_trt_ext.build.engine", *args]
+    cmd = [sys.executable, "-m", "megatron_trt_ext.engines.engine", *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -107,7 +107,7 @@ def _run_rank_builds(export_dir: Path, world: int, options: BuildOptions, rank_d
         while pending and free:
             rank, device = pending.pop(0), free.pop(0)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)}
-            cmd = [sys.executable, "-m", "megatron_trt_ext.build.engine", "rank",
+            cmd = [sys.executable, "-m", "megatron_trt_ext.engines.engine", "rank",
                    str(export_dir / "trtllm_checkpoint"), str(rank), str(partial), opts]
             # builders log a lot: a file, never a pipe (and never through a planted link)
             log = os.fdopen(safe_fs.open_new(logs / f"rank{rank}.log", access=os.O_RDWR), "w+")

@@ -9,9 +9,9 @@ Written against TensorRT-LLM's documented Python API:
 * TensorRT-LLM >= 1.3 has no TensorRT backend (no ``tensorrt_llm.builder``): the HF export is the
   deployable artifact; the optional deploy check loads it with ``tensorrt_llm.LLM`` and generates.
 
-    python -m megatron_trt_ext.build.engine probe
-    python -m megatron_trt_ext.build.engine rank CHECKPOINT_DIR RANK ENGINE_DIR OPTIONS_JSON
-    python -m megatron_trt_ext.build.engine deploy-check HF_DIR TP
+    python -m megatron_trt_ext.engines.engine probe
+    python -m megatron_trt_ext.engines.engine rank CHECKPOINT_DIR RANK ENGINE_DIR OPTIONS_JSON
+    python -m megatron_trt_ext.engines.engine deploy-check HF_DIR TP
 """
 
 from __future__ import annotations

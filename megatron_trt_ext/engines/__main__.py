@@ -1,4 +1,4 @@
-"""python -m megatron_trt_ext.build EXPORT_DIR [--options JSON]: build one export's engines
+"""python -m megatron_trt_ext.engines EXPORT_DIR [--options JSON]: build one export's engines
 (what a training run launches after each export; `megatron-trt-ext build` is the user-facing CLI)."""
 
 import argparse
@@ -10,7 +10,7 @@ from .options import BuildOptions
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_trt_ext.build", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m megatron_trt_ext.engines", description=__doc__)
     p.add_argument("export_dir")
     p.add_argument("--options", help="BuildOptions as JSON (default: the export's recipe)")
     args = p.parse_args(argv)

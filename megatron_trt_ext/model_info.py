@@ -1,17 +1,23 @@
 """What the exporter needs to know about a live Megatron-Core model, read from the model itself.
 
-`ModelInfo` is plain data (no tensors except RoPE frequencies), computed once at attach time.
+`ModelInfo` is plain data, computed once at attach time; the facts of each optional block kind are
+read by its own module under `facts/`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import dataclasses
+import functools
+from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
+import torch.nn.functional as F
 
 from .errors import UnsupportedModelError
+from .facts.mamba import MambaFacts, read_mamba_facts
+from .facts.mla import MLAFacts, read_mla_facts
+from .facts.moe import MoEFacts, read_moe_facts
+from .facts.rope import YarnFacts, read_rotary, read_yarn_facts
 
 
 def unwrap_chunks(model: Any) -> list:
@@ -36,10 +42,6 @@ def unwrap_chunks(model: Any) -> list:
 
 def _activation_name(config) -> str:
     """The activation the MLP really computes (gated variants named after their GLU)."""
-    import functools
-
-    import torch.nn.functional as F
-
     fn = config.activation_func
     gated = bool(config.gated_linear_unit)
     keywords = {}
@@ -86,9 +88,14 @@ def _source_layout(cls: str, symbols: str) -> str:
     return "hybrid_per_layer"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelInfo:
-    """Architecture facts of the (global, unsharded) model."""
+    """Architecture facts of the (global, unsharded) model, each held once.
+
+    Block kinds a model may lack (MoE routing, multi-latent attention, Mamba mixers, YaRN of
+    standard attention) are frozen records from `facts`, None when absent. Family matching reads
+    these fields through `arch.features.family_features`.
+    """
 
     model_class: str
     num_layers: int
@@ -113,31 +120,32 @@ class ModelInfo:
     moe_top_k: int = 0
     moe_ffn_hidden_size: int = 0
     source_layout: str = "gpt"
-    layer_symbols: str = ""           # HybridModel: one pattern symbol per source layer
+    layer_symbols: str = ""           # one symbol per target layer (see `_layer_kinds`)
+    hybrid_symbols: Optional[str] = None  # HybridModel: the distinct pattern symbols, sorted
     qk_layernorm: bool = False
     zero_centered_gamma: bool = False
     sliding_window: Optional[int] = None   # HF semantics: attend to this many tokens, self included
     sliding_window_layers: Optional[list] = None  # per target layer: True where the window applies
-    embedding_multiplier: Optional[float] = None
-    mamba: Optional[dict] = None
-    moe: Optional[dict] = None     # routing facts (score function, groups, bias, scaling, shared experts)
-    mla: Optional[dict] = None     # multi-latent attention dims and its RoPE (YaRN) settings
-    yarn: Optional[dict] = None    # YaRN RoPE of standard attention (position_embedding_type "yarn")
-    mtp_num_layers: int = 0
-    features: dict = field(default_factory=dict)
-
-    # predicates that family tables name in ``required=``
-    @property
-    def mla_q_lora(self) -> bool:
-        return bool(self.mla and self.mla.get("q_lora_rank"))
-
-    @property
-    def moe_router_bias(self) -> bool:
-        return bool(self.moe and self.moe["router_bias"])
-
-    @property
-    def moe_shared_experts(self) -> bool:
-        return bool(self.moe and self.moe["shared_size"])
+    embedding_multiplier: Optional[float] = None  # MuP's embedding multiplier (None: no MuP)
+    mtp_num_layers: int = 0           # multi-token-prediction layers this export writes (GPT layout)
+    multi_token_prediction: bool = False  # the model has MTP layers (of any layout) still exported
+    # the modules' class names (comma-joined, pooled over pipeline ranks: `merge_module_facts`)
+    attention_module: str = "SelfAttention"
+    layer_module: str = "TransformerLayer"
+    # what no family handles unless it says so (`arch.features.STANDARD`)
+    residual_post_layernorm: bool = False
+    heterogeneous_layers: bool = False
+    rotary_interleaved: bool = False
+    query_key_layer_scaling: bool = False
+    custom_softmax_scale: bool = False  # other than 1/sqrt(head_dim) (MuP sets that one explicitly)
+    mup_output_scale: bool = False
+    softmax_type: str = "vanilla"
+    glu_linear_offset: float = 0.0
+    activation_clamp: Optional[float] = None
+    moe: Optional[MoEFacts] = None
+    mla: Optional[MLAFacts] = None
+    mamba: Optional[MambaFacts] = None
+    yarn: Optional[YarnFacts] = None
 
     @property
     def decoder_kinds(self) -> str:
@@ -160,7 +168,6 @@ def read_model_info(chunks: list) -> ModelInfo:
     groups = config.num_query_groups or heads
     head_dim = config.kv_channels or config.hidden_size // heads
     vocab = getattr(first, "vocab_size", None)
-    max_pos = getattr(first, "max_sequence_length", None)
     pos = getattr(first, "position_embedding_type", "learned_absolute")
     symbols, mtp_pattern = hybrid_pattern(first) if cls in HYBRID_CLASSES else ("", None)
     source_layout = _source_layout(cls, symbols)
@@ -168,79 +175,20 @@ def read_model_info(chunks: list) -> ModelInfo:
     has_moe = bool(getattr(config, "num_moe_experts", None)) and (not symbols or "E" in symbols)
     mtp_layers = int(getattr(config, "mtp_num_layers", None) or 0) if source_layout == "gpt" else 0
     kinds = _layer_kinds(config, source_layout, symbols, has_moe, mtp_layers)
-
-    features = {
-        "model_class": cls,
-        "source_layout": source_layout,
-        "normalization": config.normalization,
-        "activation": _activation_name(config),
-        "position_embedding": pos,
-        "multi_latent_attention": bool(getattr(config, "multi_latent_attention", False)),
-        "moe": has_moe,
-        "mamba": "M" in symbols,
-        "hybrid_symbols": "".join(sorted(set(symbols))) or None,
-        "qk_layernorm": bool(getattr(config, "qk_layernorm", False)),
-        "layernorm_zero_centered_gamma": bool(getattr(config, "layernorm_zero_centered_gamma", False)),
-        "residual_post_layernorm": bool(getattr(config, "apply_residual_connection_post_layernorm", False)),
-        "multi_token_prediction": bool(getattr(config, "mtp_num_layers", None)) or mtp_pattern is not None,
-        "heterogeneous_layers": bool(getattr(config, "heterogeneous_block_specs", False)),
-        "rotary_interleaved": bool(getattr(config, "rotary_interleaved", False)),
-        "query_key_layer_scaling": bool(getattr(config, "apply_query_key_layer_scaling", False)),
-        # a scale other than the standard 1/sqrt(head_dim) (MuP sets the standard one explicitly)
-        "softmax_scale": getattr(config, "softmax_scale", None) is not None and abs(
-            config.softmax_scale * head_dim ** 0.5 - 1) > 1e-6,
-        "mup_output_scale": abs(float(getattr(config, "mup_output_mult", 1.0) or 1.0) - 1) > 1e-12
-        if getattr(config, "use_mup", False) else False,
-        "attention_window": getattr(config, "window_size", None) is not None,
-        "embedding_multiplier": bool(getattr(config, "use_mup", False)),
-        "softmax_type": getattr(config, "softmax_type", "vanilla"),
-        "glu_linear_offset": float(getattr(config, "glu_linear_offset", 0.0) or 0.0),
-        "activation_clamp": getattr(config, "activation_func_clamp_value", None),
-    }
     # HybridModel's MLP layers hold an IdentityOp where attention would be
     attention_types = {type(layer.self_attention).__name__ for layer in layers
                        if hasattr(layer, "self_attention")} - ({"IdentityOp"} if symbols else set())
-    layer_types = {type(layer).__name__ for layer in layers}
-    if has_moe:
-        expert_types = {type(layer.mlp.experts).__name__ for layer in layers
-                        if hasattr(getattr(layer, "mlp", None), "experts")}
-        features["moe_expert_module"] = ",".join(sorted(expert_types))
-        score = getattr(config, "moe_router_score_function", "softmax")
-        pre_softmax = bool(getattr(config, "moe_router_pre_softmax", False))
-        every_layer = set(kinds.upper()) == {"E"}
-        features.update({
-            # Mixtral routing: softmax over the top-k logits (== softmax, top-k, renormalize).
-            "moe_routing": ("topk_softmax" if score == "softmax" and not pre_softmax
-                            else "softmax_topk" if score == "softmax" else f"{score}_topk"),
-            "moe_every_layer": every_layer,
-            "moe_shared_expert": getattr(config, "moe_shared_expert_intermediate_size", None) is not None,
-            "moe_router_bias": bool(getattr(config, "moe_router_enable_expert_bias", False)),
-            "moe_group_routing": getattr(config, "moe_router_num_groups", None) is not None,
-            "moe_topk_scaling": getattr(config, "moe_router_topk_scaling_factor", None) is not None,
-        })
-    features["attention_module"] = ",".join(sorted(attention_types)) or ("none" if symbols else "SelfAttention")
     # A HybridModel's MLP, MoE and Mamba layers are the standard classes for their symbols.
+    layer_types = {type(layer).__name__ for layer in layers}
     layer_types -= {"MLPLayer", "MoETransformerLayer", "MambaLayer"} if symbols else set()
-    features["layer_module"] = ",".join(sorted(layer_types)) or "TransformerLayer"
-
-    rotary = next((getattr(c, "rotary_pos_emb", None) for c in chunks
-                   if getattr(c, "rotary_pos_emb", None) is not None), None)
-    rotary_base = float(getattr(first, "rotary_base", 0) or 0) or None
-    rotary_percent = float(getattr(first, "rotary_percent", 0) or 0) or None
-    if rotary is not None and (rotary_base is None or rotary_percent is None):
-        # HybridModel keeps neither: read them back from the rotary module's frequencies.
-        rotary_base, rotary_percent = _rotary_from_inv_freq(rotary, head_dim)
-    rotary_base = rotary_base or 10000.0
-    rotary_percent = rotary_percent or 1.0
-    rope_scaling = None
-    if pos == "rope":
-        rope_scaling = _infer_rope_scaling(chunks, rotary_base, head_dim, rotary_percent)
-
+    rotary_base, rotary_percent, rope_scaling = read_rotary(chunks, head_dim, pos)
     if vocab is None:
         raise UnsupportedModelError(f"model: {cls} has no vocab_size attribute; only GPTModel and HybridModel "
                                     "are supported")
     num_layers = len(kinds) - mtp_layers
     window, window_layers = _sliding_window(config, num_layers)
+    use_mup = bool(getattr(config, "use_mup", False))
+    moe_size = (lambda name: int(getattr(config, name, None) or 0) if has_moe else 0)
     return ModelInfo(
         model_class=cls,
         num_layers=num_layers,
@@ -250,10 +198,10 @@ def read_model_info(chunks: list) -> ModelInfo:
         head_dim=head_dim,
         ffn_hidden_size=config.ffn_hidden_size,
         padded_vocab_size=vocab,
-        max_position_embeddings=max_pos,
+        max_position_embeddings=getattr(first, "max_sequence_length", None),
         normalization=config.normalization,
         norm_epsilon=config.layernorm_epsilon,
-        activation=features["activation"],
+        activation=_activation_name(config),
         position_embedding=pos,
         add_bias_linear=bool(config.add_bias_linear),
         add_qkv_bias=bool(config.add_bias_linear or getattr(config, "add_qkv_bias", False)),
@@ -261,23 +209,35 @@ def read_model_info(chunks: list) -> ModelInfo:
         rotary_base=rotary_base,
         rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
-        num_experts=int(getattr(config, "num_moe_experts", None) or 0) if has_moe else 0,
-        moe_top_k=int(getattr(config, "moe_router_topk", 0) or 0) if has_moe else 0,
-        moe_ffn_hidden_size=int(getattr(config, "moe_ffn_hidden_size", None) or 0) if has_moe else 0,
+        num_experts=moe_size("num_moe_experts"),
+        moe_top_k=moe_size("moe_router_topk"),
+        moe_ffn_hidden_size=moe_size("moe_ffn_hidden_size"),
         source_layout=source_layout,
         layer_symbols=kinds,
-        qk_layernorm=features["qk_layernorm"],
-        zero_centered_gamma=features["layernorm_zero_centered_gamma"],
+        hybrid_symbols="".join(sorted(set(symbols))) or None,
+        qk_layernorm=bool(getattr(config, "qk_layernorm", False)),
+        zero_centered_gamma=bool(getattr(config, "layernorm_zero_centered_gamma", False)),
         sliding_window=window,
         sliding_window_layers=window_layers,
-        embedding_multiplier=(float(getattr(config, "mup_embedding_mult", 1.0))
-                              if features["embedding_multiplier"] else None),
-        mamba=_mamba_info(layers) if any(hasattr(layer, "mixer") for layer in layers) else None,
-        moe=_moe_info(config) if has_moe else None,
-        mla=_mla_info(config) if features["multi_latent_attention"] else None,
-        yarn=_yarn_info(config) if pos == "yarn" else None,
+        embedding_multiplier=float(getattr(config, "mup_embedding_mult", 1.0)) if use_mup else None,
         mtp_num_layers=mtp_layers,
-        features=features,
+        multi_token_prediction=bool(getattr(config, "mtp_num_layers", None)) or mtp_pattern is not None,
+        attention_module=",".join(sorted(attention_types)) or ("none" if symbols else "SelfAttention"),
+        layer_module=",".join(sorted(layer_types)) or "TransformerLayer",
+        residual_post_layernorm=bool(getattr(config, "apply_residual_connection_post_layernorm", False)),
+        heterogeneous_layers=bool(getattr(config, "heterogeneous_block_specs", False)),
+        rotary_interleaved=bool(getattr(config, "rotary_interleaved", False)),
+        query_key_layer_scaling=bool(getattr(config, "apply_query_key_layer_scaling", False)),
+        custom_softmax_scale=getattr(config, "softmax_scale", None) is not None and abs(
+            config.softmax_scale * head_dim ** 0.5 - 1) > 1e-6,
+        mup_output_scale=use_mup and abs(float(getattr(config, "mup_output_mult", 1.0) or 1.0) - 1) > 1e-12,
+        softmax_type=getattr(config, "softmax_type", "vanilla"),
+        glu_linear_offset=float(getattr(config, "glu_linear_offset", 0.0) or 0.0),
+        activation_clamp=getattr(config, "activation_func_clamp_value", None),
+        moe=read_moe_facts(config, layers) if has_moe else None,
+        mla=read_mla_facts(config) if getattr(config, "multi_latent_attention", False) else None,
+        mamba=read_mamba_facts(layers),
+        yarn=read_yarn_facts(config) if pos == "yarn" else None,
     )
 
 
@@ -301,96 +261,35 @@ def _layer_kinds(config, source_layout: str, symbols: str, has_moe: bool, mtp_la
     return kinds + kinds[-1].lower() * mtp_layers
 
 
-def _moe_info(config) -> dict:
-    scaling = getattr(config, "moe_router_topk_scaling_factor", None)
-    return {
-        "score": getattr(config, "moe_router_score_function", "softmax"),
-        "pre_softmax": bool(getattr(config, "moe_router_pre_softmax", False)),
-        "topk": int(config.moe_router_topk),
-        "scaling": float(scaling) if scaling is not None else 1.0,
-        "num_groups": getattr(config, "moe_router_num_groups", None),
-        "group_topk": getattr(config, "moe_router_group_topk", None),
-        "expert_bias": bool(getattr(config, "moe_router_enable_expert_bias", False)),
-        "shared_size": getattr(config, "moe_shared_expert_intermediate_size", None),
-        "shared_gate": bool(getattr(config, "moe_shared_expert_gate", False)),
-        "router_bias": bool(config.add_bias_linear),
-    }
-
-
-def _mla_info(config) -> dict:
-    names = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
-             "rotary_base", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-             "mscale", "mscale_all_dim")
-    return {name: getattr(config, name, None) for name in names}
-
-
-def yarn_concentration(factor, mscale=None, mscale_all_dim=None) -> float:
-    """Megatron's YaRN cos/sin factor (its "concentration factor")."""
-    def get(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if mscale is None or mscale_all_dim is None:
-        return get(factor)
-    return float(get(factor, mscale) / get(factor, mscale_all_dim))
-
-
-def _yarn_info(config) -> dict:
-    """YaRN of standard attention: Megatron reads it from ``yarn_*`` attributes set on the config."""
-    names = ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-             "mscale_all_dim", "correction_range_round_to_int")
-    return {name: getattr(config, f"yarn_{name}", None) for name in names}
-
-
-_MODULE_FEATURES = ("attention_module", "layer_module", "moe_expert_module")
-
-
 def module_facts(info: ModelInfo) -> dict:
     """What a rank read from its own modules (they differ between pipeline stages)."""
-    return {"features": {k: info.features.get(k) for k in _MODULE_FEATURES}, "mamba": info.mamba}
+    return {"attention_module": info.attention_module, "layer_module": info.layer_module,
+            "moe_expert_module": info.moe.expert_module if info.moe is not None else None, "mamba": info.mamba}
 
 
 def merge_module_facts(info: ModelInfo, all_facts: list) -> ModelInfo:
     """``info`` with the module facts of every rank pooled (class names united, sizes taken from
     a rank that has the module)."""
-    import dataclasses
-
-    features = dict(info.features)
-    for key in _MODULE_FEATURES:
-        names = {n for facts in all_facts for n in (facts["features"].get(key) or "").split(",") if n}
+    def pooled(key: str, own: str) -> str:
+        names = {n for facts in all_facts for n in (facts[key] or "").split(",") if n}
         names.discard("none")
-        if key in features:
-            features[key] = ",".join(sorted(names)) or features[key]
+        return ",".join(sorted(names)) or own
+
+    moe = info.moe
+    if moe is not None:
+        moe = dataclasses.replace(moe, expert_module=pooled("moe_expert_module", moe.expert_module))
     mamba = info.mamba or next((facts["mamba"] for facts in all_facts if facts["mamba"]), None)
-    return dataclasses.replace(info, features=features, mamba=mamba)
+    return dataclasses.replace(info, attention_module=pooled("attention_module", info.attention_module),
+                               layer_module=pooled("layer_module", info.layer_module), moe=moe, mamba=mamba)
 
 
 def drop_mtp_layers(info: ModelInfo) -> ModelInfo:
     """``info`` without its multi-token-prediction layers (``drop_mtp``)."""
-    import dataclasses
-
-    features = {**info.features, "multi_token_prediction": False}
-    return dataclasses.replace(info, mtp_num_layers=0, layer_symbols=info.decoder_kinds, features=features)
+    return dataclasses.replace(info, mtp_num_layers=0, layer_symbols=info.decoder_kinds, multi_token_prediction=False)
 
 
 def _source_layers(chunks: list) -> list:
     return [layer for c in chunks for layer in getattr(getattr(c, "decoder", None), "layers", [])]
-
-
-def _rotary_from_inv_freq(rotary, head_dim: int) -> tuple:
-    """(base, percent) that reproduce the rotary module's ``inv_freq`` exactly (float32, as
-    Megatron computes it); round values are preferred, so 10000 is not read as 9999.98."""
-    inv = rotary.inv_freq.detach().to("cpu", torch.float32)
-    dim = 2 * inv.numel()
-    percent = dim / head_dim
-    if inv.numel() < 2:
-        return 10000.0, percent
-    estimate = float(inv[1].double() ** (-dim / 2))
-    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
-    candidates = [estimate] + [float(f"{estimate:.{digits}g}") for digits in range(1, 8)]
-    for candidate in sorted(set(candidates), key=lambda c: (len(repr(c)), c)):
-        if torch.equal(1.0 / (candidate ** exponents), inv):
-            return candidate, percent
-    return estimate, percent
 
 
 def _sliding_window(config, num_layers: int) -> tuple:
@@ -412,63 +311,3 @@ def _sliding_window(config, num_layers: int) -> tuple:
     else:
         layers = [bool(x) for x in list(skip)[:num_layers]]
     return int(left) + 1, layers
-
-
-def _mamba_info(layers: list) -> dict:
-    """The global sizes of the Mamba-2 mixers (megatron keeps them global; per-rank sizes are
-    the ``*_local_tp`` ones)."""
-    mixer = next(layer.mixer for layer in layers if hasattr(layer, "mixer"))
-    return {"d_inner": int(mixer.d_inner), "num_heads": int(mixer.nheads), "head_dim": int(mixer.headdim),
-            "num_groups": int(mixer.ngroups), "state_dim": int(mixer.d_state), "conv_kernel": int(mixer.d_conv),
-            "chunk_size": int(getattr(mixer, "chunk_size", 128)),
-            "norm_epsilon": 1e-5}  # Megatron's gated mixer norm fixes its epsilon at 1e-5
-
-
-def _llama3_inv_freq(base_inv: torch.Tensor, factor: float, low: float = 1.0, high: float = 4.0,
-                     original: int = 8192) -> torch.Tensor:
-    """Llama 3.x frequency scaling (the published formula; Megatron fixes low/high/original)."""
-    wavelen = 2 * math.pi / base_inv
-    low_wavelen, high_wavelen = original / low, original / high
-    scaled = torch.where(wavelen > low_wavelen, base_inv / factor, base_inv)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _infer_rope_scaling(chunks: list, base: float, head_dim: int, percent: float) -> Optional[dict]:
-    """Read RoPE scaling from the live rotary module, so the export matches what the model does.
-
-    GPTModel keeps no record of ``rope_scaling``/``rope_scaling_factor`` after construction; its
-    rotary module keeps the resulting ``inv_freq`` and the linear ``seq_len_interpolation_factor``.
-    """
-    rotary = next((getattr(c, "rotary_pos_emb", None) for c in chunks
-                   if getattr(c, "rotary_pos_emb", None) is not None), None)
-    if rotary is None:
-        return None
-    linear = getattr(rotary, "seq_len_interpolation_factor", None)
-    inv = rotary.inv_freq.detach().to("cpu", torch.float64)
-    dim = int(head_dim * percent)
-    base_inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if inv.shape != base_inv.shape:
-        raise UnsupportedModelError(
-            f"rotary embedding: inv_freq has shape {tuple(inv.shape)}, expected {tuple(base_inv.shape)} "
-            "from rotary_base/kv_channels/rotary_percent; custom rotary modules are not supported")
-    scaling = None
-    if torch.allclose(inv, base_inv, rtol=1e-5, atol=0):
-        scaling = None
-    else:
-        factor = float(base_inv[-1] / inv[-1])
-        candidate = _llama3_inv_freq(base_inv, factor)
-        if not torch.allclose(inv, candidate, rtol=1e-4, atol=0):
-            raise UnsupportedModelError(
-                "rotary embedding: inv_freq matches neither plain RoPE nor Llama-3 scaling; "
-                "supported RoPE variants are: none, linear (seq_len_interpolation_factor), llama3")
-        scaling = {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    if linear:
-        if scaling is not None:
-            raise UnsupportedModelError("rotary embedding: llama3 scaling combined with linear "
-                                        "interpolation is not supported; use one of them")
-        scaling = {"rope_type": "linear", "factor": float(linear)}
-    return scaling

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from .deepseek_v3 import DEEPSEEK_V3
+from .features import family_features
 from .gemma import GEMMA
 from .gpt import GPT
 from .gpt_oss import GPT_OSS
@@ -25,11 +26,6 @@ FEATURE_NOTES = {
     "heterogeneous_layers": "Llama-Nemotron (NAS, heterogeneous layers): its HF class DeciLMForCausalLM is "
                             "remote code outside transformers, so no export here could be checked against it",
 }
-
-
-def family_features(info) -> dict:
-    """The feature values that family tables are matched against."""
-    return {**info.features, "attention_kind": info.attention_kind, "linear_bias": info.add_bias_linear}
 
 
 def select_family(info, requested: str = "auto") -> ArchSpec:

@@ -32,7 +32,7 @@ def expected_sources(spec: ArchSpec, info) -> list:
     """Every Megatron name the model must provide for this family."""
     names = []
     for transform in spec.mappings:
-        if not transform.is_required(info):
+        if not transform.when(info):
             continue
         templates = [transform.src]
         if "{P}" in transform.src:

@@ -10,7 +10,8 @@ Gemma 2/3 (norms after each sublayer, logit soft-capping) have no Megatron-Core 
 """
 
 from . import llama
-from .spec import ArchSpec, requirements
+from .features import requirements
+from .spec import ArchSpec
 
 
 def hf_config(info, ctx, dtype: str) -> dict:

@@ -6,29 +6,30 @@ HF class: ``GPT2LMHeadModel``. It is the transformers class with exactly these s
 table below handles with ``transpose=True``. It has no GQA, hence ``attention_kind: mha``.
 """
 
-from .spec import ArchSpec, FusedQKV, Rename, Vocab, requirements
+from .conditions import TIED_EMBEDDINGS, Not
+from .features import requirements
+from .spec import MEGATRON_ATTENTION, MEGATRON_MLP, ArchSpec, FusedQKV, Rename, Vocab
 
-P = "decoder.layers.{L}"
-H = "transformer.h.{L}"
+HF_LAYER = "transformer.h.{L}"
 
 MAPPINGS = (
     Vocab("embedding.word_embeddings.weight", dst="transformer.wte.weight"),
     Rename("embedding.position_embeddings.weight", dst="transformer.wpe.weight"),
-    Rename(f"{P}.self_attention.linear_qkv.layer_norm_weight", dst=f"{H}.ln_1.weight"),
-    Rename(f"{P}.self_attention.linear_qkv.layer_norm_bias", dst=f"{H}.ln_1.bias"),
-    FusedQKV(f"{P}.self_attention.linear_qkv.weight", dst=f"{H}.attn.c_attn.weight", transpose=True),
-    FusedQKV(f"{P}.self_attention.linear_qkv.bias", dst=f"{H}.attn.c_attn.bias"),
-    Rename(f"{P}.self_attention.linear_proj.weight", dst=f"{H}.attn.c_proj.weight", transpose=True),
-    Rename(f"{P}.self_attention.linear_proj.bias", dst=f"{H}.attn.c_proj.bias"),
-    Rename(f"{P}.mlp.linear_fc1.layer_norm_weight", dst=f"{H}.ln_2.weight"),
-    Rename(f"{P}.mlp.linear_fc1.layer_norm_bias", dst=f"{H}.ln_2.bias"),
-    Rename(f"{P}.mlp.linear_fc1.weight", dst=f"{H}.mlp.c_fc.weight", transpose=True),
-    Rename(f"{P}.mlp.linear_fc1.bias", dst=f"{H}.mlp.c_fc.bias"),
-    Rename(f"{P}.mlp.linear_fc2.weight", dst=f"{H}.mlp.c_proj.weight", transpose=True),
-    Rename(f"{P}.mlp.linear_fc2.bias", dst=f"{H}.mlp.c_proj.bias"),
+    Rename(f"{MEGATRON_ATTENTION}.linear_qkv.layer_norm_weight", dst=f"{HF_LAYER}.ln_1.weight"),
+    Rename(f"{MEGATRON_ATTENTION}.linear_qkv.layer_norm_bias", dst=f"{HF_LAYER}.ln_1.bias"),
+    FusedQKV(f"{MEGATRON_ATTENTION}.linear_qkv.weight", dst=f"{HF_LAYER}.attn.c_attn.weight", transpose=True),
+    FusedQKV(f"{MEGATRON_ATTENTION}.linear_qkv.bias", dst=f"{HF_LAYER}.attn.c_attn.bias"),
+    Rename(f"{MEGATRON_ATTENTION}.linear_proj.weight", dst=f"{HF_LAYER}.attn.c_proj.weight", transpose=True),
+    Rename(f"{MEGATRON_ATTENTION}.linear_proj.bias", dst=f"{HF_LAYER}.attn.c_proj.bias"),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.layer_norm_weight", dst=f"{HF_LAYER}.ln_2.weight"),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.layer_norm_bias", dst=f"{HF_LAYER}.ln_2.bias"),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.weight", dst=f"{HF_LAYER}.mlp.c_fc.weight", transpose=True),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.bias", dst=f"{HF_LAYER}.mlp.c_fc.bias"),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.weight", dst=f"{HF_LAYER}.mlp.c_proj.weight", transpose=True),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.bias", dst=f"{HF_LAYER}.mlp.c_proj.bias"),
     Rename("decoder.final_layernorm.weight", dst="transformer.ln_f.weight"),
     Rename("decoder.final_layernorm.bias", dst="transformer.ln_f.bias"),
-    Vocab("output_layer.weight", dst="lm_head.weight", required="!tied_embeddings"),
+    Vocab("output_layer.weight", dst="lm_head.weight", when=Not(TIED_EMBEDDINGS)),
 )
 
 ALIASES = {

@@ -9,39 +9,39 @@ and their biases. Megatron's ``window_size=(W-1, 0)`` is HF's ``sliding_window: 
 (<= 1.2) has no GPT-OSS engine (its PyTorch backend loads the HF checkpoint).
 """
 
+from ..facts.rope import yarn_concentration
 from . import llama, moe
-from .spec import ArchSpec, Rename, StackExperts, no_trtllm, requirements
+from .conditions import MOE_LAYERS
+from .features import requirements
+from .spec import MEGATRON_ATTENTION, MEGATRON_EXPERT, ArchSpec, Rename, StackExperts, no_trtllm
 
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
-X = f"{P}.mlp.experts.experts.{{E}}"
+HF_MLP = f"{llama.HF_LAYER}.mlp"
 
-_ATTENTION = tuple(m for m in llama.MAPPINGS if m.on != "Dd" and "lm_head" not in str(getattr(m, "dst", "")))
-
-MAPPINGS = _ATTENTION + (
-    Rename(f"{P}.self_attention.core_attention.softmax_offset", dst=f"{H}.self_attn.sinks"),
-    *moe.router(P, f"{H}.mlp.router.weight", bias=f"{H}.mlp.router.bias"),
-    StackExperts(f"{X}.linear_fc1.weight", on=moe.MOE, dst=f"{H}.mlp.experts.gate_up_proj",
+MAPPINGS = (
+    llama.EMBEDDING, *llama.ATTENTION_BLOCK, llama.FINAL_NORM, llama.ROTARY_FREQUENCIES,
+    Rename(f"{MEGATRON_ATTENTION}.core_attention.softmax_offset", dst=f"{llama.HF_ATTENTION}.sinks"),
+    *moe.router(f"{HF_MLP}.router.weight", bias=f"{HF_MLP}.router.bias"),
+    StackExperts(f"{MEGATRON_EXPERT}.linear_fc1.weight", on=MOE_LAYERS, dst=f"{HF_MLP}.experts.gate_up_proj",
                  interleave=True, transpose=True),
-    StackExperts(f"{X}.linear_fc1.bias", on=moe.MOE, dst=f"{H}.mlp.experts.gate_up_proj_bias", interleave=True),
-    StackExperts(f"{X}.linear_fc2.weight", on=moe.MOE, dst=f"{H}.mlp.experts.down_proj", transpose=True),
-    StackExperts(f"{X}.linear_fc2.bias", on=moe.MOE, dst=f"{H}.mlp.experts.down_proj_bias"),
-    *(m for m in llama.MAPPINGS if "lm_head" in str(getattr(m, "dst", ""))),
+    StackExperts(f"{MEGATRON_EXPERT}.linear_fc1.bias", on=MOE_LAYERS, dst=f"{HF_MLP}.experts.gate_up_proj_bias",
+                 interleave=True),
+    StackExperts(f"{MEGATRON_EXPERT}.linear_fc2.weight", on=MOE_LAYERS, dst=f"{HF_MLP}.experts.down_proj",
+                 transpose=True),
+    StackExperts(f"{MEGATRON_EXPERT}.linear_fc2.bias", on=MOE_LAYERS, dst=f"{HF_MLP}.experts.down_proj_bias"),
+    llama.OUTPUT_LAYER,
 )
 
 
 def _rope(info) -> dict:
-    from .. import model_info
-
     yarn = info.yarn
     theta = float(info.rotary_base)
-    factor = float(yarn["rotary_scaling_factor"])
+    factor = float(yarn.rotary_scaling_factor)
     return {"rope_theta": theta, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": theta, "factor": factor,
-        "original_max_position_embeddings": int(yarn["original_max_position_embeddings"]),
-        "beta_fast": float(yarn["beta_fast"]), "beta_slow": float(yarn["beta_slow"]),
-        "truncate": bool(yarn["correction_range_round_to_int"]),
-        "attention_factor": model_info.yarn_concentration(factor, yarn["mscale"], yarn["mscale_all_dim"])}}
+        "original_max_position_embeddings": int(yarn.original_max_position_embeddings),
+        "beta_fast": float(yarn.beta_fast), "beta_slow": float(yarn.beta_slow),
+        "truncate": bool(yarn.correction_range_round_to_int),
+        "attention_factor": yarn_concentration(factor, yarn.mscale, yarn.mscale_all_dim)}}
 
 
 def hf_config(info, ctx, dtype: str) -> dict:
@@ -60,7 +60,7 @@ def hf_config(info, ctx, dtype: str) -> dict:
         "num_experts_per_tok": info.moe_top_k,
         "sliding_window": info.sliding_window,
         "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
-        "swiglu_limit": float(info.features["activation_clamp"]),
+        "swiglu_limit": float(info.activation_clamp),
         "attention_bias": True,
         "rms_norm_eps": info.norm_epsilon,
         "max_position_embeddings": info.max_position_embeddings,
@@ -81,11 +81,11 @@ def _trtllm_unsupported(info):
 
 
 def _check(info):
-    if info.features["glu_linear_offset"] != 1.0:
-        return ("glu_linear_offset", info.features["glu_linear_offset"], "GPT-OSS adds 1 to the GLU's linear half")
+    if info.glu_linear_offset != 1.0:
+        return ("glu_linear_offset", info.glu_linear_offset, "GPT-OSS adds 1 to the GLU's linear half")
     if info.sliding_window is None:
         return ("window_size", None, "GPT-OSS alternates sliding-window and full attention")
-    if not (info.add_bias_linear and info.moe_router_bias):
+    if not (info.add_bias_linear and info.moe.router_bias):
         return ("add_bias_linear", False, "GPT-OSS biases attention, router and experts")
     return None
 

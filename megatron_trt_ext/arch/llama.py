@@ -4,31 +4,40 @@ HF class: ``LlamaForCausalLM``; with a bias on q/k/v only (``add_qkv_bias`` with
 ``add_bias_linear``) ``Qwen2ForCausalLM``, whose attention has exactly that bias pattern.
 """
 
-from .spec import ArchSpec, Drop, GatedMLP, QKV, Rename, Vocab, requirements
+from .conditions import DENSE_MLP_LAYERS, LINEAR_BIAS, QKV_BIAS, TIED_EMBEDDINGS, Not
+from .features import requirements
+from .spec import MEGATRON_ATTENTION, MEGATRON_MLP, QKV, ArchSpec, Drop, GatedMLP, Rename, Vocab
 
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
+HF_LAYER = "model.layers.{L}"
+HF_ATTENTION = f"{HF_LAYER}.self_attn"
 
-MAPPINGS = (
-    Vocab("embedding.word_embeddings.weight", dst="model.embed_tokens.weight"),
-    Rename(f"{P}.self_attention.linear_qkv.layer_norm_weight", dst=f"{H}.input_layernorm.weight"),
-    QKV(f"{P}.self_attention.linear_qkv.weight",
-        q=f"{H}.self_attn.q_proj.weight", k=f"{H}.self_attn.k_proj.weight", v=f"{H}.self_attn.v_proj.weight"),
-    QKV(f"{P}.self_attention.linear_qkv.bias", required="add_qkv_bias",
-        q=f"{H}.self_attn.q_proj.bias", k=f"{H}.self_attn.k_proj.bias", v=f"{H}.self_attn.v_proj.bias"),
-    Rename(f"{P}.self_attention.linear_proj.weight", dst=f"{H}.self_attn.o_proj.weight"),
-    Rename(f"{P}.self_attention.linear_proj.bias", dst=f"{H}.self_attn.o_proj.bias", required="add_bias_linear"),
-    Rename(f"{P}.mlp.linear_fc1.layer_norm_weight", dst=f"{H}.post_attention_layernorm.weight"),
-    # dense MLP layers ("D"; "d" for an MTP layer): MoE families reuse these for their dense layers
-    GatedMLP(f"{P}.mlp.linear_fc1.weight", on="Dd", gate=f"{H}.mlp.gate_proj.weight", up=f"{H}.mlp.up_proj.weight"),
-    GatedMLP(f"{P}.mlp.linear_fc1.bias", on="Dd", gate=f"{H}.mlp.gate_proj.bias", up=f"{H}.mlp.up_proj.bias",
-             required="add_bias_linear"),
-    Rename(f"{P}.mlp.linear_fc2.weight", on="Dd", dst=f"{H}.mlp.down_proj.weight"),
-    Rename(f"{P}.mlp.linear_fc2.bias", on="Dd", dst=f"{H}.mlp.down_proj.bias", required="add_bias_linear"),
-    Rename("decoder.final_layernorm.weight", dst="model.norm.weight"),
-    Vocab("output_layer.weight", dst="lm_head.weight", required="!tied_embeddings"),
-    Drop("rotary_pos_emb.inv_freq"),
+EMBEDDING = Vocab("embedding.word_embeddings.weight", dst="model.embed_tokens.weight")
+# the attention block with its pre-norm, and the MLP's pre-norm (every layer has both)
+ATTENTION_BLOCK = (
+    Rename(f"{MEGATRON_ATTENTION}.linear_qkv.layer_norm_weight", dst=f"{HF_LAYER}.input_layernorm.weight"),
+    QKV(f"{MEGATRON_ATTENTION}.linear_qkv.weight",
+        q=f"{HF_ATTENTION}.q_proj.weight", k=f"{HF_ATTENTION}.k_proj.weight", v=f"{HF_ATTENTION}.v_proj.weight"),
+    QKV(f"{MEGATRON_ATTENTION}.linear_qkv.bias", when=QKV_BIAS,
+        q=f"{HF_ATTENTION}.q_proj.bias", k=f"{HF_ATTENTION}.k_proj.bias", v=f"{HF_ATTENTION}.v_proj.bias"),
+    Rename(f"{MEGATRON_ATTENTION}.linear_proj.weight", dst=f"{HF_ATTENTION}.o_proj.weight"),
+    Rename(f"{MEGATRON_ATTENTION}.linear_proj.bias", dst=f"{HF_ATTENTION}.o_proj.bias", when=LINEAR_BIAS),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.layer_norm_weight", dst=f"{HF_LAYER}.post_attention_layernorm.weight"),
 )
+# the dense MLP: MoE families reuse it for their dense layers
+DENSE_MLP = (
+    GatedMLP(f"{MEGATRON_MLP}.linear_fc1.weight", on=DENSE_MLP_LAYERS,
+             gate=f"{HF_LAYER}.mlp.gate_proj.weight", up=f"{HF_LAYER}.mlp.up_proj.weight"),
+    GatedMLP(f"{MEGATRON_MLP}.linear_fc1.bias", on=DENSE_MLP_LAYERS, when=LINEAR_BIAS,
+             gate=f"{HF_LAYER}.mlp.gate_proj.bias", up=f"{HF_LAYER}.mlp.up_proj.bias"),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.weight", on=DENSE_MLP_LAYERS, dst=f"{HF_LAYER}.mlp.down_proj.weight"),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.bias", on=DENSE_MLP_LAYERS, when=LINEAR_BIAS,
+           dst=f"{HF_LAYER}.mlp.down_proj.bias"),
+)
+FINAL_NORM = Rename("decoder.final_layernorm.weight", dst="model.norm.weight")
+OUTPUT_LAYER = Vocab("output_layer.weight", dst="lm_head.weight", when=Not(TIED_EMBEDDINGS))
+ROTARY_FREQUENCIES = Drop("rotary_pos_emb.inv_freq")
+
+MAPPINGS = (EMBEDDING, *ATTENTION_BLOCK, *DENSE_MLP, FINAL_NORM, OUTPUT_LAYER, ROTARY_FREQUENCIES)
 
 # Local-spec modules keep the norm outside the linear; Megatron's sharded state dict maps them to
 # the Transformer Engine names, but a plain state_dict() (or an older version) may not.

@@ -5,24 +5,14 @@ HF class: ``MixtralForCausalLM``, written with the hub's expert names
 transformers, vLLM, SGLang and TensorRT-LLM load.
 """
 
-from . import llama
-from .spec import ArchSpec, GatedMLP, Rename
+from . import llama, moe
+from .spec import ArchSpec
 
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
-X = f"{H}.block_sparse_moe"
-
-# Megatron's expert keys after the plan's expansion: decoder.layers.{L}.mlp.experts.experts.{E}.<linear>
-# (the checkpoint format shared by SequentialMLP and grouped-GEMM experts).
-MOE_MAPPINGS = (
-    Rename(f"{P}.mlp.router.weight", dst=f"{X}.gate.weight"),
-    GatedMLP(f"{P}.mlp.experts.experts.{{E}}.linear_fc1.weight",
-             gate=f"{X}.experts.{{E}}.w1.weight", up=f"{X}.experts.{{E}}.w3.weight"),
-    Rename(f"{P}.mlp.experts.experts.{{E}}.linear_fc2.weight", dst=f"{X}.experts.{{E}}.w2.weight"),
-)
-
-_DENSE_MLP = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc2.weight", "mlp.linear_fc2.bias")
-MAPPINGS = tuple(m for m in llama.MAPPINGS if not m.src.endswith(_DENSE_MLP)) + MOE_MAPPINGS
+# the hub's expert names (transformers, vLLM, SGLang and TensorRT-LLM load them)
+MOE_BLOCK = f"{llama.HF_LAYER}.block_sparse_moe"
+MAPPINGS = (llama.EMBEDDING, *llama.ATTENTION_BLOCK, llama.FINAL_NORM, llama.OUTPUT_LAYER, llama.ROTARY_FREQUENCIES,
+            *moe.router(f"{MOE_BLOCK}.gate.weight"),
+            *moe.experts(f"{MOE_BLOCK}.experts", gate="w1", up="w3", down="w2"))
 
 
 def hf_config(info, ctx, dtype: str) -> dict:

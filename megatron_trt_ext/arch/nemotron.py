@@ -7,37 +7,33 @@ TensorRT-LLM (<= 1.2): ``NemotronForCausalLM`` = its ``GPTForCausalLM`` with ``g
 nemotron``; its LayerNorm is plain, so the +1 is added to every norm weight there.
 """
 
-from .spec import QKV, ArchSpec, Drop, Rename, Vocab, requirements
+from . import llama
+from .conditions import LINEAR_BIAS
+from .features import requirements
+from .spec import MEGATRON_ATTENTION, MEGATRON_MLP, ArchSpec, Rename
 
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
+HF_LAYER = llama.HF_LAYER
 
-MAPPINGS = (
-    Vocab("embedding.word_embeddings.weight", dst="model.embed_tokens.weight"),
-    Rename(f"{P}.self_attention.linear_qkv.layer_norm_weight", dst=f"{H}.input_layernorm.weight"),
-    Rename(f"{P}.self_attention.linear_qkv.layer_norm_bias", dst=f"{H}.input_layernorm.bias"),
-    QKV(f"{P}.self_attention.linear_qkv.weight",
-        q=f"{H}.self_attn.q_proj.weight", k=f"{H}.self_attn.k_proj.weight", v=f"{H}.self_attn.v_proj.weight"),
-    QKV(f"{P}.self_attention.linear_qkv.bias", required="add_qkv_bias",
-        q=f"{H}.self_attn.q_proj.bias", k=f"{H}.self_attn.k_proj.bias", v=f"{H}.self_attn.v_proj.bias"),
-    Rename(f"{P}.self_attention.linear_proj.weight", dst=f"{H}.self_attn.o_proj.weight"),
-    Rename(f"{P}.self_attention.linear_proj.bias", dst=f"{H}.self_attn.o_proj.bias", required="add_bias_linear"),
-    Rename(f"{P}.mlp.linear_fc1.layer_norm_weight", dst=f"{H}.post_attention_layernorm.weight"),
-    Rename(f"{P}.mlp.linear_fc1.layer_norm_bias", dst=f"{H}.post_attention_layernorm.bias"),
-    Rename(f"{P}.mlp.linear_fc1.weight", dst=f"{H}.mlp.up_proj.weight"),
-    Rename(f"{P}.mlp.linear_fc1.bias", dst=f"{H}.mlp.up_proj.bias", required="add_bias_linear"),
-    Rename(f"{P}.mlp.linear_fc2.weight", dst=f"{H}.mlp.down_proj.weight"),
-    Rename(f"{P}.mlp.linear_fc2.bias", dst=f"{H}.mlp.down_proj.bias", required="add_bias_linear"),
-    Rename("decoder.final_layernorm.weight", dst="model.norm.weight"),
+# LayerNorm (not RMSNorm): the biases of both pre-norms and of the final norm
+NORM_BIASES = (
+    Rename(f"{MEGATRON_ATTENTION}.linear_qkv.layer_norm_bias", dst=f"{HF_LAYER}.input_layernorm.bias"),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.layer_norm_bias", dst=f"{HF_LAYER}.post_attention_layernorm.bias"),
     Rename("decoder.final_layernorm.bias", dst="model.norm.bias"),
-    Vocab("output_layer.weight", dst="lm_head.weight", required="!tied_embeddings"),
-    Drop("rotary_pos_emb.inv_freq"),
 )
+# a plain (non-gated) MLP
+MLP = (
+    Rename(f"{MEGATRON_MLP}.linear_fc1.weight", dst=f"{HF_LAYER}.mlp.up_proj.weight"),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.bias", dst=f"{HF_LAYER}.mlp.up_proj.bias", when=LINEAR_BIAS),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.weight", dst=f"{HF_LAYER}.mlp.down_proj.weight"),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.bias", dst=f"{HF_LAYER}.mlp.down_proj.bias", when=LINEAR_BIAS),
+)
+# Llama's attention block (biases where the model has them), embedding and output head
+MAPPINGS = (llama.EMBEDDING, *llama.ATTENTION_BLOCK, *NORM_BIASES, *MLP, llama.FINAL_NORM, llama.OUTPUT_LAYER,
+            llama.ROTARY_FREQUENCIES)
 
 ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),
+    **llama.ALIASES,
     "self_attention.linear_qkv.layer_norm_bias": ("input_layernorm.bias",),
-    "mlp.linear_fc1.layer_norm_weight": ("pre_mlp_layernorm.weight",),
     "mlp.linear_fc1.layer_norm_bias": ("pre_mlp_layernorm.bias",),
 }
 

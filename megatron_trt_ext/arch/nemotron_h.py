@@ -9,36 +9,36 @@ concatenated in that order (`Concat`). TensorRT-LLM (<= 1.2) has no Nemotron-H e
 TensorRT-LLM formats are refused.
 """
 
-from .spec import ArchSpec, Concat, QKV, Rename, Vocab, no_trtllm, requirements
+from .conditions import ATTENTION_LAYERS, MAMBA_LAYERS, MLP_LAYERS, TIED_EMBEDDINGS, Not
+from .features import requirements
+from .spec import MEGATRON_ATTENTION, MEGATRON_LAYER, MEGATRON_MLP, QKV, ArchSpec, Concat, Rename, Vocab, no_trtllm
 
-E = "decoder.layers.{L}"
-B = "backbone.layers.{L}"
+MIXER = f"{MEGATRON_LAYER}.mixer"
+HF_LAYER = "backbone.layers.{L}"
+HF_MIXER = f"{HF_LAYER}.mixer"  # every HF block's module is its mixer, whatever its kind
 
 MAPPINGS = (
     Vocab("embedding.word_embeddings.weight", dst="backbone.embeddings.weight"),
     # every block's pre-norm is one HF name; Megatron fuses it into the block's first linear
-    Rename(f"{E}.mixer.in_proj.layer_norm_weight", dst=f"{B}.norm.weight", on="M"),
-    Rename(f"{E}.self_attention.linear_qkv.layer_norm_weight", dst=f"{B}.norm.weight", on="*"),
-    Rename(f"{E}.mlp.linear_fc1.layer_norm_weight", dst=f"{B}.norm.weight", on="-"),
+    Rename(f"{MIXER}.in_proj.layer_norm_weight", dst=f"{HF_LAYER}.norm.weight", on=MAMBA_LAYERS),
+    Rename(f"{MEGATRON_ATTENTION}.linear_qkv.layer_norm_weight", dst=f"{HF_LAYER}.norm.weight", on=ATTENTION_LAYERS),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.layer_norm_weight", dst=f"{HF_LAYER}.norm.weight", on=MLP_LAYERS),
     # Mamba-2 mixer
-    Concat(f"{E}.mixer.in_proj.weight.{{P}}", dst=f"{B}.mixer.in_proj.weight", parts=("z", "x", "B", "C", "dt"),
-           on="M"),
-    Concat(f"{E}.mixer.conv1d.weight.{{P}}", dst=f"{B}.mixer.conv1d.weight", parts=("x", "B", "C"), on="M"),
-    Concat(f"{E}.mixer.conv1d.bias.{{P}}", dst=f"{B}.mixer.conv1d.bias", parts=("x", "B", "C"), on="M"),
-    Rename(f"{E}.mixer.A_log", dst=f"{B}.mixer.A_log", on="M"),
-    Rename(f"{E}.mixer.D", dst=f"{B}.mixer.D", on="M"),
-    Rename(f"{E}.mixer.dt_bias", dst=f"{B}.mixer.dt_bias", on="M"),
-    Rename(f"{E}.mixer.norm.weight", dst=f"{B}.mixer.norm.weight", on="M"),
-    Rename(f"{E}.mixer.out_proj.weight", dst=f"{B}.mixer.out_proj.weight", on="M"),
+    Concat(f"{MIXER}.in_proj.weight.{{P}}", dst=f"{HF_MIXER}.in_proj.weight", parts=("z", "x", "B", "C", "dt"),
+           on=MAMBA_LAYERS),
+    Concat(f"{MIXER}.conv1d.weight.{{P}}", dst=f"{HF_MIXER}.conv1d.weight", parts=("x", "B", "C"), on=MAMBA_LAYERS),
+    Concat(f"{MIXER}.conv1d.bias.{{P}}", dst=f"{HF_MIXER}.conv1d.bias", parts=("x", "B", "C"), on=MAMBA_LAYERS),
+    *(Rename(f"{MIXER}.{name}", dst=f"{HF_MIXER}.{name}", on=MAMBA_LAYERS)
+      for name in ("A_log", "D", "dt_bias", "norm.weight", "out_proj.weight")),
     # attention (no RoPE)
-    QKV(f"{E}.self_attention.linear_qkv.weight", on="*",
-        q=f"{B}.mixer.q_proj.weight", k=f"{B}.mixer.k_proj.weight", v=f"{B}.mixer.v_proj.weight"),
-    Rename(f"{E}.self_attention.linear_proj.weight", dst=f"{B}.mixer.o_proj.weight", on="*"),
+    QKV(f"{MEGATRON_ATTENTION}.linear_qkv.weight", on=ATTENTION_LAYERS,
+        q=f"{HF_MIXER}.q_proj.weight", k=f"{HF_MIXER}.k_proj.weight", v=f"{HF_MIXER}.v_proj.weight"),
+    Rename(f"{MEGATRON_ATTENTION}.linear_proj.weight", dst=f"{HF_MIXER}.o_proj.weight", on=ATTENTION_LAYERS),
     # MLP
-    Rename(f"{E}.mlp.linear_fc1.weight", dst=f"{B}.mixer.up_proj.weight", on="-"),
-    Rename(f"{E}.mlp.linear_fc2.weight", dst=f"{B}.mixer.down_proj.weight", on="-"),
+    Rename(f"{MEGATRON_MLP}.linear_fc1.weight", dst=f"{HF_MIXER}.up_proj.weight", on=MLP_LAYERS),
+    Rename(f"{MEGATRON_MLP}.linear_fc2.weight", dst=f"{HF_MIXER}.down_proj.weight", on=MLP_LAYERS),
     Rename("decoder.final_layernorm.weight", dst="backbone.norm_f.weight"),
-    Vocab("output_layer.weight", dst="lm_head.weight", required="!tied_embeddings"),
+    Vocab("output_layer.weight", dst="lm_head.weight", when=Not(TIED_EMBEDDINGS)),
 )
 
 # (a Mamba layer's own norm is not aliased: "norm.weight" would also match the mixer's gated norm;
@@ -73,14 +73,14 @@ def hf_config(info, ctx, dtype: str) -> dict:
         "intermediate_size": info.ffn_hidden_size,
         "mlp_hidden_act": "relu2",
         "mlp_bias": False,
-        "ssm_state_size": mamba["state_dim"],
-        "mamba_num_heads": mamba["num_heads"],
-        "mamba_head_dim": mamba["head_dim"],
-        "n_groups": mamba["num_groups"],
-        "conv_kernel": mamba["conv_kernel"],
+        "ssm_state_size": mamba.state_dim,
+        "mamba_num_heads": mamba.num_heads,
+        "mamba_head_dim": mamba.head_dim,
+        "n_groups": mamba.num_groups,
+        "conv_kernel": mamba.conv_kernel,
         # an int for transformers; the mixers size themselves from heads x head_dim, not from this
-        "expand": mamba["d_inner"] // info.hidden_size if mamba["d_inner"] % info.hidden_size == 0 else 2,
-        "chunk_size": mamba["chunk_size"],
+        "expand": mamba.d_inner // info.hidden_size if mamba.d_inner % info.hidden_size == 0 else 2,
+        "chunk_size": mamba.chunk_size,
         "mamba_hidden_act": "silu",
         "use_conv_bias": True,
         "mamba_proj_bias": False,
@@ -102,7 +102,7 @@ def _trtllm_unsupported(info):
 
 
 def _check(info):
-    if info.mamba is not None and abs(info.norm_epsilon - info.mamba["norm_epsilon"]) > 0:
+    if info.mamba is not None and abs(info.norm_epsilon - info.mamba.norm_epsilon) > 0:
         return ("layernorm_epsilon", info.norm_epsilon,
                 "Nemotron-H uses one epsilon for every norm, and Megatron's Mamba mixer norm fixes 1e-5")
     if info.add_qkv_bias or info.add_bias_linear:

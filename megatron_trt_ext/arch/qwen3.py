@@ -8,14 +8,12 @@ one weight of head_dim shared by all heads, as HF's ``q_norm``/``k_norm``). Tens
 """
 
 from . import llama
-from .spec import ArchSpec, Rename, requirements
-
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
+from .features import requirements
+from .spec import MEGATRON_ATTENTION, ArchSpec, Rename
 
 MAPPINGS = llama.MAPPINGS + (
-    Rename(f"{P}.self_attention.q_layernorm.weight", dst=f"{H}.self_attn.q_norm.weight"),
-    Rename(f"{P}.self_attention.k_layernorm.weight", dst=f"{H}.self_attn.k_norm.weight"),
+    Rename(f"{MEGATRON_ATTENTION}.q_layernorm.weight", dst=f"{llama.HF_ATTENTION}.q_norm.weight"),
+    Rename(f"{MEGATRON_ATTENTION}.k_layernorm.weight", dst=f"{llama.HF_ATTENTION}.k_norm.weight"),
 )
 
 

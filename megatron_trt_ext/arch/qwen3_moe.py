@@ -12,12 +12,11 @@ top-k, no renormalisation) is ``norm_topk_prob: false``. The dense layers are wr
 """
 
 from . import moe, qwen3
-from .spec import ArchSpec, requirements
+from .features import requirements
+from .llama import HF_LAYER
+from .spec import ArchSpec
 
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
-
-MAPPINGS = qwen3.MAPPINGS + moe.router(P, f"{H}.mlp.gate.weight") + moe.experts(P, f"{H}.mlp.experts")
+MAPPINGS = qwen3.MAPPINGS + moe.router(f"{HF_LAYER}.mlp.gate.weight") + moe.experts(f"{HF_LAYER}.mlp.experts")
 
 
 def hf_config(info, ctx, dtype: str) -> dict:
@@ -25,7 +24,7 @@ def hf_config(info, ctx, dtype: str) -> dict:
     cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
                num_experts=info.num_experts, num_experts_per_tok=info.moe_top_k,
                moe_intermediate_size=info.moe_ffn_hidden_size, decoder_sparse_step=1,
-               mlp_only_layers=moe.dense_layers_of(info), norm_topk_prob=not info.moe["pre_softmax"],
+               mlp_only_layers=moe.dense_layers_of(info), norm_topk_prob=not info.moe.pre_softmax,
                output_router_logits=False, router_aux_loss_coef=0.0)
     return cfg
 
@@ -35,7 +34,7 @@ def trtllm(info) -> dict:
     config = dict(base["config"], qwen_type="qwen3_moe", moe_intermediate_size=info.moe_ffn_hidden_size,
                   moe={"num_experts": info.num_experts, "top_k": info.moe_top_k,
                        # TensorRT-LLM MoeConfig.ExpertScaleNormalizationMode: 1 RENORMALIZE, 0 NONE
-                       "normalization_mode": 0 if info.moe["pre_softmax"] else 1,
+                       "normalization_mode": 0 if info.moe.pre_softmax else 1,
                        "sparse_mixer_epsilon": 0.01, "tp_mode": 0, "device_limited_n_group": 0,
                        "device_limited_topk_group": 0, "device_limited_routed_scaling_factor": 1.0})
     return {"layout": "qwen3_moe", "architecture": "Qwen3MoeForCausalLM", "config": config,

@@ -14,6 +14,14 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .. import layouts
+from .conditions import ALWAYS, EVERY_LAYER, NEVER, Condition, Layers
+
+# Megatron's global names of one layer ({L}: the global layer number), its attention and MLP, and one
+# of its experts after the plan's expansion (the layout shared by SequentialMLP and grouped experts).
+MEGATRON_LAYER = "decoder.layers.{L}"
+MEGATRON_ATTENTION = f"{MEGATRON_LAYER}.self_attention"
+MEGATRON_MLP = f"{MEGATRON_LAYER}.mlp"
+MEGATRON_EXPERT = f"{MEGATRON_MLP}.experts.experts.{{E}}"
 
 
 @dataclass(frozen=True)
@@ -34,31 +42,21 @@ def _pattern(template: str, parts: tuple = ()) -> re.Pattern:
 
 @dataclass(frozen=True)
 class Transform:
-    """Base: ``src`` is a Megatron name template; ``required`` names a ModelInfo predicate.
-
-    ``required`` is ``None`` (always present), ``"attr"`` (present iff ``info.attr``) or
-    ``"!attr"`` (present iff not ``info.attr``).
-    """
+    """Base of every table row: ``src`` is a Megatron name template; ``on`` the layers it
+    applies to (`conditions.Layers`); ``when`` the models that have its source tensor
+    (`conditions.Condition`, tested on `ModelInfo`)."""
 
     src: str
-    on: str = ""  # per-layer models: the layer kinds (pattern symbols) it applies to; "" = every layer
+    on: Layers = EVERY_LAYER
+    when: Condition = ALWAYS
 
     def layers(self, info) -> list:
         """The target layers whose sources this transform expects."""
-        kinds = info.layer_symbols or "D" * info.num_layers
-        return [i for i, kind in enumerate(kinds) if not self.on or kind in self.on]
+        return self.on.select(info)
 
     def matches(self, name: str) -> Optional[dict]:
         m = _pattern(self.src).match(name)
         return m.groupdict() if m else None
-
-    def is_required(self, info) -> bool:
-        req = getattr(self, "required", None)
-        if req is None:
-            return True
-        negate = req.startswith("!")
-        value = bool(getattr(info, req.lstrip("!")))
-        return value != negate
 
     def apply(self, tensor: torch.Tensor, groups: dict, ctx: Context) -> Iterator[tuple]:
         raise NotImplementedError
@@ -75,7 +73,6 @@ class Rename(Transform):
 
     dst: str = ""
     transpose: bool = False
-    required: Optional[str] = None
 
     def apply(self, tensor, groups, ctx):
         yield _fill(self.dst, groups), (tensor.t() if self.transpose else tensor)
@@ -88,7 +85,6 @@ class Vocab(Transform):
     targets whose MTP layers carry their own copy of the shared embedding or output head."""
 
     dst: str = ""
-    required: Optional[str] = None
     mtp_copies: tuple = ()
 
     def apply(self, tensor, groups, ctx):
@@ -107,7 +103,6 @@ class QKV(Transform):
     q: str = ""
     k: str = ""
     v: str = ""
-    required: Optional[str] = None
 
     def apply(self, tensor, groups, ctx):
         info = ctx.info
@@ -124,7 +119,6 @@ class FusedQKV(Transform):
 
     dst: str = ""
     transpose: bool = False
-    required: Optional[str] = None
 
     def apply(self, tensor, groups, ctx):
         info = ctx.info
@@ -139,7 +133,6 @@ class GatedMLP(Transform):
 
     gate: str = ""
     up: str = ""
-    required: Optional[str] = None
 
     def apply(self, tensor, groups, ctx):
         gate, up = layouts.gated_to_gate_up(tensor)
@@ -158,7 +151,6 @@ class Concat(Transform):
     dst: str = ""
     parts: tuple = ()
     dim: int = 0
-    required: Optional[str] = None
 
     def matches(self, name: str) -> Optional[dict]:
         m = _pattern(self.src, self.parts).match(name)
@@ -196,7 +188,6 @@ class StackExperts(Transform):
     dst: str = ""
     interleave: bool = False
     transpose: bool = False
-    required: Optional[str] = None
 
     def group(self, groups: dict) -> str:
         return _fill(self.dst, groups)
@@ -224,10 +215,7 @@ class StackExperts(Transform):
 class Drop(Transform):
     """Intentionally not exported."""
 
-    required: Optional[str] = "never"
-
-    def is_required(self, info) -> bool:
-        return False
+    when: Condition = NEVER
 
     def apply(self, tensor, groups, ctx):
         return iter(())
@@ -301,35 +289,3 @@ def unit_group(spec: ArchSpec, name: str) -> Optional[str]:
             if groups is not None:
                 return transform.group(groups)
     return None
-
-
-# The features every family pins unless it supports something else: a family's ``requires`` starts
-# from these, so a model with a feature no table handles is refused instead of exported wrongly.
-STANDARD = {
-    "model_class": {"GPTModel", "HybridModel"},
-    "source_layout": {"gpt", "hybrid_paired"},
-    "layer_module": {"TransformerLayer"},
-    "attention_module": {"SelfAttention"},
-    "multi_latent_attention": {False},
-    "moe": {False},
-    "mamba": {False},
-    "qk_layernorm": {False},
-    "layernorm_zero_centered_gamma": {False},
-    "residual_post_layernorm": {False},
-    "multi_token_prediction": {False},
-    "heterogeneous_layers": {False},
-    "rotary_interleaved": {False},
-    "query_key_layer_scaling": {False},
-    "softmax_scale": {False},
-    "attention_window": {False},
-    "embedding_multiplier": {False},
-    "mup_output_scale": {False},
-    "softmax_type": {"vanilla"},
-    "glu_linear_offset": {0.0},
-    "activation_clamp": {None},
-}
-
-
-def requirements(**overrides) -> dict:
-    """`STANDARD` with a family's own allowed values."""
-    return {**STANDARD, **overrides}

@@ -7,11 +7,11 @@ included), HF's ``sliding_window: W``. TensorRT-LLM (<= 1.2): ``Starcoder2ForCau
 sliding-window field, so windowed models are refused for the TensorRT-LLM formats.
 """
 
-from . import nemotron
-from .spec import ArchSpec, Rename, requirements
+import dataclasses
 
-P = "decoder.layers.{L}"
-H = "model.layers.{L}"
+from . import nemotron
+from .features import requirements
+from .spec import ArchSpec, Rename
 
 _MLP = {"mlp.up_proj.weight": "mlp.c_fc.weight", "mlp.up_proj.bias": "mlp.c_fc.bias",
         "mlp.down_proj.weight": "mlp.c_proj.weight", "mlp.down_proj.bias": "mlp.c_proj.bias"}
@@ -22,7 +22,7 @@ def _starcoder_names(transform):
     if isinstance(transform, Rename):
         for old, new in _MLP.items():
             if transform.dst.endswith(old):
-                return Rename(transform.src, dst=transform.dst[: -len(old)] + new, required=transform.required)
+                return dataclasses.replace(transform, dst=transform.dst[: -len(old)] + new)
     return transform
 
 

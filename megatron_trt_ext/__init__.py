@@ -7,7 +7,9 @@ Public API::
 
 from .config import ExportConfig
 from .errors import ConfigError, ExportError, MegatronTrtExtError, UnsupportedModelError
-from .exporter import Exporter, ExportResult, __version__
+from .exporter import Exporter
+from .manifest import __version__
+from .result import ExportResult
 from .hook import ExportHandle, attach
 
 __all__ = [

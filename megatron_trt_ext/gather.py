@@ -15,6 +15,9 @@ import torch
 
 from .plan import Unit, torch_dtype
 
+# Where the writer assembles units: host memory, whatever device the slices travel through.
+HOST = torch.device("cpu")
+
 
 class Comm:
     """The export's process groups, created once (collectively) when the exporter is built.
@@ -200,17 +203,23 @@ def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.
 
 
 def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer.
+    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer, in
+    host memory.
 
-    ``cast_to``: the dtype the writer casts the whole unit to next (see `ExportJob.convert`):
+    ``cast_to``: the dtype the writer casts the whole unit to next (see `Conversion.unit`):
     slices are then cast as they are placed, so the unit is assembled and cast in one pass, at
     the export dtype's size. Local slices that already form one tensor in memory (the gate and
     up halves of a gated fc1 are views of one parameter) come back as a view, uncopied.
+
+    The unit is assembled in host memory even when the slices travel through the accelerator
+    (NCCL): a sync export runs while training's memory is still allocated, and a whole unit
+    there (an embedding, a fused expert weight) may not fit. Device receive buffers then hold
+    one slice at a time.
     """
     rank = comm.rank
     if rank == unit.writer:
         if len(unit.pieces) == 1 and unit.local_to_writer(unit.pieces[0]):
-            return _local_piece(local, unit, unit.pieces[0].offset, unit.pieces[0].shape)
+            return _local_piece(local, unit, unit.pieces[0].offset, unit.pieces[0].shape).to(HOST)
         dtype = torch_dtype(unit.dtype)
         local_parts = [(p, _local_piece(local, unit, p.offset, p.shape))
                        for p in unit.pieces if unit.local_to_writer(p)]
@@ -218,22 +227,28 @@ def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype]
         if not remote:
             whole = _one_view(unit, local_parts)
             if whole is not None:
-                return whole
-        device = local_parts[0][1].device if local_parts and not remote else comm.data_device
-        full = torch.empty(unit.shape, dtype=cast_to or dtype, device=device)
+                return whole.to(HOST)
+        full = torch.empty(unit.shape, dtype=cast_to or dtype, device=HOST)
         pending = []
-        for tag, piece in remote:
-            target = full[_index(piece)]
-            if target.is_contiguous() and full.dtype == dtype:  # a row block: received in place
-                pending.append((piece, None, comm.recv_into(target, piece.rank, tag)))
-            else:
-                pending.append((piece, *comm.recv(piece.shape, dtype, piece.rank, tag)))
+        if comm.data_device.type == HOST.type:  # every slice in flight at once, landing in place
+            for tag, piece in remote:
+                target = full[_index(piece)]
+                if target.is_contiguous() and full.dtype == dtype:  # a row block: received in place
+                    pending.append((piece, None, comm.recv_into(target, piece.rank, tag)))
+                else:
+                    pending.append((piece, *comm.recv(piece.shape, dtype, piece.rank, tag)))
         for piece, tensor in local_parts:
-            full[_index(piece)] = tensor.to(device)
+            full[_index(piece)] = tensor.to(HOST)
         for piece, buf, work in pending:
             work.wait()
             if buf is not None:
-                full[_index(piece)] = buf.to(device)
+                full[_index(piece)] = buf
+        if comm.data_device.type != HOST.type:  # through the accelerator: one device buffer at a time
+            for tag, piece in remote:
+                buf, work = comm.recv(piece.shape, dtype, piece.rank, tag)
+                work.wait()
+                full[_index(piece)] = buf.to(HOST)
+                buf = None  # freed before the next slice's buffer is allocated, not after
         return full
     sends = []
     for tag, piece in enumerate(unit.pieces):

@@ -1,16 +1,17 @@
-"""Export directories: locks, atomic publication, failure records, `latest`, retention.
+"""Export directories as readers see them: names, the manifest, `latest`, and the locks that
+say who may touch a directory.
 
 An export is written into a hidden sibling (``.iter_XXXXXXX.partial``) by the one process that
 holds the iteration's lock (``.iter_XXXXXXX.lock``, created with O_EXCL, naming host, pid and the
-process start time). Its manifest is written last with ``status: complete``, and only then the
-directory takes its final name: a rename, or an atomic exchange when the iteration already exists
-(a resumed run re-saving it), so ``iter_XXXXXXX`` and ``latest`` always name a complete export.
-A failed export leaves ``.iter_XXXXXXX.failed/manifest.json``. Nothing here follows a symbolic
-link planted under the root (see `safe_fs`).
+process start time); a build reading an export holds its ``.build.lock``. How a directory
+becomes ``iter_XXXXXXX`` (atomically, manifest last), how a failure is recorded and how old
+exports go is `publish`'s part. Nothing here follows a symbolic link planted under the root
+(see `safe_fs`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,12 +21,18 @@ import time
 import uuid
 from pathlib import Path
 
+from safetensors import safe_open
+
 from . import safe_fs
 from .errors import ExportError
+from .formats.safetensors_stream import tensor_bytes
 
 logger = logging.getLogger("megatron_trt_ext")
 
+__version__ = "0.1.0"  # the package's version, named as the producer in every manifest
+
 SCHEMA_VERSION = 1
+PRODUCER = {"name": "megatron-trt-ext", "version": __version__}
 MANIFEST = "manifest.json"
 _ITER_NAME = re.compile(r"^iter_(\d+)$")
 
@@ -175,107 +182,10 @@ def lock_is_live(root: Path, iteration: int, stale_after_s: float = 1200.0) -> b
     return owner is not None and owner_alive(owner, age, stale_after_s)
 
 
-# ---------------------------------------------------------------------- one export's life
-def start(root: Path, iteration: int, lock: IterationLock) -> Path:
-    """Under the iteration's lock: a fresh partial directory (a leftover one, or an older
-    failure record of this iteration, belongs to a dead attempt and goes)."""
-    assert lock.held
-    tmp = partial_path(root, iteration)
-    safe_fs.remove_tree(tmp)
-    safe_fs.remove_tree(failed_path(root, iteration))
-    safe_fs.make_dir(tmp)
-    return tmp
-
-
-def publish(tmp: Path, root: Path, iteration: int, manifest: dict) -> Path:
-    """Write the complete manifest into ``tmp`` and give it its final name atomically.
-
-    Re-exporting an existing iteration swaps the two directories in one step (``renameat2``
-    exchange), so the final name never misses a manifest; an old export that a live build is
-    reading is left in place and this export fails instead.
-    """
-    manifest = {**manifest, "status": "complete"}
-    safe_fs.write_json(tmp / MANIFEST, manifest)
-    safe_fs.fsync_dir(tmp)
-    final = Path(root) / export_dir_name(iteration)
-    if safe_fs.lexists(final) and not safe_fs.is_real_dir(final):
-        safe_fs.unlink_name(final)  # a planted link or file holds the name: it goes, never followed
-    if not safe_fs.lexists(final):
-        os.rename(tmp, final)
-    else:
-        if is_being_read(final):
-            raise ExportError(f"iteration {iteration} already exists at {final} and a live build process is "
-                              "reading it; it was not replaced (build it later, or export again after the build)")
-        if safe_fs.exchange(tmp, final):
-            old = tmp  # the previous export now has the partial name
-        else:  # file systems without RENAME_EXCHANGE (e.g. NFS): a short window without the name
-            old = Path(root) / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-        if is_being_read(old):  # a build took the lock meanwhile: keep its files, clean up later
-            os.rename(old, Path(root) / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
-        else:
-            _remove_quietly(old)
-    safe_fs.fsync_dir(root)
-    try:
-        update_latest(root, final.name)
-    except OSError as exc:  # the export is complete; `latest` keeps naming an older complete one
-        logger.error("export %s is complete but `latest` could not be updated: %s", final, exc)
-    return final
-
-
-def record_failure(root: Path, iteration: int, manifest: dict, error: str, partial: Path | None = None):
-    """Leave ``.iter_XXXXXXX.failed/manifest.json`` saying why. ``partial`` (the lock holder's
-    own partial directory) is removed first, which frees the space a full disk needs for the
-    record. The first record of an attempt wins; returns its path, or None when the disk cannot
-    take even that (then the error is logged, and the caller raises it anyway)."""
-    root = Path(root)
-    failed = failed_path(root, iteration)
-    try:
-        if partial is not None:
-            _remove_quietly(partial)
-        if safe_fs.is_real_dir(failed) and safe_fs.lexists(failed / MANIFEST):
-            return failed
-        staging = root / f".{export_dir_name(iteration)}.failed-{uuid.uuid4().hex[:8]}.tmp"
-        safe_fs.make_dir(staging)
-        try:
-            safe_fs.write_json(staging / MANIFEST, {**manifest, "status": "failed", "error": error})
-            if safe_fs.lexists(failed) and not safe_fs.is_real_dir(failed):
-                safe_fs.unlink_name(failed)
-            try:
-                os.rename(staging, failed)  # fails when another rank's record is already there
-            except OSError:
-                if not safe_fs.lexists(failed / MANIFEST):
-                    raise
-        finally:
-            _remove_quietly(staging)
-        return failed
-    except OSError as exc:
-        logger.error("export of iteration %d failed and the failure could not be recorded under %s (%s): %s",
-                     iteration, root, exc, error)
-        return None
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        safe_fs.remove_tree(path)
-    except OSError as exc:
-        logger.warning("could not remove %s: %s", path, exc)
-
-
-def _iteration_of(name: str):
+def iteration_of(name: str):
+    """The iteration an export directory's name says (None: not an export's name)."""
     m = _ITER_NAME.match(name.strip())
     return int(m.group(1)) if m else None
-
-
-def update_latest(root: Path, name: str) -> None:
-    """Point `latest` at ``name`` unless it already names a newer complete export (two exporters
-    of one root, or a re-export of an older iteration, never move it backwards)."""
-    root = Path(root)
-    current = read_latest(root)
-    if current is not None and _iteration_of(current.name) > _iteration_of(name):
-        return
-    safe_fs.write_atomic(root / "latest", (name + "\n").encode())
 
 
 def read_latest(root: Path):
@@ -289,41 +199,9 @@ def read_latest(root: Path):
     finally:
         os.close(fd)
     candidate = Path(root) / name
-    if _iteration_of(name) is None or not safe_fs.is_real_dir(candidate) or not (candidate / MANIFEST).is_file():
+    if iteration_of(name) is None or not safe_fs.is_real_dir(candidate) or not (candidate / MANIFEST).is_file():
         return None
     return candidate
-
-
-def cleanup_leftovers(root: Path, stale_after_s: float = 1200.0) -> list:
-    """What interrupted runs left under the root: partial directories whose lock owner is gone
-    (with their stale locks), half-deleted and replaced exports no live build reads, temporary
-    files. Run at attach, by one rank. Returns what was removed."""
-    root = Path(root)
-    removed = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return removed
-    for entry in entries:
-        name, path = entry.name, Path(entry.path)
-        m = re.match(r"^\.iter_(\d+)\.(partial|lock)$", name)
-        if m:
-            iteration = int(m.group(1))
-            if lock_is_live(root, iteration, stale_after_s):
-                continue
-            doomed = [partial_path(root, iteration), lock_path(root, iteration)]
-        elif re.match(r"^\.iter_\d+\.(deleting|replaced|failed-).*", name) and not is_being_read(path):
-            doomed = [path]
-        elif name.startswith((".latest.tmp", ".write-probe", ".latest.")) or (
-                name.startswith(".") and ".tmp-" in name):
-            doomed = [path]
-        else:
-            continue
-        for p in doomed:
-            if safe_fs.lexists(p):
-                _remove_quietly(p)
-                removed.append(p)
-    return removed
 
 
 def read_manifest(path: Path) -> dict:
@@ -379,33 +257,12 @@ def complete_exports(root: Path) -> list:
     except OSError:
         return []
     for entry in entries:
-        iteration = _iteration_of(entry.name)
+        iteration = iteration_of(entry.name)
         if iteration is None or not safe_fs.is_real_dir(entry.path):
             continue
         if (Path(entry.path) / MANIFEST).is_file():
             found.append((iteration, Path(entry.path)))
     return [p for _, p in sorted(found)]
-
-
-def apply_retention(root: Path, keep_last) -> list:
-    """Delete complete exports beyond the newest ``keep_last``; never the newest complete one,
-    never one a build is reading. Never raises: a deletion that fails is logged and retried by
-    the next export's pass. Returns what was removed."""
-    if not keep_last:
-        return []
-    removed = []
-    try:
-        exports = complete_exports(root)
-        for old in exports[:-max(int(keep_last), 1)]:
-            if is_being_read(old):
-                continue
-            doomed = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
-            os.rename(old, doomed)  # the name disappears atomically, the bytes follow
-            _remove_quietly(doomed)
-            removed.append(old)
-    except OSError as exc:
-        logger.warning("retention under %s stopped early: %s", root, exc)
-    return removed
 
 
 def update_manifest(export: Path, **fields) -> dict:
@@ -419,12 +276,6 @@ def update_manifest(export: Path, **fields) -> dict:
 def verify_export(export: Path) -> list:
     """Recompute every tensor's sha256 and compare with the manifest; returns the problems found
     (an empty list means the export is complete and intact)."""
-    import hashlib
-
-    from safetensors import safe_open
-
-    from .formats.safetensors_stream import tensor_bytes
-
     export = Path(export)
     try:
         manifest = read_manifest(export)

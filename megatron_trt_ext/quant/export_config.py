@@ -1,6 +1,6 @@
 """The quantization blocks of the written configs (ModelOpt unified HF, TensorRT-LLM).
 
-``summary`` is what the plan decided per linear (`ExportJob._plan_outputs`): ``layers`` (HF module
+``summary`` is what the plan decided per linear (`conversion.plan_outputs`): ``layers`` (HF module
 -> recipe algorithm name), ``hf_exclude`` (unquantized HF linears and embeddings, listed as ModelOpt
 lists them), ``trt_exclude`` (the same in TensorRT-LLM names).
 """

@@ -1,8 +1,8 @@
 """Async exports: the trainer copies its shards into shared host memory (the only stall) and a
 worker process does the rest.
 
-Snapshot slots. A slot is one set of shared buffers (one per local slice an export reads) with a
-small shared header (state, iteration) and a lock. Slot 0 is allocated at attach; slot 1 only
+Snapshot slots (`slots.SlotTable`: a slot holds one save's tensors and metadata, with a lock;
+the messages both sides exchange are the dataclasses of `slots`). Slot 0 is allocated at attach; slot 1 only
 the first time a save comes while the worker still exports from slot 0, so a save is never lost
 to a busy worker: it is snapshotted into the free slot at once (training waits only for that
 copy) and exported as soon as the running export ends. A newer save replaces an older one that
@@ -34,19 +34,42 @@ from typing import Optional
 import torch
 
 from . import manifest as mf
-from .job import ExportResult, torch_dtype
+from .errors import ConfigError
+from .plan import torch_dtype
+from .publish import record_failure
+from .result import ExportResult
+from .slots import (NUM_SLOTS, Broken, Done, SaveMeta, SlotState, SlotTable, Started, Stop, Superseded,
+                    Wake)
+from .utils import free_port
+from .worker import worker_main
 
 logger = logging.getLogger("megatron_trt_ext")
 
-# slot header: [state, iteration]
-EMPTY, PENDING, TAKEN = 0, 1, 2
-NUM_SLOTS = 2
 
+class HostPins:
+    """Page-locks host buffers on CUDA machines (so device-to-host copies are asynchronous) and
+    unlocks exactly those again at `release`: page-locked memory is scarce and outlives nothing
+    on its own (the registration lasts until it is undone, whoever holds the tensor)."""
 
-def allocate_buffers(needs: list, dtypes: dict) -> dict:
-    """One shared-memory buffer per local slice an export reads."""
-    return {(name, offset, shape): torch.empty(shape, dtype=dtypes[name]).share_memory_()
-            for name, offset, shape in needs}
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._registered: list = []  # (data pointer, the buffer: kept alive while registered)
+
+    def pin(self, buffers: dict) -> None:
+        if not self.enabled:
+            return
+        cudart = torch.cuda.cudart()
+        for buf in buffers.values():
+            if buf.numel() and int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)) == 0:
+                self._registered.append((buf.data_ptr(), buf))
+
+    def release(self) -> None:
+        """Unregister every range `pin` registered (idempotent)."""
+        registered, self._registered = self._registered, []
+        if registered:
+            cudart = torch.cuda.cudart()
+            for ptr, _ in registered:
+                cudart.cudaHostUnregister(ptr)
 
 
 class BackgroundExporter:
@@ -54,8 +77,6 @@ class BackgroundExporter:
 
     def __init__(self, exporter):
         if mp.current_process().daemon:
-            from .errors import ConfigError
-
             raise ConfigError("mode: async starts an export worker process, and this training process is a "
                               "daemonic multiprocessing child, which may not have children; use mode: sync "
                               "(or start training from a non-daemonic process)")
@@ -64,17 +85,14 @@ class BackgroundExporter:
         self.comm = exporter.comm
         self.timeout_s = float(self.job.config.timeout_s)
         self._ctx = mp.get_context("spawn")
-        self._dtypes = {u.name: torch_dtype(u.dtype) for u in self.job.units}
-        self._needs = self.job.needed_pieces()
-        self.buffers: list = [allocate_buffers(self._needs, self._dtypes), None]
-        self.snapshot_bytes = sum(b.numel() * b.element_size() for b in self.buffers[0].values())
-        self.headers = torch.zeros(NUM_SLOTS, 2, dtype=torch.int64).share_memory_()
+        self.slots = SlotTable(self.job.needed_pieces(), {u.name: torch_dtype(u.dtype) for u in self.job.units})
+        self.snapshot_bytes = sum(b.numel() * b.element_size() for b in self.slots.buffers[0].values())
         self.heartbeat = torch.zeros(1, dtype=torch.float64).share_memory_()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self._pin(self.buffers[0])
+        self._pins = HostPins(self._stream is not None)
+        self._pins.pin(self.slots.buffers[0])
         self.proc = None
         self.conn = None
-        self.locks: list = []
         self.outstanding: dict = {}   # iteration -> (submitted unix time, stall seconds)
         self.running: Optional[int] = None  # the iteration the worker said it started
         self.last: Optional[ExportResult] = None
@@ -83,52 +101,37 @@ class BackgroundExporter:
         self.gone_reason = None
         self._clobbered = None
         self._event = None
-        self._probe, self._probe_s = None, 0.0  # the save being submitted: its probe record (rank 0)
         self._start_worker()
 
     # ------------------------------------------------------------------ worker lifecycle
-    def _pin(self, buffers: dict) -> None:
-        """Page-lock shared buffers on CUDA machines, so device-to-host copies are async."""
-        if self._stream is None:
-            return
-        cudart = torch.cuda.cudart()
-        for buf in buffers.values():
-            if buf.numel():
-                cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
-
     def _start_worker(self) -> None:
         """Collective: every rank starts its worker; the workers rendezvous on a store that
         rank 0's worker serves, whatever launcher environment they inherit."""
-        from .utils import free_port
-
         endpoint = (os.environ.get("MASTER_ADDR") or socket.gethostname(), free_port()) if self.comm.rank == 0 else None
         addr, port = self.comm.all_gather_object(endpoint)[0]
         # A killed worker may have died holding a slot's lock: every generation gets new locks.
-        self.locks = [self._ctx.Lock() for _ in range(NUM_SLOTS)]
-        for slot in range(NUM_SLOTS):
-            if int(self.headers[slot, 0]) == TAKEN:  # its export died with the old worker
-                self.headers[slot, 0] = EMPTY
+        self.slots.locks = [self._ctx.Lock() for _ in range(NUM_SLOTS)]
+        for slot in self.slots.slots_in(SlotState.TAKEN):  # its export died with the old worker
+            self.slots.set_state(slot, SlotState.EMPTY)
         parent, child = self._ctx.Pipe()
-        from .worker import worker_main
-
         self.heartbeat[0] = time.time()
         self.proc = self._ctx.Process(
             target=worker_main, daemon=True, name=f"megatron-trt-ext-worker-{self.comm.rank}",
-            args=(child, self.job, self.buffers, self.headers, self.locks, self.heartbeat, addr, port))
+            args=(child, self.job, self.slots, self.heartbeat, addr, port))
         self.proc.start()
         child.close()
         self.conn = parent
         self.needs_restart = False
         self.gone = False
         self.running = None
-        if any(int(self.headers[s, 0]) == PENDING for s in range(NUM_SLOTS)):
-            self._send(("wake",))  # a save that the previous worker never started
+        if self.slots.slots_in(SlotState.PENDING):
+            self._send(Wake())  # a save that the previous worker never started (its metadata is in the slot)
 
     def _stop_worker(self, grace_s: float = 5.0) -> None:
         """Ask the worker to stop; kill it when it does not within ``grace_s`` (bounded)."""
         if self.proc is None:
             return
-        self._send(("stop",))
+        self._send(Stop())
         self.proc.join(grace_s)
         if self.proc.is_alive():
             self.proc.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
@@ -146,7 +149,7 @@ class BackgroundExporter:
     def _record(self, result: ExportResult) -> ExportResult:
         self.outstanding.pop(result.iteration, None)
         self.last = result
-        self.exporter._record(result)
+        self.exporter.record(result)
         if result.status == "failed":
             logger.error("async export of iteration %d failed, training continues: %s",
                          result.iteration, result.error)
@@ -155,23 +158,21 @@ class BackgroundExporter:
         return result
 
     def _handle(self, msg) -> None:
-        kind = msg[0]
-        if kind == "started":
-            self.running = msg[1]
-        elif kind == "done":
-            result = msg[1]
-            self.running = None
-            if result.iteration in self.outstanding:
-                submitted, stall = self.outstanding[result.iteration]
-                result.timings["stall_s"] = stall
-                result.timings["total_s"] = time.time() - submitted
-            self._record(result)  # a broken process group comes as "broken" next: then the worker restarts
-        elif kind == "superseded":
-            old, new = msg[1], msg[2]
-            if old in self.outstanding:
-                self._skipped(old, new)
-        elif kind == "broken":
-            self._worker_gone(f"export worker of rank {self.comm.rank} stopped: {msg[1]}")
+        match msg:
+            case Started(iteration):
+                self.running = iteration
+            case Done(result):
+                self.running = None
+                if result.iteration in self.outstanding:
+                    submitted, stall = self.outstanding[result.iteration]
+                    result.timings["stall_s"] = stall
+                    result.timings["total_s"] = time.time() - submitted
+                self._record(result)  # a broken process group comes as Broken next: then the worker restarts
+            case Superseded(old, new):
+                if old in self.outstanding:
+                    self._skipped(old, new)
+            case Broken(reason):
+                self._worker_gone(f"export worker of rank {self.comm.rank} stopped: {reason}")
 
     def _skipped(self, old: int, new: int) -> None:
         stall = self.outstanding[old][1]
@@ -197,7 +198,7 @@ class BackgroundExporter:
     def _fail(self, iteration: int, error: str) -> None:
         path = None
         if self.comm.rank == 0:
-            path = mf.record_failure(self.job.root, iteration, self.job.manifest_base(iteration), error)
+            path = record_failure(self.job.root, iteration, self.job.manifest_base(iteration), error)
         stall = self.outstanding.get(iteration, (0, 0.0))[1]
         self._record(ExportResult(iteration, path, "failed", list(self.job.config.formats), {"stall_s": stall}, 0,
                                   error))
@@ -243,9 +244,8 @@ class BackgroundExporter:
                 for iteration in sorted(self.outstanding):  # nobody is left to export them
                     self._fail(iteration, f"{self.gone_reason or 'the export worker is gone'}; the save of "
                                           f"iteration {iteration} was not exported")
-                for slot in range(NUM_SLOTS):
-                    if int(self.headers[slot, 0]) == PENDING:
-                        self.headers[slot, 0] = EMPTY
+                for slot in self.slots.slots_in(SlotState.PENDING):
+                    self.slots.set_state(slot, SlotState.EMPTY)
                 break
             self._check_hung()
         return self.last
@@ -266,7 +266,7 @@ class BackgroundExporter:
         error = None
         try:
             s0 = time.perf_counter()
-            slot = self._snapshot(iteration)
+            slot, probe, probe_s = self._snapshot(iteration)
             snapshot_s = time.perf_counter() - s0
         except Exception as exc:  # noqa: BLE001 - agreed below: every rank gives this save up
             slot, snapshot_s = None, 0.0
@@ -283,51 +283,36 @@ class BackgroundExporter:
             self._fail(iteration, message)
             return self.last
         self.outstanding[iteration] = (t_submit, stall)
-        timings = {"stall_s": stall, "snapshot_s": snapshot_s, "probe_s": self._probe_s,
+        timings = {"stall_s": stall, "snapshot_s": snapshot_s, "probe_s": probe_s,
                    "snapshot_bytes": self.snapshot_bytes, "submitted_unix": t_submit}
-        self._release(slot, publish=True, iteration=iteration, timings=timings, probe=self._probe)
-        self._probe = None
-        running = ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
-                               list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
-        self.exporter.last_result = running  # replaced by the final result when it arrives
-        return running
+        self._release(slot, publish=True, iteration=iteration, meta=SaveMeta(timings, probe))
+        # (the exporter shows it as its last result until the final one arrives)
+        return ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
+                            list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
 
-    def _lock_free_slot(self) -> int:
-        """The slot the worker is not exporting from (it holds at most one lock at a time)."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            for slot in range(NUM_SLOTS):
-                if self.locks[slot].acquire(block=False):
-                    return slot
-            if time.monotonic() > deadline:
-                raise RuntimeError("could not lock a snapshot slot (the worker holds both?)")
-            time.sleep(0.001)
-
-    def _snapshot(self, iteration: int) -> int:
-        """Copy this rank's slices into a free slot and return it, still locked (`_release`
-        publishes it). A pending save whose slot this overwrites is left in ``_clobbered``."""
+    def _snapshot(self, iteration: int) -> tuple:
+        """Copy this rank's slices into a free slot; returns (slot, probe record, probe seconds),
+        the slot still locked (`_release` publishes it). A pending save whose slot this overwrites
+        is left in ``_clobbered``."""
         self._clobbered = None
-        self._probe, self._probe_s = None, 0.0
-        source = self.exporter._source()  # the probe, then (quantized exports) a calibrated replica
-        live = source.local
-        self._probe, self._probe_s = source.probe, source.probe_s
-        slot = self._lock_free_slot()
+        source = self.exporter.take_source()  # the probe, then (quantized exports) a calibrated replica
+        slots = self.slots
+        slot = slots.lock_free(self.timeout_s)
         try:
-            if int(self.headers[slot, 0]) == PENDING:
-                self._clobbered = int(self.headers[slot, 1])
-            self.headers[slot, 0] = EMPTY
-            if self.buffers[slot] is None:  # the second slot, the first time a save finds the worker busy
-                self.buffers[slot] = allocate_buffers(self._needs, self._dtypes)
-                self._pin(self.buffers[slot])
-                self._send(("slot", slot, self.buffers[slot]))
-            self._copy(live, self.buffers[slot])
+            if slots.state(slot) == SlotState.PENDING:
+                self._clobbered = slots.iteration(slot)
+            slots.set_state(slot, SlotState.EMPTY)
+            storage = slots.ensure_buffers(slot)  # the second slot, the first time a save finds the worker busy
+            if storage is not None:
+                self._pins.pin(storage.buffers)
+                self._send(storage)
+            self._copy(source.local, slots.buffers[slot])
+            return slot, source.probe, source.probe_s
         except BaseException:
-            self.locks[slot].release()
+            slots.locks[slot].release()
             raise
         finally:
             del source
-        self.headers[slot, 1] = iteration
-        return slot
 
     def _copy(self, live: dict, buffers: dict) -> None:
         by_key = {(name, p.offset, tuple(p.tensor.shape)): p.tensor for name, pieces in live.items() for p in pieces}
@@ -350,20 +335,25 @@ class BackgroundExporter:
         self._event.record(self._stream)
         current.wait_stream(self._stream)
 
-    def _release(self, slot: int, publish: bool, iteration: Optional[int] = None, timings=None,
-                 probe=None) -> None:
-        """Unlock the slot; when ``publish``, mark it pending first and wake the worker (on GPU,
-        once the side-stream copies are done, without blocking the trainer)."""
-        event, lock, headers = getattr(self, "_event", None), self.locks[slot], self.headers
+    def _release(self, slot: int, publish: bool, iteration: Optional[int] = None,
+                 meta: Optional[SaveMeta] = None) -> None:
+        """Unlock the slot; when ``publish``, first store the save's metadata in it, then mark it
+        pending (on GPU once the side-stream copies are done, without blocking the trainer) and
+        wake the worker. Whatever the worker finds pending is whole: tensors and metadata."""
+        event, lock, slots = self._event, self.slots.locks[slot], self.slots
+        if publish:
+            storage = slots.write_meta(slot, iteration, meta)
+            if storage is not None:  # a larger metadata buffer: the worker has it before the slot is pending
+                self._send(storage)
 
         def finish():
             if event is not None:
                 event.synchronize()
             if publish:
-                headers[slot, 0] = PENDING
+                slots.set_state(slot, SlotState.PENDING)
             lock.release()
             if publish:
-                self._send(("wake", iteration, timings, probe))
+                self._send(Wake())
 
         if event is None or not publish:
             finish()
@@ -376,3 +366,6 @@ class BackgroundExporter:
             self.wait()
         finally:
             self._stop_worker()
+            if self._event is not None:  # no copy may still write into a range being unpinned
+                self._event.synchronize()
+            self._pins.release()

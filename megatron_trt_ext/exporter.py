@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -21,10 +20,12 @@ import torch
 from . import errors as err_mod
 from .arch import select_family
 from .arch.convert import check_sources
+from .attach_checks import check_inference_layout, check_quantization, check_trtllm_support, export_vocab_size
 from .config import ExportConfig
 from .errors import ConfigError, ExportError
 from .gather import Comm, gather_classes
-from .job import ExportJob, ExportResult, __version__  # noqa: F401  (re-exported)
+from .job import ExportJob
+from .result import ExportResult
 from .model_info import drop_mtp_layers, merge_module_facts, module_facts, read_model_info, unwrap_chunks
 from .plan import describe, expert_group, local_shards, plan_units
 
@@ -51,23 +52,6 @@ class Source:
     replica: Optional[list]
     probe: Optional[Any]
     probe_s: float = 0.0
-
-
-def _missing_mamba_kernel(chunks) -> Optional[str]:
-    """The kernel a Mamba mixer of the model would call in a forward pass that its Megatron module
-    could not import (mamba_ssm's), or None. The mixer calls ``mamba_split_conv1d_scan_combined``
-    on its memory-efficient path, else ``mamba_chunk_scan_combined``."""
-    import sys
-
-    for chunk in chunks:
-        for module in chunk.modules():
-            if type(module).__name__ != "MambaMixer":
-                continue
-            kernel = ("mamba_split_conv1d_scan_combined" if getattr(module, "use_mem_eff_path", False)
-                      else "mamba_chunk_scan_combined")
-            if getattr(sys.modules.get(type(module).__module__), kernel, None) is None:
-                return kernel
-    return None
 
 
 def _describe_error(exc: BaseException) -> tuple:
@@ -129,18 +113,18 @@ class Exporter:
             if config.drop_mtp:
                 self.info = drop_mtp_layers(self.info)
             self.spec = select_family(self.info, config.family)
-            self._check_trtllm_support()
-            self._check_inference_layout()
-            self.vocab_size = self._export_vocab_size()
+            check_trtllm_support(self.spec, self.info, config.formats)
+            self.moe_tp, self.moe_ep = check_inference_layout(self.info, config)
+            self.vocab_size = export_vocab_size(self.info, config, self.rank)
             self.probe_options = config.verification_options
             self.probe_enabled = self.probe_options.enabled and "hf" in config.formats
             if self.probe_enabled:
                 self.probe_options.check_model(self.info.max_position_embeddings, self.vocab_size)
             self.root = config.check_output_dir_writable()
             if self.rank == 0:  # what interrupted runs left behind (never what a live process holds)
-                from . import manifest as mf
+                from . import publish
 
-                for path in mf.cleanup_leftovers(self.root, stale_after_s=2 * config.timeout_s):
+                for path in publish.cleanup_leftovers(self.root, stale_after_s=2 * config.timeout_s):
                     logger.info("removed %s, left by an interrupted export", path)
             if "trtllm_engine" in config.formats:
                 config.build_options.check_devices(torch.cuda.device_count())
@@ -149,7 +133,8 @@ class Exporter:
             self.rename = canonical_namer(self.info)
             local = self._local_shards(self.chunks)
             if self.quant is not None:
-                self._check_quantization()
+                check_quantization(config, self.quant, self.spec, self.info, self.chunks, calibration_data,
+                                   forward_loop)
                 from .quant.stats import stat_pieces
 
                 local.update(stat_pieces(local, self.quant, fold_aliases=self._fold_aliases(),
@@ -169,7 +154,6 @@ class Exporter:
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
                              rank=self.rank, world_size=self.world_size, root=self.root, mode=self.mode)
         self.saves_seen = 0
-        self.save_counts: dict = {}  # iteration -> saves counted up to it (resume bookkeeping)
         self.last_result: Optional[ExportResult] = None
         self.results: list = []
         self._background = None
@@ -205,106 +189,12 @@ class Exporter:
     def ctx(self):
         return self.job.ctx
 
-    # ------------------------------------------------------------------ validation
-    def _check_trtllm_support(self) -> None:
-        wanted = [f for f in self.config.formats if f.startswith("trtllm")]
-        reason = self.spec.trtllm_unsupported(self.info) if (wanted and self.spec.trtllm_unsupported) else None
-        if reason:
-            raise ConfigError(
-                f"formats {wanted}: {reason}. Export formats: [hf] and deploy hf/ with TensorRT-LLM's PyTorch "
-                "backend (trtllm-serve), vLLM or SGLang")
-
-    def _check_inference_layout(self) -> None:
-        info, tp, pp = self.info, self.config.inference_tp, self.config.inference_pp
-        heads, groups = info.num_attention_heads, info.num_query_groups
-        if heads % tp:
-            raise ConfigError(f"inference_tp={tp}: does not divide num_attention_heads={heads}; "
-                              f"choose a divisor of {heads}")
-        if groups >= tp and groups % tp:
-            raise ConfigError(f"inference_tp={tp}: does not divide the {groups} KV heads; choose a divisor "
-                              f"of {groups} or a multiple of it that divides {heads}")
-        if groups < tp and tp % groups:
-            raise ConfigError(f"inference_tp={tp}: larger than the {groups} KV heads but not a multiple of "
-                              "them, so KV heads cannot be duplicated evenly; choose a multiple of "
-                              f"{groups} that divides {heads}")
-        if info.ffn_hidden_size % tp:
-            raise ConfigError(f"inference_tp={tp}: does not divide ffn_hidden_size={info.ffn_hidden_size}")
-        if info.num_layers % pp:
-            raise ConfigError(f"inference_pp={pp}: does not divide num_layers={info.num_layers}; "
-                              f"choose a divisor of {info.num_layers}")
-        self.moe_tp, self.moe_ep = self._moe_layout(tp)
-
-    def _moe_layout(self, tp: int) -> tuple:
-        info = self.info
-        moe_tp, moe_ep = self.config.inference_moe_tp, self.config.inference_moe_ep
-        if not info.num_experts:
-            if moe_tp not in (None, tp) or moe_ep not in (None, 1):
-                raise ConfigError("inference_moe_tp/inference_moe_ep: the model has no MoE layers; "
-                                  "leave them unset")
-            return tp, 1
-        if moe_tp is None and moe_ep is None:
-            moe_tp, moe_ep = tp, 1
-        elif moe_tp is None:
-            moe_tp = tp // moe_ep if tp % moe_ep == 0 else 0
-        elif moe_ep is None:
-            moe_ep = tp // moe_tp if tp % moe_tp == 0 else 0
-        if not moe_tp or not moe_ep or moe_tp * moe_ep != tp:
-            raise ConfigError(f"inference_moe_tp x inference_moe_ep must equal inference_tp={tp}; got "
-                              f"{self.config.inference_moe_tp} x {self.config.inference_moe_ep}")
-        if info.num_experts % moe_ep:
-            raise ConfigError(f"inference_moe_ep={moe_ep}: does not divide the {info.num_experts} experts")
-        if info.moe_ffn_hidden_size % moe_tp:
-            raise ConfigError(f"inference_moe_tp={moe_tp}: does not divide the expert FFN size "
-                              f"{info.moe_ffn_hidden_size}")
-        return moe_tp, moe_ep
-
-    def _check_quantization(self) -> None:
-        """Everything about a quantized export that can fail, checked at attach."""
-        spec = self.quant
-        where = f"quantization.algorithm {spec.algorithm}"
-        try:
-            import modelopt.torch.quantization  # noqa: F401
-        except ImportError as exc:
-            raise ConfigError(f"{where}: needs NVIDIA ModelOpt ({exc}); install it with "
-                              "pip install 'megatron-trt-ext[quant]'") from exc
-        refusal = spec.refusal(self.config.formats)
-        if refusal:
-            raise ConfigError(f"quantization: {refusal}")
-        if self.spec.quantization_unsupported:
-            raise ConfigError(f"quantization: {self.spec.quantization_unsupported}; export this model unquantized "
-                              "(recipes/bf16.yaml)")
-        refused = self.spec.calibration_unsupported.get(spec.calibration_kind)
-        if refused:
-            raise ConfigError(f"{where}: {refused}")
-        if spec.calibration_kind is not None:
-            missing = _missing_mamba_kernel(self.chunks)
-            if missing:
-                raise ConfigError(
-                    f"{where}" + (f", kv_cache {spec.kv_cache}" if spec.kv_cache != "none" else "") +
-                    f": calibration runs the model's forward pass, and its Mamba mixers need {missing} "
-                    "(mamba_ssm, on a CUDA machine); install mamba-ssm, or use a weight-only recipe (fp8_pc_pt, "
-                    "fp8_pb_wo, mxfp8, w4a16_nvfp4) with kv_cache: none, which needs no forward pass")
-        for fmt in self.config.formats:
-            reason = self.spec.quantized_formats_unsupported.get(fmt)
-            if reason:
-                raise ConfigError(f"quantization with formats: [{fmt}] ({self.spec.name} family): {reason}")
-        if self.info.num_experts:
-            if spec.calibration_kind in ("smoothquant", "awq"):
-                raise ConfigError(f"{where}: SmoothQuant/AWQ exports of mixture-of-experts models are not supported "
-                                  "yet; use fp8, nvfp4 or a weight-only FP8/FP4 recipe")
-        if spec.kv_cache != "none" and self.info.mla:
-            raise ConfigError(f"quantization.kv_cache {spec.kv_cache}: multi-latent attention caches the compressed "
-                              "latent, whose scales this version does not export; use kv_cache: none")
-        if spec.calibration.source == "iterator" and self.calibration_data is None and self.forward_loop is None:
-            raise ConfigError("quantization.calibration.source is 'iterator': pass calibration_data=<iterator or "
-                              "callable> (e.g. a slice of the training data iterator) to attach()/Exporter()")
-        # Shapes (group and block sizes, per inference-TP rank) are checked per linear by the plan.
-
-    def _source(self) -> "Source":
+    def take_source(self) -> "Source":
         """What an export reads, all of it taken while training waits: the verification probe's
         reference logits (live model), then the slices: the live model's own, or (quantized
         exports) a calibrated replica's plus its calibration statistics (the replica is dropped
-        after the copy). Collective: every rank calls it at the same save."""
+        after the copy). Collective: every rank calls it at the same save (the sync export, or
+        the background exporter's snapshot)."""
         batches, batches_error = None, None
         try:
             batches = self._calibration_batches()
@@ -346,7 +236,7 @@ class Exporter:
         from .quant.calibrate import calibration_batches
 
         device = next((p.device for c in self.chunks for p in c.parameters()), torch.device("cpu"))
-        return calibration_batches(self.quant.calibration, self.calibration_data, self.info.padded_vocab_size,
+        return calibration_batches(self.quant.calibration, self.calibration_data, self.vocab_size,
                                    device)
 
     def _probe(self, batches):
@@ -385,20 +275,6 @@ class Exporter:
         return (quant.enabled and quant.calibration_kind in ("max", None)
                 and any(a.weight.startswith("fp8") for a in quant.algorithms))
 
-    def _export_vocab_size(self) -> int:
-        padded = self.info.padded_vocab_size
-        wanted = self.config.vocab_size
-        if wanted is None:
-            if self.rank == 0:
-                warnings.warn(
-                    f"vocab_size not set: exporting Megatron's padded vocabulary ({padded} rows). Set "
-                    "ExportConfig(vocab_size=<tokenizer size>) to trim the padding rows.", stacklevel=3)
-            return padded
-        if wanted > padded:
-            raise ConfigError(f"vocab_size={wanted}: larger than the model's padded vocabulary ({padded}); "
-                              "give the tokenizer's vocabulary size")
-        return wanted
-
     # ------------------------------------------------------------------ export
     def export(self, iteration: int, on_progress=None) -> ExportResult:
         """Export the model as it is now. Call on every rank.
@@ -408,20 +284,25 @@ class Exporter:
         on each other longer than ``config.timeout_s``.
 
         Async mode: returns as soon as this rank's shards are copied to host memory, with
-        ``status="running"`` (or ``"skipped"`` under ``busy_policy: skip``); `wait()` gives the
-        final result, and failures are logged and recorded, never raised into training.
+        ``status="running"`` (``"failed"`` when the snapshot failed on a rank); `wait()` gives the
+        final result, and failures are logged and recorded, never raised into training. Under
+        ``busy_policy: skip`` a queued save that a newer one replaces before its export starts
+        is recorded later as ``"skipped"`` (see ``results``).
 
         ``on_progress``: sync mode, called after each unit (the CLI's progress bars).
         """
         if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
             raise ConfigError(f"iteration: expected a non-negative int, got {iteration!r}")
         if self._background is not None:
-            return self._background.submit(iteration)
+            result = self._background.submit(iteration)
+            if result.status == "running":  # shown until the final result is recorded
+                self.last_result = result
+            return result
         t0 = time.perf_counter()
         source = None
         try:
             try:
-                source = self._source()
+                source = self.take_source()
                 local, source_error, timings = source.local, None, {"probe_s": source.probe_s}
             except Exception as exc:  # noqa: BLE001 - shared with the peers in the run's first decision
                 local, source_error, timings = {}, exc, {}
@@ -433,14 +314,14 @@ class Exporter:
             result = getattr(error, "result", None) or ExportResult(
                 iteration, None, "failed", list(self.config.formats), {}, 0, str(error))
             result.timings["stall_s"] = time.perf_counter() - t0
-            self._record(result)
+            self.record(result)
             if error is exc:
                 raise
             raise error from exc
         finally:
             source = None  # noqa: F841 - drop the calibration replica now
         result.timings["stall_s"] = time.perf_counter() - t0  # sync: training waited for all of it
-        self._record(result)
+        self.record(result)
         from .engines.runner import launch_after_export
 
         launch_after_export(self.config, self.rank, result)
@@ -449,11 +330,11 @@ class Exporter:
     def _unexpected_failure(self, iteration: int, exc: BaseException) -> ExportError:
         """A failure outside the export's own agreed paths (calibration, an unforeseen error):
         named, recorded on disk by this rank (the first record wins), raised as ExportError."""
-        from . import manifest as mf
+        from . import publish
 
         message = f"export of iteration {iteration} failed on rank {self.rank}: {type(exc).__name__}: {exc}"
         logger.error("%s", message)
-        recorded = mf.record_failure(self.root, iteration, self.job.manifest_base(iteration), message)
+        recorded = publish.record_failure(self.root, iteration, self.job.manifest_base(iteration), message)
         error = ExportError(message)
         error.result = ExportResult(iteration, recorded, "failed", list(self.config.formats), {}, 0, message)
         return error
@@ -470,8 +351,9 @@ class Exporter:
             background, self._background = self._background, None
             background.close()
 
-    def _record(self, result: ExportResult) -> None:
-        """Every final result (complete, failed, skipped) passes here once: keep it, report it."""
+    def record(self, result: ExportResult) -> None:
+        """Every final result (complete, failed, skipped) passes here once: keep it, report it.
+        The background exporter records the results its worker sends back here too."""
         self.last_result = result
         self.results.append(result)
         from .metrics import report
@@ -486,7 +368,6 @@ class Exporter:
         goes on, unless ``config.strict``.
         """
         self.saves_seen += 1
-        self.save_counts[iteration] = self.saves_seen
         if self.saves_seen % self.config.every_n_saves:
             return None
         if self.config.strict and self.last_result is not None and self.last_result.status == "failed":
@@ -499,7 +380,7 @@ class Exporter:
             logger.error("export at iteration %s failed, training continues: %s", iteration, exc)
             if self.last_result is None or self.last_result.iteration != iteration or self.last_result.ok:
                 # never hand back an older (complete) result for a save that failed
-                self._record(ExportResult(iteration, None, "failed", list(self.config.formats), {}, 0, str(exc)))
+                self.record(ExportResult(iteration, None, "failed", list(self.config.formats), {}, 0, str(exc)))
             return self.last_result
 
     def state_dict(self) -> dict:

@@ -5,7 +5,8 @@ The workers of all ranks form their own gloo world for the transfers, on a TCP s
 0's worker serves at an address and port its trainer chose. They rendezvous explicitly, never
 through launcher variables they inherit (torchrun's agent store, SLURM, ``mp.spawn``).
 
-Each worker reads snapshots from the trainer's shared slots (see `background`). Before each
+Each worker reads snapshots from the trainer's shared slots (`slots.SlotTable`; the worker knows
+the trainer only through that table and the messages of `slots`, never its module). Before each
 export the workers agree on the iteration: each proposes the newest save it holds; a worker
 whose trainer has not published the newest proposal yet waits for it (bounded), so all ranks
 export the same save, and an older save that a newer one overtook is reported as skipped.
@@ -17,37 +18,44 @@ import os
 import sys
 import time
 import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .engines.runner import launch_after_export
+from .errors import ExportError
+from .gather import Comm
+from .plan import LocalPiece
+from .result import ExportResult
+from .slots import Broken, Done, SlotState, SlotStorage, SlotTable, Started, Stop, Superseded, Wake
 
 # Launcher variables that would redirect the workers' rendezvous (torchrun makes every
 # init_process_group a client of its agent's store when this is set).
 _LAUNCHER_VARIABLES = ("TORCHELASTIC_USE_AGENT_STORE",)
 
 
-class Stop(Exception):
+class Stopped(Exception):
     """The trainer asked the worker to stop (or is gone)."""
 
 
 class Worker:
-    def __init__(self, conn, job, buffers, headers, locks, heartbeat):
-        self.conn, self.job, self.buffers = conn, job, list(buffers)
-        self.headers, self.locks, self.heartbeat = headers, locks, heartbeat
-        self.timings: dict = {}
-        self.probes: dict = {}  # iteration -> the trainer's verification probe record (rank 0)
+    def __init__(self, conn, job, slots: SlotTable, heartbeat):
+        self.conn, self.job, self.slots, self.heartbeat = conn, job, slots, heartbeat
         self.comm = None
-        self.last_done = -1
 
     # ------------------------------------------------------------------ the trainer's messages
     def beat(self) -> None:
         self.heartbeat[0] = time.time()
 
     def handle(self, msg) -> None:
-        if msg[0] == "stop":
-            raise Stop()
-        if msg[0] == "slot":
-            self.buffers[msg[1]] = msg[2]
-        elif msg[0] == "wake" and len(msg) > 1:
-            self.timings[msg[1]] = msg[2]
-            self.probes[msg[1]] = msg[3]
+        match msg:
+            case Stop():
+                raise Stopped()
+            case SlotStorage():
+                self.slots.receive(msg)
+            case Wake():
+                pass  # the loop looks at the slots right after draining
 
     def drain(self, timeout: float) -> None:
         """Handle what the trainer sent within ``timeout`` seconds."""
@@ -58,35 +66,22 @@ class Worker:
                     if not self.conn.poll():
                         break
         except (EOFError, OSError):
-            raise Stop() from None
+            raise Stopped() from None
 
     # ------------------------------------------------------------------ slots
-    def pending(self):
-        """(slot, iteration) of the newest published save, or None."""
-        from .background import NUM_SLOTS, PENDING
-
-        best = None
-        for slot in range(NUM_SLOTS):
-            if int(self.headers[slot, 0]) == PENDING and self.buffers[slot] is not None:
-                iteration = int(self.headers[slot, 1])
-                if best is None or iteration > best[1]:
-                    best = (slot, iteration)
-        return best
-
     def hold(self, at_least: int):
         """Lock the slot with the newest save >= ``at_least``; waits for the trainer (bounded).
         Returns (slot, iteration) with that slot's lock held."""
-        from .background import PENDING
-
+        slots = self.slots
         deadline = time.monotonic() + self.job.config.timeout_s
         while True:
-            found = self.pending()
-            if found is not None and found[1] >= at_least:
+            found = slots.newest_pending(at_least)
+            if found is not None:
                 slot = found[0]
-                if self.locks[slot].acquire(timeout=self.job.config.timeout_s):
-                    if int(self.headers[slot, 0]) == PENDING and int(self.headers[slot, 1]) >= at_least:
-                        return slot, int(self.headers[slot, 1])
-                    self.locks[slot].release()  # overwritten meanwhile: look again
+                if slots.locks[slot].acquire(timeout=self.job.config.timeout_s):
+                    if slots.holds_pending(slot, at_least):
+                        return slot, slots.iteration(slot)
+                    slots.locks[slot].release()  # overwritten meanwhile: look again
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no snapshot of iteration >= {at_least} arrived from the trainer within "
                                    f"{self.job.config.timeout_s} s")
@@ -101,86 +96,68 @@ class Worker:
             if all(p == target for p in proposals):
                 return slot, iteration
             if iteration < target:
-                self.locks[slot].release()
+                self.slots.locks[slot].release()
                 slot, iteration = self.hold(target)
 
     def supersede_older(self, taken: int, iteration: int) -> None:
         """A pending save older than the one being exported will never be: report it."""
-        from .background import EMPTY, NUM_SLOTS, PENDING
-
-        for slot in range(NUM_SLOTS):
-            if slot == taken or not self.locks[slot].acquire(block=False):
+        slots = self.slots
+        for slot in slots.slots_in(SlotState.PENDING):
+            if slot == taken or not slots.locks[slot].acquire(block=False):
                 continue
             try:
-                if int(self.headers[slot, 0]) == PENDING and int(self.headers[slot, 1]) < iteration:
-                    self.headers[slot, 0] = EMPTY
-                    self.conn.send(("superseded", int(self.headers[slot, 1]), iteration))
+                if slots.state(slot) == SlotState.PENDING and slots.iteration(slot) < iteration:
+                    slots.set_state(slot, SlotState.EMPTY)
+                    self.conn.send(Superseded(slots.iteration(slot), iteration))
             finally:
-                self.locks[slot].release()
+                slots.locks[slot].release()
 
     # ------------------------------------------------------------------ exports
     def export_next(self) -> bool:
         """Export the newest published save, if any (collective with the other workers)."""
-        from .background import EMPTY, TAKEN
-        from .errors import ExportError
-        from .job import ExportResult
-        from .plan import LocalPiece
-
-        found = self.pending()
+        slots = self.slots
+        found = slots.newest_pending()
         if found is None:
             return False
         slot, iteration = self.hold(found[1])
         try:
             slot, iteration = self.agree(slot, iteration)
         except BaseException:
-            self.locks[slot].release()
+            slots.locks[slot].release()
             raise
         try:
-            self.headers[slot, 0] = TAKEN
+            slots.set_state(slot, SlotState.TAKEN)
             self.supersede_older(slot, iteration)
-            self.conn.send(("started", iteration))
-            self.drain(0)  # the wake message carrying this save's timings
+            self.conn.send(Started(iteration))
+            meta = slots.read_meta(slot)  # written before the slot was published: always this save's
             local: dict = {}
-            for (name, offset, shape), buf in self.buffers[slot].items():
+            for (name, offset, shape), buf in slots.buffers[slot].items():
                 local.setdefault(name, []).append(LocalPiece(offset, shape, buf, True))
-            timings = dict(self.timings.pop(iteration, {}))
-            probe = self.probes.pop(iteration, None)
+            timings = dict(meta.timings)
             try:
                 result = self.job.run(self.comm, local, iteration, timings, on_progress=self.beat,
-                                      verification=probe)
+                                      verification=meta.probe)
             except ExportError as exc:
                 result = getattr(exc, "result", None) or ExportResult(
                     iteration, None, "failed", list(self.job.config.formats), timings, 0, str(exc))
             except Exception as exc:  # noqa: BLE001
                 text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
                 result = ExportResult(iteration, None, "failed", list(self.job.config.formats), timings, 0, text)
-            self.headers[slot, 0] = EMPTY
+            slots.set_state(slot, SlotState.EMPTY)
         finally:
-            self.locks[slot].release()
-        self.conn.send(("done", result))
+            slots.locks[slot].release()
+        self.conn.send(Done(result))
         self.beat()
-        from .engines.runner import launch_after_export
-
         launch_after_export(self.job.config, self.job.rank, result)
         sys.stdout.flush()
-        for old in [i for i in self.timings if i < iteration]:
-            del self.timings[old]
-        for old in [i for i in self.probes if i < iteration]:
-            del self.probes[old]
         if self.comm.broken:  # the world is torn down: the trainer starts fresh workers at the next save
-            self.conn.send(("broken", "its process group was torn down after the failed export of iteration "
-                                      f"{iteration}; fresh workers start at the next save"))
-            raise Stop()
+            self.conn.send(Broken("its process group was torn down after the failed export of iteration "
+                                  f"{iteration}; fresh workers start at the next save"))
+            raise Stopped()
         return True
 
 
 def _join_world(job, addr: str, port: int):
-    import torch
-    import torch.distributed as dist
-    from datetime import timedelta
-
-    from .gather import Comm
-
     for name in _LAUNCHER_VARIABLES:
         os.environ.pop(name, None)
     store = None
@@ -191,12 +168,10 @@ def _join_world(job, addr: str, port: int):
     return Comm(job.config.timeout_s, torch.device("cpu"), own_world=True, store=store)
 
 
-def worker_main(conn, job, buffers, headers, locks, heartbeat, addr: str, port: int) -> None:
+def worker_main(conn, job, slots: SlotTable, heartbeat, addr: str, port: int) -> None:
     """Serve export requests from the trainer until told to stop."""
-    import torch
-
     torch.set_num_threads(1)  # leave the cores to training; the work here is mostly copies and I/O
-    worker = Worker(conn, job, buffers, headers, locks, heartbeat)
+    worker = Worker(conn, job, slots, heartbeat)
     try:
         worker.beat()
         worker.comm = _join_world(job, addr, port)
@@ -205,7 +180,7 @@ def worker_main(conn, job, buffers, headers, locks, heartbeat, addr: str, port: 
         worker.beat()
     except BaseException as exc:  # noqa: BLE001
         try:
-            conn.send(("broken", f"could not start: {type(exc).__name__}: {exc}"))
+            conn.send(Broken(f"could not start: {type(exc).__name__}: {exc}"))
         except OSError:
             pass
         return
@@ -214,10 +189,10 @@ def worker_main(conn, job, buffers, headers, locks, heartbeat, addr: str, port: 
             worker.drain(1.0)
             while worker.export_next():
                 pass
-    except Stop:
+    except Stopped:
         return
     except BaseException as exc:  # noqa: BLE001 - e.g. the agreement broke: a peer is gone
         try:
-            conn.send(("broken", f"{type(exc).__name__}: {exc}"))
+            conn.send(Broken(f"{type(exc).__name__}: {exc}"))
         except OSError:
             pass

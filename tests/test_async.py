@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -146,3 +147,73 @@ def test_keep_last_never_removes_the_newest_nor_one_being_built(megatron_world, 
     exporter.export(5)
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
     assert mf.latest_export(tmp_path).name == "iter_0000005"
+
+
+def test_a_worker_that_takes_the_slot_before_the_wake_keeps_timings_and_probe(megatron_world, tmp_path):
+    """Bug 1: the trainer published the slot, then sent the save's timings and probe record in a
+    separate message; a worker that took the slot first exported without them (manifest:
+    ``verification: off``, no stall or snapshot time). Here every message the trainer sends is
+    held back until the worker has started the export, so it always takes the slot first."""
+    model = tiny_llama()
+    exporter = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, mode="async", formats=["hf"],
+                                            verification={"num_sequences": 2, "seq_len": 8, "top_k": 4}))
+    background = exporter._background
+    held, send = [], background._send
+    background._send = held.append
+    try:
+        assert exporter.export(3).status == "running"
+        deadline = time.monotonic() + 60
+        while background.running != 3:  # the worker finds the published slot on its own
+            background.poll()
+            assert time.monotonic() < deadline, "the worker never started the export"
+            time.sleep(0.01)
+        background._send = send
+        for message in held:  # too late for the export that already started
+            send(message)
+        done = exporter.wait()
+    finally:
+        background._send = send
+        exporter.close()
+    assert done.ok
+    manifest = mf.read_manifest(done.path)
+    assert manifest["verification"]["status"] == "recorded"
+    assert (done.path / "verification.safetensors").is_file()
+    assert {"stall_s", "snapshot_s", "probe_s", "snapshot_bytes"} <= set(manifest["timings"])
+    assert manifest["timings"]["total_s"] >= manifest["timings"]["stall_s"]
+
+
+class FakeCudart:
+    """Stands in for `torch.cuda.cudart()`: counts page-locked host ranges."""
+
+    def __init__(self):
+        self.registered: dict = {}
+        self.unregistered: list = []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        assert ptr in self.registered, "unregistering a range that was never registered"
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_pinned_snapshot_buffers_are_unregistered_at_close(megatron_world, tmp_path, monkeypatch):
+    """On CUDA machines the snapshot buffers are page-locked (cudaHostRegister) so the
+    device-to-host copies are asynchronous; closing the exporter (detach) must unregister every
+    range it registered, or each attach/detach leaks page-locked host memory."""
+    from megatron_trt_ext.background import BackgroundExporter
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    exporter = Exporter(tiny_llama(), ExportConfig(output_dir=str(tmp_path), vocab_size=120, mode="sync"))
+    with monkeypatch.context() as cuda:  # a CUDA machine, while the buffers are allocated
+        cuda.setattr(torch.cuda, "is_available", lambda: True)
+        cuda.setattr(torch.cuda, "Stream", lambda *args, **kwargs: object())
+        background = BackgroundExporter(exporter)
+    try:
+        assert cudart.registered and not cudart.unregistered
+    finally:
+        background.close()
+    assert sorted(cudart.unregistered) == sorted(cudart.registered)

@@ -133,7 +133,7 @@ def test_an_unexpected_error_is_recorded_not_swallowed(megatron_world, tmp_path,
         def explode(*args, **kwargs):
             raise MemoryError("injected")
 
-        monkeypatch.setattr(handle.exporter, "_source", explode)
+        monkeypatch.setattr(handle.exporter, "take_source", explode)
         result = handle.on_checkpoint_saved(iteration=2)
     finally:
         handle.detach()

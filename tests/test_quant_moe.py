@@ -20,8 +20,8 @@ from tests.support.models import randomize, tiny_llama
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is the oracle (extra 'quant')")
 pytest.importorskip("transformers", reason="transformers runs ModelOpt's HF export")
 
-from test_moe_families import live_routing, mla_builds_here  # noqa: E402
-from test_quant_modelopt import (CALIB, assert_same_tensors, load_dir, ours_and_modelopts_hf,  # noqa: E402
+from tests.test_moe_families import live_routing, mla_builds_here  # noqa: E402
+from tests.test_quant_modelopt import (CALIB, assert_same_tensors, load_dir, ours_and_modelopts_hf,  # noqa: E402
                                  shared_fp8_scales)
 
 MODELS = {
@@ -96,7 +96,7 @@ def test_mixtral_fp8_trtllm_checkpoint_equals_modelopts(megatron_world, tmp_path
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     from tests.support.oracle import modelopt_fake_quant
-    from test_quant_modelopt import assert_same_tensors
+    from tests.test_quant_modelopt import assert_same_tensors
 
     model = build("mixtral")
     exporter = Exporter(model, ExportConfig(

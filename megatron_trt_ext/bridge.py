@@ -10,9 +10,11 @@
   ``non_persistent/``, neither export nor count). That call happens while the saved weights are
   the live ones, also with ``async_save`` (Bridge's own ``on_checkpoint_save`` comes after an async
   save has finished, when training has moved on).
-* ``on_checkpoint_save``: records the save count next to the checkpoint
-  (``iter_NNNNNNN/megatron_trt_ext.json``), so a resumed run exports at the iterations an
-  uninterrupted one would; ``on_train_start`` of the resumed run reads it back.
+* The save count survives a resume inside the checkpoint: `attach` with ``save_state=True`` adds
+  the handle's `checkpoint_state` to each counted save's common state (Bridge loads its
+  checkpoints by key, so the extra key is not in its way), and ``on_train_start`` of a resumed
+  run reads it back from the checkpoint it resumed from; it exports at the iterations an
+  uninterrupted run would.
 * ``on_train_end``: waits for the running export (bounded) and detaches.
 
 The vocabulary exported is the tokenizer's (``state.tokenizer.vocab_size``) unless the recipe sets
@@ -21,17 +23,13 @@ one. Bridge is not imported here: the callback is duck-typed to Bridge's ``Callb
 
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 from .config import ExportConfig
 from .errors import ConfigError
-
-logger = logging.getLogger("megatron_trt_ext")
-
-SIDECAR = "megatron_trt_ext.json"
+from .hook import attach
 
 
 class ExportCallback:
@@ -60,44 +58,18 @@ class ExportCallback:
         if not checkpoint.save:
             raise ConfigError("ExportCallback: cfg.checkpoint.save is not set, so there are no checkpoint saves "
                               "to export at; set it (exports follow the saves)")
-        if self.config.vocab_size is None:
-            self.config.vocab_size = _tokenizer_vocab(state)
-        from .hook import attach
-
-        self.handle = attach(context.model, self.config, save_root=checkpoint.save)
-        self.handle.exporter.saves_seen = self._resumed_count(checkpoint, state.train_state.step)
-
-    def on_checkpoint_save(self, context) -> None:
-        if self.handle is None:
-            return
-        step = int(context.state.train_state.step)
-        count = self.handle.exporter.save_counts.get(step)
-        directory = Path(context.state.cfg.checkpoint.save) / f"iter_{step:07d}"
-        if count is None or not directory.is_dir():
-            return  # a non-persistent save: not counted
-        from . import safe_fs
-
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            safe_fs.write_json(directory / SIDECAR, {"saves": count, "iteration": step})
+        config = self.config
+        if config.vocab_size is None:
+            config = dataclasses.replace(config, vocab_size=_tokenizer_vocab(state))
+        self.handle = attach(context.model, config, save_root=checkpoint.save, save_state=True)
+        step = int(state.train_state.step)
+        if step and checkpoint.load:  # resumed: the count saved in that checkpoint
+            self.handle.resume_from(Path(checkpoint.load) / f"iter_{step:07d}")
 
     def on_train_end(self, context) -> None:
         if self.handle is not None:
             self.handle.detach()
             self.handle = None
-
-    # ------------------------------------------------------------------ resume
-    @staticmethod
-    def _resumed_count(checkpoint, step: int) -> int:
-        if not step or not checkpoint.load:
-            return 0
-        sidecar = Path(checkpoint.load) / f"iter_{int(step):07d}" / SIDECAR
-        try:
-            return int(json.loads(sidecar.read_text())["saves"])
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.warning("no export save count next to the resumed checkpoint (%s): counting saves from 0", sidecar)
-            return 0
 
 
 def _tokenizer_vocab(state) -> Optional[int]:

@@ -12,14 +12,19 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from .engines.options import BuildOptions
 from .errors import ConfigError, reject_unknown_keys, short_repr
+from .quant.spec import QuantSpec
+from .verification.spec import VerificationOptions
 
 FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
 MODES = ("sync", "async")
 BUSY_POLICIES = ("skip", "wait")
 DTYPES = ("bfloat16", "float16", "float32")
+# The names `arch.FAMILIES` defines, plus "auto" (tests/test_config.py checks that they agree: the
+# family tables import torch, which validating a recipe must not need).
 FAMILIES = ("auto", "llama", "qwen3", "gemma", "nemotron", "starcoder2", "gpt", "mixtral", "qwen3_moe",
             "deepseek_v3", "gpt_oss", "nemotron_h")
 
@@ -50,9 +55,17 @@ def parse_size(value: Any, what: str) -> int:
     return size
 
 
-@dataclass
+# Recipe sections parsed into their typed options. Their own parser checks the type (naming the key and
+# the fix), so the generic type check skips them, as it skips max_shard_size (`parse_size`).
+SECTIONS = {"build": BuildOptions, "quantization": QuantSpec, "verification": VerificationOptions}
+_OWN_TYPE_CHECK = {"max_shard_size", *SECTIONS}
+
+
+@dataclass(frozen=True)
 class ExportConfig:
-    """What to export, where and how often.
+    """What to export, where and how often. Parsed and checked once, at construction, then frozen:
+    every reader sees the typed values (``quantization`` is a `QuantSpec` whether a dict or a
+    QuantSpec was given); derive a changed config with ``dataclasses.replace``.
 
     Args:
         output_dir: root directory; each export goes to ``<output_dir>/iter_XXXXXXX``.
@@ -77,16 +90,20 @@ class ExportConfig:
         mode: ``"async"`` (training waits only for a host snapshot of its shards; conversion and
             writing run in a worker process) or ``"sync"``. Unset: async under `attach`, sync for a
             plain `Exporter`.
-        busy_policy: a save that comes while the previous export still runs: ``"skip"`` this
-            export (logged) or ``"wait"`` for the previous one.
+        busy_policy: what a save does while the previous export still runs (async mode).
+            ``"skip"``: training waits only for the snapshot; the save is copied into a second
+            slot and exported after the running export. A newer save that comes before that
+            export starts replaces it in the slot (newest wins; the replaced one is recorded as
+            skipped). ``"wait"``: the save waits until the running export is done, so every due
+            save is exported, at the cost of the wait.
         keep_last: keep only the newest N complete exports (never the newest, never one being
             built); unset keeps all.
-        build: engine-build options (see `engines.options.BuildOptions`), used with the
+        build: engine-build options (a mapping or `engines.options.BuildOptions`), used with the
             ``trtllm_engine`` format.
-        quantization: quantized export (see `quant.spec.QuantSpec`): algorithm, KV cache,
+        quantization: quantized export (a mapping or `quant.spec.QuantSpec`): algorithm, KV cache,
             excluded modules and calibration.
-        verification: reference logits recorded at each export for ``megatron-trt-ext verify``
-            (see `verification.spec.VerificationOptions`); ``{enabled: false}`` turns it off.
+        verification: reference logits recorded at each export for ``megatron-trt-ext verify`` (a
+            mapping or `verification.spec.VerificationOptions`); ``{enabled: false}`` turns it off.
         timeout_s: longest time a rank waits on its peers during an export (a failed or lost
             rank turns into an error on every rank within this bound, never a hang).
         drop_mtp: leave the model's multi-token-prediction layers out of the export (by default
@@ -103,7 +120,7 @@ class ExportConfig:
     vocab_size: Optional[int] = None
     every_n_saves: int = 1
     family: str = "auto"
-    max_shard_size: Any = "5GB"
+    max_shard_size: Union[int, str] = "5GB"
     tokenizer_dir: Optional[str] = None
     strict: bool = False
     check_finite: bool = True
@@ -111,24 +128,29 @@ class ExportConfig:
     mode: Optional[str] = None
     busy_policy: str = "skip"
     keep_last: Optional[int] = None
-    build: Any = None
-    quantization: Any = None
+    build: Union[BuildOptions, dict, None] = None
+    quantization: Union[QuantSpec, dict, None] = None
     drop_mtp: bool = False
-    verification: Any = None
+    verification: Union[VerificationOptions, dict, None] = None
     recipe: Optional[str] = None
+    max_shard_size_bytes: int = field(init=False, repr=False, compare=False)  # max_shard_size, parsed
 
     def __post_init__(self) -> None:
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Check every field; raise ConfigError naming the field and the fix."""
+        """Check every field and normalize it to its typed value (idempotent); raise ConfigError
+        naming the field and the fix."""
         source = f" (from {self.recipe})" if self.recipe else ""
         hints = typing.get_type_hints(ExportConfig)
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name], source)
+            if f.init and f.name not in _OWN_TYPE_CHECK:
+                _check_type(f.name, getattr(self, f.name), hints[f.name], source)
         if isinstance(self.formats, str):
-            self.formats = [self.formats]
+            self._set("formats", [self.formats])
+        elif not isinstance(self.formats, list):
+            self._set("formats", list(self.formats))
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise ConfigError(
@@ -144,18 +166,15 @@ class ExportConfig:
         if self.busy_policy not in BUSY_POLICIES:
             raise ConfigError(f"busy_policy{source}: unknown policy {short_repr(self.busy_policy)}; choose one of "
                               f"{list(BUSY_POLICIES)}")
-        from .engines.options import BuildOptions
-
-        self.build_options = BuildOptions.from_dict(self.build, f"build{source}")
-        from .quant.spec import QuantSpec
-
-        self.quant = QuantSpec.from_dict(self.quantization, f"quantization{source}")
-        refusal = self.quant.refusal(self.formats)
+        for name, options in SECTIONS.items():
+            raw, where = getattr(self, name), f"{name}{source}"
+            parsed = options.from_dict(raw, where)
+            if parsed is raw:  # given already typed: checked here, as a mapping would be
+                parsed.validate(where)
+            self._set(name, parsed)
+        refusal = self.quantization.refusal(self.formats)
         if refusal:  # a checkpoint no engine loads is never written
             raise ConfigError(f"quantization{source}: {refusal}")
-        from .verification.spec import VerificationOptions
-
-        self.verification_options = VerificationOptions.from_dict(self.verification, f"verification{source}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype{source}: unknown dtype {short_repr(self.dtype)}; choose one of {list(DTYPES)}")
         if self.family not in FAMILIES:
@@ -164,12 +183,16 @@ class ExportConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= upper:
                 raise ConfigError(f"{name}{source}: must be between 1 and {upper}, got {short_repr(value)}")
-        self.max_shard_size_bytes = parse_size(self.max_shard_size, f"max_shard_size{source}")
-        self.output_dir = os.fspath(self.output_dir)
+        self._set("max_shard_size_bytes", parse_size(self.max_shard_size, f"max_shard_size{source}"))
+        self._set("output_dir", os.fspath(self.output_dir))
         if not self.output_dir:
             raise ConfigError(f"output_dir{source}: must not be empty")
         if self.tokenizer_dir is not None and not Path(self.tokenizer_dir).is_dir():
             raise ConfigError(f"tokenizer_dir{source}: {self.tokenizer_dir!r} is not a directory")
+
+    def _set(self, name: str, value: Any) -> None:
+        """Store a parsed value while validating (the config is frozen to every other writer)."""
+        object.__setattr__(self, name, value)
 
     def check_output_dir_writable(self) -> Path:
         """Create ``output_dir`` if needed and prove that files can be written there."""
@@ -208,16 +231,15 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", **overrides: Any) -> "ExportConfig":
-        known = {f.name for f in dataclasses.fields(cls)} - {"recipe"}
+        known = {f.name for f in dataclasses.fields(cls) if f.init} - {"recipe"}
         reject_unknown_keys(list(data) + list(overrides), known, source)
         merged = {**data, **overrides}
         return cls(**merged, recipe=source)
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["build"] = self.build_options.to_dict()
-        out["quantization"] = self.quant.to_dict()
-        out["verification"] = self.verification_options.to_dict()
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        for name in SECTIONS:
+            out[name] = getattr(self, name).to_dict()
         return out
 
 

@@ -88,7 +88,7 @@ class Exporter:
         if not isinstance(config, ExportConfig):
             raise ConfigError(f"config: expected an ExportConfig, got {type(config).__name__}")
         self.config = config
-        self.quant = config.quant if config.quant.enabled else None
+        self.quant = config.quantization if config.quantization.enabled else None
         self.calibration_data = calibration_data
         self.forward_loop = forward_loop
         self.mode = config.mode or default_mode
@@ -116,7 +116,7 @@ class Exporter:
             check_trtllm_support(self.spec, self.info, config.formats)
             self.moe_tp, self.moe_ep = check_inference_layout(self.info, config)
             self.vocab_size = export_vocab_size(self.info, config, self.rank)
-            self.probe_options = config.verification_options
+            self.probe_options = config.verification
             self.probe_enabled = self.probe_options.enabled and "hf" in config.formats
             if self.probe_enabled:
                 self.probe_options.check_model(self.info.max_position_embeddings, self.vocab_size)
@@ -127,7 +127,7 @@ class Exporter:
                 for path in publish.cleanup_leftovers(self.root, stale_after_s=2 * config.timeout_s):
                     logger.info("removed %s, left by an interrupted export", path)
             if "trtllm_engine" in config.formats:
-                config.build_options.check_devices(torch.cuda.device_count())
+                config.build.check_devices(torch.cuda.device_count())
             from .source import canonical_namer
 
             self.rename = canonical_namer(self.info)
@@ -271,7 +271,7 @@ class Exporter:
         """FP8-trained weights (Transformer Engine FP8 parameters) move as their E4M3 bytes and
         scales when the recipe writes FP8 weights (fp8, fp8_pc_pt, fp8_pb_wo) and calibrates
         without rescaling them (not SmoothQuant/AWQ, whose replica ModelOpt rescales)."""
-        quant = self.config.quant
+        quant = self.config.quantization
         return (quant.enabled and quant.calibration_kind in ("max", None)
                 and any(a.weight.startswith("fp8") for a in quant.algorithms))
 

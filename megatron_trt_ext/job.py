@@ -85,7 +85,7 @@ class ExportJob:
 
     @property
     def quant(self):
-        spec = self.config.quant
+        spec = self.config.quantization
         return spec if spec.enabled else None
 
     @cached_property

@@ -17,15 +17,17 @@ Megatron-LM's ``pretrain``), never Megatron-LM's files:
 * ``setup_model_and_optimizer``: once the model and optimizer exist on every rank (after a resume
   has loaded the checkpoint), `attach` with the config the flags describe;
 * ``save_checkpoint``: after every persistent save (any ``--ckpt-format``; non-persistent saves are
-  skipped), the handle counts it and exports every ``--export-interval``-th save. The count is
-  written into the checkpoint's ``args`` before the save, so a resumed run exports at the same
-  iterations as an uninterrupted one.
+  skipped), the handle counts it and exports every ``--export-interval``-th save. The handle's
+  `checkpoint_state` (the count including this save) is put into the ``args`` the checkpoint
+  saves, Megatron-LM's place for run state such as ``consumed_train_samples``; a resumed run
+  loads it back (``hook.STATE_KEY``), so it exports at the same iterations as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -33,13 +35,9 @@ from typing import Any, Callable, Optional
 
 from .config import BUSY_POLICIES, DTYPES, FORMATS, MODES, ExportConfig
 from .errors import ConfigError
+from .hook import STATE_KEY, attach
 
 logger = logging.getLogger("megatron_trt_ext")
-
-# The count of persistent saves, stored in Megatron-LM's saved args (plain int: it is pickled
-# with the checkpoint and compared across ranks).
-SAVES_ARG = "megatron_trt_ext_saves"
-
 
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``--export-*`` flags (usable as, or inside, Megatron-LM's extra_args_provider).
@@ -109,7 +107,7 @@ def config_from_args(args: Any, tokenizer_vocab: Optional[int] = None) -> Option
         raise ConfigError(f"{exc} (check the --export-* flags)") from exc
     if tokenizer_vocab is not None:
         if config.vocab_size is None:
-            config.vocab_size = int(tokenizer_vocab)
+            config = dataclasses.replace(config, vocab_size=int(tokenizer_vocab))
         elif config.vocab_size < tokenizer_vocab:
             raise ConfigError(
                 f"vocab_size={config.vocab_size} (from {config.recipe}) is smaller than the tokenizer's "
@@ -123,8 +121,6 @@ def attach_from_args(model: Any, args: Any, tokenizer_vocab: Optional[int] = Non
     config = config_from_args(args, tokenizer_vocab)
     if config is None:
         return None
-    from .hook import attach
-
     return attach(model, config, **attach_kwargs)
 
 
@@ -219,33 +215,25 @@ def _attach_to_run(model, args):
     config = config_from_args(args, tokenizer_vocab_size())
     if config is None:
         return None
-    from .hook import attach
-
     # The save_checkpoint hook triggers exports: dist_checkpointing.save is left alone (it also
     # runs for ModelOpt's extra state and not for every --ckpt-format).
     handle = attach(model, config, wrap_dist_checkpointing=False)
-    handle.exporter.saves_seen = _resumed_save_count(args)
+    if getattr(args, "load", None) and getattr(args, "iteration", 0):  # resumed: the count saved with it
+        handle.load_state_dict(_resumed_state(args), f"the checkpoint of iteration {args.iteration}")
     return handle
 
 
-def _resumed_save_count(args) -> int:
-    """The persistent saves counted up to the checkpoint this run resumed from (0 when fresh)."""
-    if not getattr(args, "load", None) or not getattr(args, "iteration", 0):
-        return 0
+def _resumed_state(args) -> Optional[dict]:
+    """The handle's state saved in the args of the checkpoint this run resumed from (None: none)."""
     try:
         from megatron.training.checkpointing import load_args_from_checkpoint
 
         loaded = load_args_from_checkpoint(copy.copy(args))
-    except Exception as exc:  # noqa: BLE001 - the count restarts; say so
-        logger.warning("could not read the export save count from the checkpoint (%s); counting from 0", exc)
-        return 0
+    except Exception as exc:  # noqa: BLE001 - the count restarts; load_state_dict says so
+        logger.warning("could not read the checkpoint's saved args (%s)", exc)
+        return None
     checkpoint_args = loaded[1] if isinstance(loaded, tuple) else None
-    count = getattr(checkpoint_args, SAVES_ARG, None)
-    if count is None:
-        logger.warning("the checkpoint of iteration %s has no export save count (saved without "
-                       "megatron-trt-ext): counting saves from 0", args.iteration)
-        return 0
-    return int(count)
+    return getattr(checkpoint_args, STATE_KEY, None)
 
 
 def _wrap_save(original):
@@ -263,7 +251,7 @@ def _wrap_save(original):
 
         megatron_args = get_args()
         if persistent:
-            setattr(megatron_args, SAVES_ARG, handle.exporter.saves_seen + 1)  # saved with this checkpoint
+            setattr(megatron_args, STATE_KEY, handle.checkpoint_state())  # saved with this checkpoint
         save_checkpoint._active = True
         try:
             result = original(*args, **kwargs)

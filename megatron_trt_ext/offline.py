@@ -15,6 +15,7 @@ needed (no original Hugging Face checkpoint).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import importlib
 import io
@@ -257,7 +258,7 @@ def export_checkpoint(checkpoint, recipe: Optional[str], output_dir: str, iterat
         if tokenizer is None:
             raise ConfigError(f"checkpoint {checkpoint}: its tokenizer ({getattr(args, 'tokenizer_type', None)}) "
                               "cannot be rebuilt here to know the vocabulary size; pass --vocab-size")
-        config.vocab_size = tokenizer
+        config = dataclasses.replace(config, vocab_size=tokenizer)
     elif tokenizer is not None and config.vocab_size < tokenizer:
         raise ConfigError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's {tokenizer} ids")
     exporter = Exporter(chunks, config)

@@ -60,6 +60,12 @@ def test_bridge_callback_exports_persistent_saves_with_the_model_s_logits(tmp_pa
 
 def test_bridge_resume_exports_where_the_uninterrupted_run_does(tmp_path):
     train(tmp_path, 6)
-    assert exports(tmp_path) == [4]
+    assert exports(tmp_path) == [4]  # after an odd count of saves (2, 4, 6)
+    from megatron.core import dist_checkpointing
+
+    from megatron_trt_ext.hook import STATE_KEY
+
+    common = dist_checkpointing.load_common_state_dict(str(tmp_path / "ckpt" / "iter_0000006"))
+    assert common[STATE_KEY] == {"saves_seen": 3}  # the count, inside the checkpoint
     train(tmp_path, 8, "--resume")
     assert exports(tmp_path) == [4, 8]  # counting afresh after the resume would export none

@@ -91,4 +91,68 @@ def test_keyword_overrides_win_over_the_recipe(tmp_path):
 def test_shipped_recipes_load(recipe, tmp_path):
     cfg = ExportConfig.from_yaml(recipe, output_dir=str(tmp_path))
     assert cfg.recipe == str(recipe)
-    assert cfg.quant.refusal(cfg.formats) is None  # every shipped recipe writes what some engine loads
+    assert cfg.quantization.refusal(cfg.formats) is None  # every shipped recipe writes what some engine loads
+
+
+def test_sections_are_parsed_once_into_their_typed_options():
+    """A recipe's mappings and the typed objects give the same config; readers see the typed one."""
+    from megatron_trt_ext.engines.options import BuildOptions
+    from megatron_trt_ext.quant.spec import QuantSpec
+    from megatron_trt_ext.verification.spec import VerificationOptions
+
+    given = {"quantization": {"algorithm": "fp8", "kv_cache": "fp8"}, "build": {"max_batch_size": 2},
+             "verification": {"enabled": False}}
+    cfg = ExportConfig(**given)
+    assert isinstance(cfg.quantization, QuantSpec) and cfg.quantization.algorithm == "fp8"
+    assert isinstance(cfg.build, BuildOptions) and cfg.build.max_batch_size == 2
+    assert isinstance(cfg.verification, VerificationOptions) and cfg.verification.enabled is False
+    typed = ExportConfig(quantization=QuantSpec.from_dict(given["quantization"]),
+                         build=BuildOptions(max_batch_size=2), verification=VerificationOptions(enabled=False))
+    assert typed == cfg and typed.to_dict() == cfg.to_dict()
+    assert cfg.to_dict()["quantization"]["kv_cache"] == "fp8" and cfg.to_dict()["build"]["max_batch_size"] == 2
+
+
+def test_typed_sections_are_checked_like_mappings():
+    from megatron_trt_ext.engines.options import BuildOptions
+    from megatron_trt_ext.quant.spec import QuantSpec
+
+    with pytest.raises(ConfigError, match="quantization.algorithm: unknown 'fp9'"):
+        ExportConfig(quantization=QuantSpec(algorithm="fp9"))
+    with pytest.raises(ConfigError, match="build.max_batch_size"):
+        ExportConfig(build=BuildOptions(max_batch_size=0))
+    with pytest.raises(ConfigError, match="build: expected a mapping of build options, got list"):
+        ExportConfig(build=[1])
+
+
+def test_config_is_frozen_after_validation_and_replace_revalidates():
+    import dataclasses
+
+    cfg = ExportConfig(formats="hf", max_shard_size="2GB")
+    assert cfg.formats == ["hf"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.vocab_size = 100
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.quantization = {"algorithm": "fp8"}
+    changed = dataclasses.replace(cfg, vocab_size=100, max_shard_size="1GB")
+    assert (changed.vocab_size, changed.max_shard_size_bytes, cfg.vocab_size) == (100, 10**9, None)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        dataclasses.replace(cfg, vocab_size=0)
+
+
+def test_recipe_round_trip_keeps_every_value(tmp_path):
+    import yaml
+
+    cfg = ExportConfig(formats=["hf"], dtype="float16", quantization={"algorithm": "fp8"}, keep_last=2,
+                       max_shard_size="1GB", build={"max_seq_len": 4096})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "recipe"}))
+    again = ExportConfig.from_yaml(recipe)
+    assert {**again.to_dict(), "recipe": None} == cfg.to_dict()
+
+
+def test_family_names_are_the_family_tables():
+    """`family:` is validated without importing the tables; the two lists must name the same families."""
+    from megatron_trt_ext.arch import FAMILIES as TABLES
+    from megatron_trt_ext.config import FAMILIES
+
+    assert FAMILIES[0] == "auto" and sorted(FAMILIES[1:]) == sorted(TABLES)

@@ -11,7 +11,7 @@ import megatron.core.dist_checkpointing as dist_checkpointing
 from megatron.core.dist_checkpointing import serialization
 
 from megatron_trt_ext import ConfigError, ExportConfig, attach
-from megatron_trt_ext.hook import iteration_from_path
+from megatron_trt_ext.hook import STATE_KEY, iteration_from_path
 from tests.support.models import tiny_llama
 
 
@@ -148,4 +148,83 @@ def test_only_checkpoint_saves_under_the_save_root_count(megatron_world, tmp_pat
     finally:
         handle.detach()
     assert exported(out) == ["iter_0000003"]
-    assert handle.exporter.save_counts == {1: 1, 3: 2}
+    assert handle.exporter.saves_seen == 2
+
+
+def test_counting_saves_keeps_no_record_per_save(megatron_world, tmp_path):
+    """A long run saves thousands of times: what the trigger keeps must not grow with them."""
+    model = tiny_llama()
+    handle = attach(model, ExportConfig(mode="sync", output_dir=str(tmp_path), vocab_size=120, every_n_saves=10**9,
+                                        formats=["hf"]))
+    try:
+        for iteration in range(1, 3001):
+            handle.on_checkpoint_saved(iteration=iteration)
+        grown = {name: len(value) for name, value in vars(handle.exporter).items()
+                 if isinstance(value, (dict, list, set)) and len(value) >= 1000}
+        assert grown == {}
+        assert handle.exporter.saves_seen == 3000
+    finally:
+        handle.detach()
+
+
+def attach_every_2nd(model, ckpt, **attach_kwargs):
+    """A handle exporting every 2nd save under ``ckpt`` (sync, hf)."""
+    return attach(model, ExportConfig(mode="sync", output_dir=str(ckpt.parent / "exports"), vocab_size=120,
+                                        every_n_saves=2, formats=["hf"]), save_root=ckpt, **attach_kwargs)
+
+
+def test_resume_after_an_odd_save_count_exports_where_the_uninterrupted_run_does(megatron_world, tmp_path):
+    """Saves 1..3 (save 2 exports), the job stops, a new process resumes from save 3: saves 4 and 6
+    export, as in a run never interrupted. The count lives in the checkpoint itself."""
+    model = tiny_llama()
+    ckpt = tmp_path / "ckpt"
+    first = attach_every_2nd(model, ckpt, save_state=True)
+    try:
+        for it in (10, 20, 30):
+            save(model, ckpt / f"iter_{it:07d}")
+    finally:
+        first.detach()
+    assert exported(tmp_path / "exports") == ["iter_0000020"]
+    resumed = attach_every_2nd(model, ckpt, save_state=True)
+    try:
+        resumed.resume_from(ckpt / "iter_0000030")
+        for it in (40, 50, 60):
+            save(model, ckpt / f"iter_{it:07d}")
+    finally:
+        resumed.detach()
+    assert exported(tmp_path / "exports") == ["iter_0000020", "iter_0000040", "iter_0000060"]
+    assert dist_checkpointing.load_common_state_dict(str(ckpt / "iter_0000050"))[STATE_KEY] == {"saves_seen": 5}
+
+
+def test_a_loop_keeping_the_count_in_its_own_checkpoint_resumes_it(megatron_world, tmp_path):
+    """Without save_state nothing is added to the checkpoint (a model loads it strictly); the loop
+    stores checkpoint_state() with its own state and hands it back on resume."""
+    model = tiny_llama()
+    ckpt = tmp_path / "ckpt"
+
+    def loop_save(handle, it):
+        directory = ckpt / f"iter_{it:07d}"
+        directory.mkdir(parents=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict(), STATE_KEY: handle.checkpoint_state()},
+                                str(directory))
+
+    first = attach_every_2nd(model, ckpt)
+    try:
+        for it in (1, 2, 3):
+            loop_save(first, it)
+        plain = tmp_path / "plain" / "iter_0000001"
+        save(model, plain)
+        assert STATE_KEY not in dist_checkpointing.load_common_state_dict(str(plain))
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(plain))
+        model.load_state_dict(loaded)  # strict: nothing was added
+    finally:
+        first.detach()
+    resumed = attach_every_2nd(model, ckpt)
+    try:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt / "iter_0000003"))
+        resumed.load_state_dict(state[STATE_KEY])
+        for it in (4, 5, 6):
+            loop_save(resumed, it)
+    finally:
+        resumed.detach()
+    assert exported(tmp_path / "exports") == ["iter_0000002", "iter_0000004", "iter_0000006"]

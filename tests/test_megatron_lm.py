@@ -72,3 +72,54 @@ def test_export_flags_chain_after_the_script_s_own_provider():
     parser = chain_export_args(chain_export_args(modelopt_like))(argparse.ArgumentParser())
     args = parser.parse_args(["--export-quant-cfg", "fp8", "--export-dir", "/tmp/x"])
     assert (args.export_quant_cfg, args.export_dir) == ("fp8", "/tmp/x")
+
+
+def test_resume_after_an_odd_save_count_exports_where_the_uninterrupted_run_does(megatron_world, tmp_path,
+                                                                               monkeypatch):
+    """The save hook puts the handle's state into the args Megatron-LM saves with each checkpoint;
+    a run resumed from the 3rd save (every 2nd exports) exports at saves 4 and 6. Megatron-LM's
+    functions are stand-ins here (tests/test_megatron_training.py runs the real loop)."""
+    import copy
+    import sys
+    import types
+
+    from megatron_trt_ext import megatron_lm
+    from megatron_trt_ext.hook import STATE_KEY
+
+    checkpoints = {}  # iteration -> the args saved with it (Megatron-LM pickles them into the checkpoint)
+    live = {}
+    training = types.ModuleType("megatron.training")
+    training.get_args = lambda: live["args"]
+    training.get_tokenizer = lambda: types.SimpleNamespace(vocab_size=120)
+    checkpointing = types.ModuleType("megatron.training.checkpointing")
+    checkpointing.load_args_from_checkpoint = lambda args: (args, checkpoints[args.iteration])
+    monkeypatch.setitem(sys.modules, "megatron.training", training)
+    monkeypatch.setitem(sys.modules, "megatron.training.checkpointing", checkpointing)
+
+    def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far,
+                        checkpointing_context=None, non_persistent_ckpt=False):
+        if not non_persistent_ckpt:
+            checkpoints[iteration] = copy.deepcopy(live["args"])
+
+    save = megatron_lm._wrap_save(save_checkpoint)
+    flags = ("--export-dir", str(tmp_path / "exports"), "--export-interval", "2", "--export-mode", "sync",
+             "--export-formats", "hf")
+
+    def run(iterations, **resumed):
+        live["args"] = args = parse(*flags)
+        vars(args).update({"load": None, "iteration": 0, **resumed})
+        handle = megatron_lm._attach_to_run(tiny_llama(), args)
+        monkeypatch.setattr(megatron_lm._State, "handle", handle)
+        try:
+            for iteration in iterations:
+                save(iteration, None, None, None, 0)
+                save(iteration + 5, None, None, None, 0, non_persistent_ckpt=True)  # neither counts nor exports
+        finally:
+            handle.detach()
+
+    run((10, 20, 30))
+    assert sorted(p.name for p in (tmp_path / "exports").glob("iter_*")) == ["iter_0000020"]
+    assert getattr(checkpoints[30], STATE_KEY) == {"saves_seen": 3}
+    run((40, 50, 60), load=str(tmp_path / "ckpt"), iteration=30)
+    assert sorted(p.name for p in (tmp_path / "exports").glob("iter_*")) == [
+        "iter_0000020", "iter_0000040", "iter_0000060"]

@@ -317,7 +317,7 @@ def test_jsonl_calibration_with_a_tokenizer(megatron_world, tmp_path):
                                             "tokenizer": str(tmp_path / "tok"), "num_samples": 4, "seq_len": 32}})
     from megatron_trt_ext.quant.calibrate import calibration_batches
 
-    batches = calibration_batches(cfg.quant.calibration, None, VOCAB, torch.device("cpu"))
+    batches = calibration_batches(cfg.quantization.calibration, None, VOCAB, torch.device("cpu"))
     assert [tuple(b.shape) for b in batches] == [(4, 32)]
     assert int(batches[0].max()) <= 100 and int(batches[0].min()) >= 1  # real token ids, no <unk>
     assert Exporter(quant_model(), cfg).export(1).ok

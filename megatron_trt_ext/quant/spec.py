@@ -92,13 +92,13 @@ KV_REFUSALS = {
 SOURCES = ("synthetic", "iterator", "jsonl")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationOptions:
     """Where calibration tokens come from and how many.
 
-    ``source``: ``synthetic`` (random tokens: smoke tests only), ``iterator`` (the user's iterator
-    or callable, passed as ``calibration_data=`` to `attach`/`Exporter`; e.g. a slice of the
-    training data iterator), or ``jsonl`` (a JSON-lines file with a ``text`` field, tokenized with
+    ``source``: ``synthetic`` (random tokens: smoke tests only), ``iterator`` (the user's data,
+    passed as ``calibration_data=`` to `attach`/`Exporter`: a callable returning a fresh iterator
+    of token batches, or a list of batches; a one-shot iterator is refused), or ``jsonl`` (a JSON-lines file with a ``text`` field, tokenized with
     the transformers tokenizer at ``tokenizer``).
     """
 
@@ -169,7 +169,7 @@ class Override:
         return any(fnmatch.fnmatchcase(module, pattern) for pattern in self.modules)
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantSpec:
     """What to quantize and how to calibrate.
 

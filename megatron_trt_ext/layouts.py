@@ -50,6 +50,24 @@ def gate_up_to_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up], dim=0)
 
 
+def fused_qkv_to_split(fused: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
+    """One [Q|K|V] tensor (GPT-2's c_attn, [out, in] layout) -> (q, k, v): the inverse of
+    ``torch.cat(qkv_interleaved_to_split(...))``."""
+    return torch.split(fused, [num_heads * head_dim, num_query_groups * head_dim, num_query_groups * head_dim], dim=0)
+
+
+def interleave_gate_up(fc1: torch.Tensor) -> torch.Tensor:
+    """Gated fc1 ``[gate; up]`` -> rows gate0, up0, gate1, up1, ... (GPT-OSS's fused experts)."""
+    gate, up = gated_to_gate_up(fc1)
+    return torch.stack([gate, up], dim=1).reshape(fc1.shape)
+
+
+def deinterleave_gate_up(rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`interleave_gate_up`."""
+    pairs = rows.reshape(rows.shape[0] // 2, 2, *rows.shape[1:])
+    return gate_up_to_gated(pairs[:, 0], pairs[:, 1])
+
+
 def trim_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """Drop padding rows (vocab padding) beyond ``rows``."""
     if rows > t.shape[0]:
@@ -63,6 +81,16 @@ def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     if not extra:
         return t
     return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
+
+
+def pad_rows_to(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended up to ``rows`` (inverse of :func:`trim_rows` on the real rows: what
+    the trimmed rows held is not known, Megatron's vocabulary padding is simply zero here)."""
+    if rows < t.shape[0]:
+        raise ValueError(f"cannot pad {tuple(t.shape)} to {rows} rows: it has more")
+    if rows == t.shape[0]:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))], dim=0)
 
 
 def split_for_rank(t: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:

@@ -28,21 +28,26 @@ def find_transform(spec: ArchSpec, name: str):
     return None, None
 
 
-def expected_sources(spec: ArchSpec, info) -> list:
-    """Every Megatron name the model must provide for this family."""
-    names = []
+def source_rows(spec: ArchSpec, info) -> Iterator[tuple]:
+    """(Megatron name, transform, groups) of every source the model must provide for this
+    family, in table order: what the forward expects and what the inverse produces."""
     for transform in spec.mappings:
         if not transform.when(info):
             continue
-        templates = [transform.src]
+        rows = [(transform.src, {})]
         if "{P}" in transform.src:
-            templates = [t.replace("{P}", p) for t in templates for p in transform.parts]
+            rows = [(t.replace("{P}", p), {**g, "P": p}) for t, g in rows for p in transform.parts]
         if "{E}" in transform.src:
-            templates = [t.replace("{E}", str(e)) for t in templates for e in range(info.num_experts)]
+            rows = [(t.replace("{E}", str(e)), {**g, "E": str(e)}) for t, g in rows for e in range(info.num_experts)]
         if "{L}" in transform.src:
-            templates = [t.replace("{L}", str(i)) for t in templates for i in transform.layers(info)]
-        names.extend(templates)
-    return names
+            rows = [(t.replace("{L}", str(i)), {**g, "L": str(i)}) for t, g in rows for i in transform.layers(info)]
+        for name, groups in rows:
+            yield name, transform, groups
+
+
+def expected_sources(spec: ArchSpec, info) -> list:
+    """Every Megatron name the model must provide for this family."""
+    return [name for name, _, _ in source_rows(spec, info)]
 
 
 def check_sources(spec: ArchSpec, info, names: Iterable[str]) -> None:

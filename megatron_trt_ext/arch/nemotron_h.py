@@ -17,6 +17,19 @@ MIXER = f"{MEGATRON_LAYER}.mixer"
 HF_LAYER = "backbone.layers.{L}"
 HF_MIXER = f"{HF_LAYER}.mixer"  # every HF block's module is its mixer, whatever its kind
 
+
+def _in_proj_sizes(info) -> tuple:
+    """z, x (the inner width each), B, C (groups x state each), dt (one per head)."""
+    m = info.mamba
+    return (m.d_inner, m.d_inner, m.num_groups * m.state_dim, m.num_groups * m.state_dim, m.num_heads)
+
+
+def _conv1d_sizes(info) -> tuple:
+    """x, B, C: the channels the causal convolution runs over."""
+    m = info.mamba
+    return (m.d_inner, m.num_groups * m.state_dim, m.num_groups * m.state_dim)
+
+
 MAPPINGS = (
     Vocab("embedding.word_embeddings.weight", dst="backbone.embeddings.weight"),
     # every block's pre-norm is one HF name; Megatron fuses it into the block's first linear
@@ -25,9 +38,11 @@ MAPPINGS = (
     Rename(f"{MEGATRON_MLP}.linear_fc1.layer_norm_weight", dst=f"{HF_LAYER}.norm.weight", on=MLP_LAYERS),
     # Mamba-2 mixer
     Concat(f"{MIXER}.in_proj.weight.{{P}}", dst=f"{HF_MIXER}.in_proj.weight", parts=("z", "x", "B", "C", "dt"),
-           on=MAMBA_LAYERS),
-    Concat(f"{MIXER}.conv1d.weight.{{P}}", dst=f"{HF_MIXER}.conv1d.weight", parts=("x", "B", "C"), on=MAMBA_LAYERS),
-    Concat(f"{MIXER}.conv1d.bias.{{P}}", dst=f"{HF_MIXER}.conv1d.bias", parts=("x", "B", "C"), on=MAMBA_LAYERS),
+           on=MAMBA_LAYERS, sizes=_in_proj_sizes),
+    Concat(f"{MIXER}.conv1d.weight.{{P}}", dst=f"{HF_MIXER}.conv1d.weight", parts=("x", "B", "C"), on=MAMBA_LAYERS,
+           sizes=_conv1d_sizes),
+    Concat(f"{MIXER}.conv1d.bias.{{P}}", dst=f"{HF_MIXER}.conv1d.bias", parts=("x", "B", "C"), on=MAMBA_LAYERS,
+           sizes=_conv1d_sizes),
     *(Rename(f"{MIXER}.{name}", dst=f"{HF_MIXER}.{name}", on=MAMBA_LAYERS)
       for name in ("A_log", "D", "dt_bias", "norm.weight", "out_proj.weight")),
     # attention (no RoPE)

@@ -3,6 +3,10 @@
 A family is a table: Megatron global names (``{L}`` stands for the global layer number) mapped
 to Hugging Face names by small named transforms. The conversion engine in `arch.convert` never
 asks which family it runs.
+
+Every transform declares both directions next to each other: ``apply`` (one Megatron tensor ->
+its HF tensors) and ``inverse`` (the HF tensors -> that Megatron tensor, full and unsharded), so
+each table reads an HF checkpoint back (`arch.inverse`) and is round-trip tested as a whole.
 """
 
 from __future__ import annotations
@@ -61,6 +65,19 @@ class Transform:
     def apply(self, tensor: torch.Tensor, groups: dict, ctx: Context) -> Iterator[tuple]:
         raise NotImplementedError
 
+    def inverse(self, hf, groups: dict, ctx: Context) -> torch.Tensor:
+        """The Megatron tensor ``src`` (filled with ``groups``) from the HF tensors ``hf`` (a
+        mapping name -> tensor): the inverse of ``apply``, in the HF tensors' dtype."""
+        raise NotImplementedError
+
+
+def _hf(hf, template: str, groups: dict) -> torch.Tensor:
+    name = _fill(template, groups)
+    try:
+        return hf[name]
+    except KeyError:
+        raise KeyError(f"the HF checkpoint has no tensor {name!r}") from None
+
 
 def _fill(template: str, groups: dict) -> str:
     return (template.replace("{L}", groups.get("L") or "").replace("{E}", groups.get("E") or "")
@@ -76,6 +93,10 @@ class Rename(Transform):
 
     def apply(self, tensor, groups, ctx):
         yield _fill(self.dst, groups), (tensor.t() if self.transpose else tensor)
+
+    def inverse(self, hf, groups, ctx):
+        tensor = _hf(hf, self.dst, groups)
+        return tensor.t() if self.transpose else tensor
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,19 @@ class Vocab(Transform):
                 if kind.islower():
                     yield template.replace("{L}", str(layer)), trimmed
 
+    def inverse(self, hf, groups, ctx):
+        """Re-padded to Megatron's padded vocabulary with zero rows: the padding rows are not in
+        the HF checkpoint, so a round trip is exact on the real rows only. Copies (``mtp_copies``)
+        present in ``hf`` must equal the table: Megatron holds one."""
+        table = _hf(hf, self.dst, groups)
+        for template in self.mtp_copies:
+            for layer, kind in enumerate(ctx.info.layer_symbols):
+                name = template.replace("{L}", str(layer))
+                if kind.islower() and name in hf and not torch.equal(hf[name], table):
+                    raise ValueError(f"HF tensor {name!r} differs from {_fill(self.dst, groups)!r}: Megatron's "
+                                     "multi-token-prediction layers share that one table")
+        return layouts.pad_rows_to(table, ctx.info.padded_vocab_size)
+
 
 @dataclass(frozen=True)
 class QKV(Transform):
@@ -112,6 +146,12 @@ class QKV(Transform):
         yield _fill(self.k, groups), k
         yield _fill(self.v, groups), v
 
+    def inverse(self, hf, groups, ctx):
+        info = ctx.info
+        return layouts.qkv_split_to_interleaved(_hf(hf, self.q, groups), _hf(hf, self.k, groups),
+                                                _hf(hf, self.v, groups), info.num_attention_heads,
+                                                info.num_query_groups, info.head_dim)
+
 
 @dataclass(frozen=True)
 class FusedQKV(Transform):
@@ -126,6 +166,14 @@ class FusedQKV(Transform):
             tensor, info.num_attention_heads, info.num_query_groups, info.head_dim), dim=0)
         yield _fill(self.dst, groups), (fused.t() if self.transpose else fused)
 
+    def inverse(self, hf, groups, ctx):
+        info = ctx.info
+        fused = _hf(hf, self.dst, groups)
+        q, k, v = layouts.fused_qkv_to_split(fused.t() if self.transpose else fused, info.num_attention_heads,
+                                             info.num_query_groups, info.head_dim)
+        return layouts.qkv_split_to_interleaved(q, k, v, info.num_attention_heads, info.num_query_groups,
+                                                info.head_dim)
+
 
 @dataclass(frozen=True)
 class GatedMLP(Transform):
@@ -139,6 +187,9 @@ class GatedMLP(Transform):
         yield _fill(self.gate, groups), gate
         yield _fill(self.up, groups), up
 
+    def inverse(self, hf, groups, ctx):
+        return layouts.gate_up_to_gated(_hf(hf, self.gate, groups), _hf(hf, self.up, groups))
+
 
 @dataclass(frozen=True)
 class Concat(Transform):
@@ -146,11 +197,13 @@ class Concat(Transform):
     ``parts`` order along ``dim``. Megatron saves some fused tensors as separate components (a
     Mamba mixer's in_proj as z, x, B, C, dt; its conv1d as x, B, C) because each TP rank holds a
     slice of every component; the target stores the fused tensor. The parts are buffered in
-    ``pending`` until the last arrives; the plan gives them one writer (`unit_group`)."""
+    ``pending`` until the last arrives; the plan gives them one writer (`unit_group`).
+    ``sizes``: (ModelInfo) -> each part's size along ``dim``, which the inverse splits by."""
 
     dst: str = ""
     parts: tuple = ()
     dim: int = 0
+    sizes: Optional[Callable] = None
 
     def matches(self, name: str) -> Optional[dict]:
         m = _pattern(self.src, self.parts).match(name)
@@ -176,6 +229,17 @@ class Concat(Transform):
         if len(got) == len(self.parts):
             del pending[key]
             yield key, torch.cat([got[p] for p in self.parts], dim=self.dim)
+
+    def inverse(self, hf, groups, ctx):
+        if self.sizes is None:
+            raise ValueError(f"{self.dst}: a concatenation needs its part sizes to be split")
+        sizes = tuple(self.sizes(ctx.info))
+        whole = _hf(hf, self.dst, groups)
+        if sum(sizes) != whole.shape[self.dim]:
+            raise ValueError(f"HF tensor {_fill(self.dst, groups)!r}: dim {self.dim} is {whole.shape[self.dim]}, "
+                             f"the parts {dict(zip(self.parts, sizes))} add up to {sum(sizes)}")
+        index = self.parts.index(groups["P"])
+        return whole.narrow(self.dim, sum(sizes[:index]), sizes[index])
 
 
 @dataclass(frozen=True)
@@ -203,12 +267,15 @@ class StackExperts(Transform):
         del pending[key]
         experts = []
         for e in range(ctx.info.num_experts):
-            t = got[e]
-            if self.interleave:
-                gate, up = layouts.gated_to_gate_up(t)
-                t = torch.stack([gate, up], dim=1).reshape(t.shape)
+            t = layouts.interleave_gate_up(got[e]) if self.interleave else got[e]
             experts.append(t.t() if self.transpose and t.dim() == 2 else t)
         yield key, torch.stack(experts)
+
+    def inverse(self, hf, groups, ctx):
+        t = _hf(hf, self.dst, groups)[int(groups["E"])]
+        if self.transpose and t.dim() == 2:
+            t = t.t()
+        return layouts.deinterleave_gate_up(t) if self.interleave else t
 
 
 @dataclass(frozen=True)
@@ -219,6 +286,9 @@ class Drop(Transform):
 
     def apply(self, tensor, groups, ctx):
         return iter(())
+
+    def inverse(self, hf, groups, ctx):
+        raise ValueError(f"{self.src}: not exported, so it cannot be read back")
 
 
 @dataclass(frozen=True)

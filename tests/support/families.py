@@ -19,6 +19,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from megatron_trt_ext.importer import import_hf
+
 from .models import _config
 
 
@@ -270,52 +272,14 @@ def random_nemotron_h(vocab_size: int, seed: int = 0, pattern: str = "M*-M"):
         gen = torch.Generator().manual_seed(seed)
         for p in hf.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    load_hf_nemotron_h(model, hf.state_dict())
+    import_hf(model, hub_names(hf.state_dict()))  # the family table's inverse (HF -> Megatron)
     return model, hf
 
 
-@torch.no_grad()
-def load_hf_nemotron_h(model, hf_state: dict) -> None:
-    """Test-only HF -> Megatron loader (single rank): Nemotron-H weights into ``model`` (built by
-    `tiny_nemotron_h`), so the export can be compared with the HF tensors it came from. HF names
-    may be the hub's (``backbone.``) or transformers' internal ones (``model.``)."""
-    from megatron_trt_ext import layouts
-
-    hf = {k.replace("model.", "backbone.", 1) if k.startswith("model.") else k: v for k, v in hf_state.items()}
-    params = dict(model.named_parameters())
-    config = model.config
-    heads, groups = config.num_attention_heads, config.num_query_groups
-    head_dim = config.kv_channels or config.hidden_size // heads
-
-    def put(name, value):
-        target = params[name]
-        if value.shape[0] < target.shape[0]:  # the padded vocabulary rows
-            value = torch.cat([value, value.new_zeros(target.shape[0] - value.shape[0], *value.shape[1:])])
-        target.copy_(value)
-
-    put("embedding.word_embeddings.weight", hf["backbone.embeddings.weight"])
-    pattern = model.hybrid_layer_pattern.split("/")[0].replace("|", "")
-    for i, symbol in enumerate(pattern):
-        m, b = f"decoder.layers.{i}", f"backbone.layers.{i}"
-        if symbol == "M":
-            put(f"{m}.norm.weight", hf[f"{b}.norm.weight"])
-            for name in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight",
-                         "out_proj.weight"):  # Megatron's conv1d parameters are conv1d_weight / conv1d_bias
-                put(f"{m}.mixer.{name.replace('conv1d.', 'conv1d_')}", hf[f"{b}.mixer.{name}"])
-        elif symbol == "*":
-            put(f"{m}.input_layernorm.weight", hf[f"{b}.norm.weight"])
-            put(f"{m}.self_attention.linear_qkv.weight", layouts.qkv_split_to_interleaved(
-                hf[f"{b}.mixer.q_proj.weight"], hf[f"{b}.mixer.k_proj.weight"], hf[f"{b}.mixer.v_proj.weight"],
-                heads, groups, head_dim))
-            put(f"{m}.self_attention.linear_proj.weight", hf[f"{b}.mixer.o_proj.weight"])
-        elif symbol == "-":
-            put(f"{m}.pre_mlp_layernorm.weight", hf[f"{b}.norm.weight"])
-            put(f"{m}.mlp.linear_fc1.weight", hf[f"{b}.mixer.up_proj.weight"])
-            put(f"{m}.mlp.linear_fc2.weight", hf[f"{b}.mixer.down_proj.weight"])
-        else:
-            raise ValueError(f"layer symbol {symbol!r} has no test loader")
-    put("decoder.final_norm.weight", hf["backbone.norm_f.weight"])
-    put("output_layer.weight", hf["lm_head.weight"])
+def hub_names(hf_state: dict) -> dict:
+    """transformers' internal Nemotron-H names (``model.``) -> the hub's (``backbone.``), which the
+    family table writes and reads."""
+    return {k.replace("model.", "backbone.", 1) if k.startswith("model.") else k: v for k, v in hf_state.items()}
 
 
 # ---------------------------------------------------------------------- MoE families

@@ -3,6 +3,7 @@
 Public API::
 
     from megatron_trt_ext import ExportConfig, Exporter, attach
+    from megatron_trt_ext import import_hf   # an HF checkpoint into a live model, any layout
 """
 
 from .config import ExportConfig
@@ -11,8 +12,9 @@ from .exporter import Exporter
 from .manifest import __version__
 from .result import ExportResult
 from .hook import ExportHandle, attach
+from .importer import import_hf
 
 __all__ = [
-    "ExportConfig", "Exporter", "ExportResult", "ExportHandle", "attach",
+    "ExportConfig", "Exporter", "ExportResult", "ExportHandle", "attach", "import_hf",
     "ConfigError", "ExportError", "MegatronTrtExtError", "UnsupportedModelError", "__version__",
 ]

@@ -98,7 +98,7 @@ def calibration_alone(model, calib: dict, repeat: int) -> dict:
                                                 verification={"enabled": False},
                                                 quantization={"algorithm": "fp8", "kv_cache": "fp8",
                                                               "calibration": calib}))
-        batches = calibration_batches(exporter.quant.calibration, None, exporter.info.padded_vocab_size,
+        batches = calibration_batches(exporter.quant.calibration, None, exporter.vocab_size,
                                       torch.device("cpu"))
         local = exporter._local_shards(exporter.chunks)
         runs = {"forward passes only": lambda: run_forward(exporter.chunks, batches),

@@ -266,11 +266,10 @@ def _merge(name: str, entries: list) -> tuple:
     shape, dtype = shapes.pop(), dtypes.pop()
     main = sorted((Piece(rank, off, shp) for _, off, shp, _, _, mains in entries for rank in mains),
                   key=lambda p: (p.offset, p.rank))
-    covered = sum(_numel(p.shape) for p in main)
-    if covered != _numel(shape) or _overlaps(main):
-        raise ExportError(
-            f"tensor {name!r}: the main replicas cover {covered} of {_numel(shape)} elements; "
-            "some rank's slice is missing or duplicated (are all ranks calling export?)")
+    problem = _coverage_problem(main, shape)
+    if problem:
+        raise ExportError(f"tensor {name!r}: {problem}; some rank's slice is missing or duplicated "
+                          "(are all ranks calling export?)")
     holders: dict = {}
     for cid, off, shp, _, _, _ in entries:
         holders.setdefault((off, shp), set()).add(cid)
@@ -304,14 +303,33 @@ class _Loads:
         heapq.heappush(self.heaps[self.class_of[rank]], (self.load[rank], rank))
 
 
-def _overlaps(pieces: list) -> bool:
-    seen = set()
+def _coverage_problem(pieces: list, shape: tuple) -> str:
+    """Why ``pieces`` (boxes) do not tile ``shape`` exactly once, or "". Boxes that lie inside the
+    tensor and are pairwise disjoint tile it exactly when their sizes add up to its size (a count
+    alone lets an overlap hide a hole of the same size). Disjointness by a sweep along the first
+    dimension: a box is compared only with the boxes whose rows it meets, so the slices of a
+    tensor-parallel split (a handful per tensor) cost next to nothing."""
     for p in pieces:
-        key = (p.offset, p.shape)
-        if key in seen:
-            return True
-        seen.add(key)
-    return False
+        if len(p.offset) != len(shape) or len(p.shape) != len(shape) or any(
+                o < 0 or o + n > s for o, n, s in zip(p.offset, p.shape, shape)):
+            return (f"rank {p.rank}'s slice at offset {tuple(p.offset)} of shape {tuple(p.shape)} lies outside "
+                    f"the tensor's shape {tuple(shape)}")
+    boxes = sorted((p for p in pieces if _numel(p.shape)), key=lambda p: tuple(p.offset))
+    active: list = []  # boxes whose first-dimension interval reaches past the current box's start
+    for box in boxes:
+        start = box.offset[0] if shape else 0
+        active = [a for a in active if not shape or a.offset[0] + a.shape[0] > start]
+        for other in active:
+            if all(o1 < o2 + n2 and o2 < o1 + n1
+                   for o1, n1, o2, n2 in zip(box.offset, box.shape, other.offset, other.shape)):
+                return (f"the slices of rank {other.rank} (offset {tuple(other.offset)}, shape "
+                        f"{tuple(other.shape)}) and rank {box.rank} (offset {tuple(box.offset)}, shape "
+                        f"{tuple(box.shape)}) overlap")
+        active.append(box)
+    covered = sum(_numel(p.shape) for p in pieces)
+    if covered != _numel(shape):
+        return f"the main replicas cover {covered} of {_numel(shape)} elements"
+    return ""
 
 
 def _numel(shape) -> int:

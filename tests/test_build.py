@@ -186,3 +186,67 @@ def test_build_devices_that_do_not_exist_fail_at_attach(megatron_world, tmp_path
 def test_invalid_build_values_are_named(build, fragment):
     with pytest.raises(ConfigError, match=fragment):
         ExportConfig(formats=["trtllm_checkpoint", "trtllm_engine"], build=build)
+
+
+# ---------------------------------------------------------------------- which GPUs build
+def _build_devices(fake_trtllm) -> set:
+    return {r["cuda_visible_devices"] for r in fake_trtllm("build")}
+
+
+def test_build_devices_are_indices_among_the_visible_gpus(fake_trtllm, export_tp2, monkeypatch):
+    """``devices: [0, 1]`` under CUDA_VISIBLE_DEVICES=4,5,6,7 are physical GPUs 4 and 5: a child
+    told CUDA_VISIBLE_DEVICES=0 would build on GPU 0, which this job was never given."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert build_export(export_tp2, BuildOptions(devices=[0, 1]))["status"] == "complete"
+    assert _build_devices(fake_trtllm) == {"4", "5"}
+
+
+@pytest.mark.parametrize("visible,expected", [(None, {"0", "1"}), ("4,5,6,7", {"4", "5"}),
+                                              ("GPU-aaaa,GPU-bbbb", {"GPU-aaaa", "GPU-bbbb"})])
+def test_all_visible_means_every_gpu_torch_sees(fake_trtllm, export_tp2, monkeypatch, visible, expected):
+    """No ``devices``: the two ranks build side by side on the first two visible GPUs (torch sees
+    four, or two), named as the user named them."""
+    import torch
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible.split(",")) if visible else 4)
+    assert build_export(export_tp2, BuildOptions())["status"] == "complete"
+    assert _build_devices(fake_trtllm) == expected
+
+
+def test_a_device_beyond_the_visible_ones_fails_the_build_saying_so(fake_trtllm, export_tp2, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    record = build_export(export_tp2, BuildOptions(devices=[1, 2]))
+    assert record["status"] == "failed" and "CUDA_VISIBLE_DEVICES=4,5" in record["error"]
+    assert fake_trtllm("build") == [] and not (export_tp2 / "trtllm_engine").exists()
+
+
+# ---------------------------------------------------------------------- one in-training build at a time
+def _wait_for_build(path, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while "build" not in mf.read_manifest(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return mf.read_manifest(path)["build"]
+
+
+def test_an_export_that_lands_while_a_build_runs_is_recorded_not_built(fake_trtllm, megatron_world, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("FAKE_TRTLLM_BUILD_S", "15")
+    cfg = ExportConfig(output_dir=str(tmp_path), vocab_size=120, mode="sync",
+                       formats=["hf", "trtllm_checkpoint", "trtllm_engine"], build={"timeout": 300})
+    exporter = Exporter(tiny_llama(), cfg)
+    first = exporter.export(1)
+    second = exporter.export(2)  # the first build is still running (15 s)
+    skipped = mf.read_manifest(second.path).get("build")
+    assert skipped is not None and skipped["status"] == "skipped", skipped
+    assert "iter_0000001" in skipped["reason"] and "still running" in skipped["reason"]
+    assert shlex.split(skipped["command"])[3] == str(second.path)  # what builds it later
+    assert _wait_for_build(first.path)["status"] == "complete"
+    monkeypatch.setenv("FAKE_TRTLLM_BUILD_S", "0")
+    third = exporter.export(3)  # the build slot is free again
+    assert _wait_for_build(third.path)["status"] == "complete"
+    assert [r["rank"] for r in fake_trtllm("build")] == [0, 0]  # iterations 1 and 3, never 2
+    assert not (second.path / "trtllm_engine").exists()

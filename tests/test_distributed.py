@@ -392,7 +392,7 @@ def assert_same_probe(ref_dir: Path, got_dir: Path) -> None:
 
 @pytest.mark.parametrize("case", ["pp2", "pp2_vpp2", "tp2"])
 def test_probe_from_parallel_layouts_equals_single_rank(megatron_world, tmp_path, case):
-    """The probe runs through Megatron's forward-only schedule (PP, virtual PP) or gathers the
+    """The probe hands activations from stage to stage (PP, virtual PP) or gathers the
     vocabulary shards of a tensor-parallel output layer; rank 0 records what one rank would, and
     the export verifies."""
     from megatron_trt_ext.verification.check import verify
@@ -400,7 +400,7 @@ def test_probe_from_parallel_layouts_equals_single_rank(megatron_world, tmp_path
     layout, model_kw = {"pp2": ({"pp": 2}, {}), "pp2_vpp2": ({"pp": 2, "vpp": 2}, {"num_layers": 4}),
                         "tp2": ({"tp": 2}, {})}[case]
     target = dict(formats=["hf"], dtype="float32")
-    if case == "pp2_vpp2":  # fewer sequences than stages: the interleaved schedule needs padding microbatches
+    if case == "pp2_vpp2":  # fewer sequences than virtual stages
         target["verification"] = {"num_sequences": 1, "seq_len": 16}
     ckpt = reference(tmp_path, "llama", model_kw, 120, [target])
     outcome = run_ranks(2, WORKER, timeout_s=240, family="llama", layout=layout, checkpoint_dir=str(ckpt),

@@ -1,7 +1,9 @@
 """The plan on synthetic layouts: DP replicas gathered once, writers balanced, groups kept."""
 
+import pytest
 import torch
 
+from megatron_trt_ext.errors import ExportError
 from megatron_trt_ext.plan import LocalPiece, describe, expert_group, group_ranks, plan_units
 from tests.support.plans import build_units, rank_descriptions
 
@@ -99,3 +101,27 @@ def test_with_inference_expert_parallelism_each_ranks_experts_form_a_group():
     assert groups[0] == groups[1] != groups[2] == groups[3] != groups[4]
     assert len(set(groups)) == 4
     assert expert_group("decoder.layers.3.mlp.router.weight", 2) == "decoder.layers.3.mlp.router.weight"
+
+
+# ---------------------------------------------------------------------- coverage is exact
+def _split(slices: list, global_shape=(8, 4)) -> list:
+    """One rank per (offset, shape) slice of one tensor, every slice a main replica."""
+    return [{"w": [(rank, off, shp, global_shape, "float32", True)]} for rank, (off, shp) in enumerate(slices)]
+
+
+@pytest.mark.parametrize("slices,problem", [
+    ([((0, 0), (4, 4)), ((0, 0), (4, 4))], "overlap"),  # the same slice twice, rows 4..7 missing
+    ([((2, 0), (4, 4)), ((4, 0), (4, 4))], "overlap"),  # rows 4..5 twice, rows 0..1 missing: 32 of 32
+    ([((0, 0), (2, 4)), ((2, 0), (4, 4)), ((2, 0), (2, 4))], "overlap"),  # rows 2..3 twice, 6..7 missing
+    ([((0, 0), (8, 2)), ((1, 2), (8, 2))], "outside"),  # right count, one slice sticks out of the tensor
+    ([((0, 0), (4, 4)), ((4, 0), (4, 2))], "cover 24 of 32"),  # a hole, nothing else
+])
+def test_main_replicas_must_cover_each_tensor_exactly_once(slices, problem):
+    with pytest.raises(ExportError, match=f"tensor 'w'.*{problem}"):
+        build_units(_split(slices))
+
+
+def test_a_tiling_of_uneven_slices_is_accepted():
+    slices = [((0, 0), (3, 4)), ((3, 0), (5, 1)), ((3, 1), (5, 3))]
+    units = build_units(_split(slices))
+    assert [u.name for u in units] == ["w"] and len(units[0].pieces) == 3

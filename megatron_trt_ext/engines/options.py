@@ -22,7 +22,9 @@ class BuildOptions:
         max_batch_size, max_input_len, max_seq_len, max_num_tokens: engine limits.
         max_beam_width: beam search width the engine supports.
         plugins: PluginConfig fields, e.g. ``{gemm_plugin: auto, paged_kv_cache: true}``.
-        devices: CUDA device indices to build on (one rank per device at a time); None: all visible.
+        devices: CUDA devices to build on, one rank per device at a time: indices among the visible
+            devices, as torch numbers them (under ``CUDA_VISIBLE_DEVICES=4,5,6,7``, 0 is GPU 4);
+            None: every device torch sees.
         timeout: seconds before a build is killed and recorded as failed.
         deploy_check: for TensorRT-LLM >= 1.3 (no engine builder): load the HF export with
             ``tensorrt_llm.LLM`` and generate a few tokens.

@@ -4,12 +4,17 @@ export's manifest and never reaches training.
 
 Engines go to ``<export>/.trtllm_engine.partial`` and are renamed to ``trtllm_engine`` when every
 rank is built. The export carries a build lock meanwhile, so retention leaves it alone.
+
+In training, builds run one at a time: an export that completes while the previous export's build
+still runs gets no build of its own (builds would otherwise pile up on the GPUs, each as long as
+the last); its manifest records ``build.status: skipped``, why, and the command that builds it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -17,12 +22,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .. import manifest as mf
 from .. import safe_fs
 from ..errors import ConfigError
 from .options import BuildOptions
 
+logger = logging.getLogger("megatron_trt_ext")
+
 RESULT_TAG = "MEGATRON_TRT_EXT_RESULT "
+
+# export root -> (export dir, process) of the last in-training build this process started
+_launched: dict = {}
 
 
 def build_command(export_dir, options: BuildOptions) -> list:
@@ -32,9 +44,26 @@ def build_command(export_dir, options: BuildOptions) -> list:
 
 
 def launch_after_export(config, rank: int, result) -> None:
-    """Rank 0 starts the engine build of a complete export when the recipe asks for engines."""
-    if "trtllm_engine" in config.formats and rank == 0 and result.ok:
-        launch_detached(result.path, config.build_options)
+    """Rank 0 starts the engine build of a complete export when the recipe asks for engines, unless
+    the build it started for an earlier export still runs: then the export is recorded as not
+    built (``build.status: skipped``, the running build, the command to build it later)."""
+    if "trtllm_engine" not in config.formats or rank != 0 or not result.ok:
+        return
+    export = Path(result.path)
+    root = str(export.parent.resolve())
+    previous = _launched.get(root)
+    # running: the process lives and still holds its export's build lock (released once the
+    # manifest has the result; the process may take a moment more to exit)
+    if previous is not None and previous[1].poll() is None and mf.is_being_read(previous[0]):
+        running, proc = previous
+        record = {"status": "skipped",
+                  "reason": f"the engine build of {running.name} (pid {proc.pid}) was still running; in-training "
+                            "builds run one at a time. Run the command to build this export later",
+                  "command": shlex.join(build_command(export, config.build))}
+        mf.update_manifest(export, build=record)
+        logger.warning("no engine build for %s: %s", export.name, record["reason"])
+        return
+    _launched[root] = (export, launch_detached(export, config.build))
 
 
 def launch_detached(export_dir, options: BuildOptions) -> subprocess.Popen:
@@ -74,29 +103,41 @@ def _step(args: list, timeout: float, env: dict | None = None) -> dict:
     return {"ok": False, "error": f"exit code {done.returncode}: " + "\n".join(tail)}
 
 
-def _devices(options: BuildOptions) -> list:
-    if options.devices is not None:
-        return list(options.devices)
+def build_slots(options: BuildOptions) -> list:
+    """The CUDA_VISIBLE_DEVICES value of each concurrent rank build. ``options.devices`` (default:
+    every device torch sees) are indices among this process's visible devices, as torch numbers
+    them; a child is given the device as the user named it (under CUDA_VISIBLE_DEVICES=4,5,6,7,
+    index 0 is "4"), never the index, which the child would read as another physical GPU. With no
+    device visible: one build at a time, in this process's environment (the builder says why it
+    fails)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return list(range(len([d for d in visible.split(",") if d.strip()])))
-    return [0]
+    names = [d.strip() for d in visible.split(",")] if visible is not None else None
+    indices = list(options.devices) if options.devices is not None else list(range(torch.cuda.device_count()))
+    if not indices:
+        return [None]
+    if names is None:
+        return [str(i) for i in indices]
+    missing = [i for i in indices if i >= len(names) or not names[i]]
+    if missing:
+        raise ConfigError(f"build.devices: {missing} are not among the {len([n for n in names if n])} visible "
+                          f"device(s) (CUDA_VISIBLE_DEVICES={visible}); devices are indices among the visible "
+                          "devices")
+    return [names[i] for i in indices]
 
 
-def _build_ranks(export_dir: Path, world: int, options: BuildOptions, progress: bool = False) -> tuple:
-    """One subprocess per rank, as many at a time as there are devices."""
+def _build_ranks(export_dir: Path, world: int, options: BuildOptions, devices: list, progress: bool = False) -> tuple:
+    """One subprocess per rank, as many at a time as there are devices (`build_slots`)."""
     from ..progress import bar
 
     with bar(world, f"build {export_dir.name}", progress, unit="rank") as ranks:
-        return _run_rank_builds(export_dir, world, options, ranks.update)
+        return _run_rank_builds(export_dir, world, options, devices, ranks.update)
 
 
-def _run_rank_builds(export_dir: Path, world: int, options: BuildOptions, rank_done) -> tuple:
+def _run_rank_builds(export_dir: Path, world: int, options: BuildOptions, devices: list, rank_done) -> tuple:
     partial = export_dir / ".trtllm_engine.partial"
     safe_fs.remove_tree(partial)
     safe_fs.make_dir(partial)
     logs = safe_fs.make_dir(export_dir / "build_logs", exist_ok=True)
-    devices = _devices(options)
     opts = json.dumps(options.to_dict())
     pending = list(range(world))
     running: dict = {}
@@ -106,7 +147,7 @@ def _run_rank_builds(export_dir: Path, world: int, options: BuildOptions, rank_d
         free = [d for d in devices if d not in running.values()]
         while pending and free:
             rank, device = pending.pop(0), free.pop(0)
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)}
+            env = dict(os.environ) if device is None else {**os.environ, "CUDA_VISIBLE_DEVICES": device}
             cmd = [sys.executable, "-m", "megatron_trt_ext.engines.engine", "rank",
                    str(export_dir / "trtllm_checkpoint"), str(rank), str(partial), opts]
             # builders log a lot: a file, never a pipe (and never through a planted link)
@@ -172,11 +213,16 @@ def build_export(export_dir, options: BuildOptions | None = None, progress: bool
                 record.update(status="failed", error="the export has no trtllm_checkpoint/ to build from")
             else:
                 world = json.loads((export_dir / "trtllm_checkpoint" / "config.json").read_text())["mapping"]["world_size"]
-                ok, failures = _build_ranks(export_dir, world, options, progress)
-                record.update(status="complete" if ok else "failed", ranks=world,
-                              engine_dir=str(export_dir / "trtllm_engine") if ok else None)
-                if failures:
-                    record["error"] = {str(r): e for r, e in failures.items()}
+                try:
+                    devices = build_slots(options)
+                except ConfigError as exc:
+                    record.update(status="failed", error=str(exc))
+                else:
+                    ok, failures = _build_ranks(export_dir, world, options, devices, progress)
+                    record.update(status="complete" if ok else "failed", ranks=world,
+                                  engine_dir=str(export_dir / "trtllm_engine") if ok else None)
+                    if failures:
+                        record["error"] = {str(r): e for r, e in failures.items()}
         record["seconds"] = time.perf_counter() - t0
         mf.update_manifest(export_dir, build=record)
     return record

@@ -97,8 +97,31 @@ def replicate(chunks: list) -> list:
     return copy.deepcopy(chunks, _process_groups(chunks))
 
 
+def check_calibration_data(data: Any) -> None:
+    """``calibration_data`` must give every export the same batches afresh: a callable returning
+    an iterable (called once per export), or a collection that iterates anew each time (a list,
+    a tensor, a DataLoader). A one-shot iterator or generator is refused: the first export would
+    use it up (taking batches from training, when it is the training iterator) and a later one
+    would find it empty."""
+    if data is None or callable(data):
+        return
+    try:
+        one_shot = iter(data) is data
+    except TypeError:
+        raise ConfigError(f"calibration_data: a {type(data).__name__} is neither iterable nor callable; pass a "
+                          "callable returning an iterator of token batches, e.g. calibration_data=lambda: "
+                          "iter(batches)") from None
+    if one_shot:
+        raise ConfigError(f"calibration_data: a one-shot {type(data).__name__} would be used up by the first "
+                          "export (taking batches from training if it is the training iterator) and leave later "
+                          "exports nothing; pass a callable that returns a fresh iterator, e.g. "
+                          "calibration_data=lambda: iter(batches), or a list of batches")
+
+
 def calibration_batches(options, data: Any, vocab_size: int, device) -> list:
-    """Token batches [batch, seq] for calibration, from the configured source."""
+    """Token batches [batch, seq] for calibration, from the configured source. ``vocab_size``: the
+    exported vocabulary (synthetic ids never fall on the padding rows the export trims, which no
+    tokenizer produces and whose embeddings training never updates)."""
     n, seq, bs = options.num_samples, options.seq_len, options.batch_size
     if options.source == "synthetic":
         gen = torch.Generator().manual_seed(options.seed)  # never the global RNG
@@ -106,7 +129,8 @@ def calibration_batches(options, data: Any, vocab_size: int, device) -> list:
     elif options.source == "iterator":
         if data is None:
             raise ConfigError("quantization.calibration.source is 'iterator' but no calibration_data= was "
-                              "given to attach()/Exporter(); pass an iterator or a callable returning one")
+                              "given to attach()/Exporter(); pass a callable returning an iterator, or a list of batches")
+        check_calibration_data(data)
         source = data() if callable(data) else data
         rows = []
         for item in source:
@@ -215,12 +239,14 @@ def _max_over_ranks(mine: dict, comm) -> dict:
 
 
 def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_loop: Optional[Callable] = None,
-              comm=None, batches: Optional[list] = None, groups: tuple = ()) -> Calibration:
+              comm=None, batches: Optional[list] = None, groups: tuple = (),
+              vocab_size: Optional[int] = None) -> Calibration:
     """Gather the statistics ``spec`` needs. Call on every rank (the values are MAX-reduced).
 
     ``local``: the live chunks' slices (`plan.local_shards`), which name the hooked linears.
     ``batches``: the calibration batches when the caller already drew them (the verification
-    probe shares them, so an iterator source is read once per export).
+    probe shares them, so an iterator source is read once per export); else they are drawn here,
+    from ``vocab_size`` ids (the exported vocabulary).
     """
     kind = spec.calibration_kind
     group_amax = _group_amax(local, groups, comm) if groups else {}
@@ -228,7 +254,10 @@ def calibrate(chunks: list, spec, info, local: dict, data: Any = None, forward_l
         return Calibration(group_amax=group_amax)
     device = next(p.device for c in chunks for p in c.parameters())
     if batches is None and forward_loop is None:
-        batches = calibration_batches(spec.calibration, data, info.padded_vocab_size, device)
+        if vocab_size is None:
+            raise ValueError("calibrate: pass the calibration batches, a forward_loop, or vocab_size (the exported "
+                             "vocabulary, which synthetic ids are drawn from)")
+        batches = calibration_batches(spec.calibration, data, vocab_size, device)
     if kind in ("smoothquant", "awq"):
         replica, kv_amax = _calibrate_replica(chunks, spec, info, batches, forward_loop)
         result = Calibration(replica=replica, kv_amax=kv_amax)

@@ -12,8 +12,9 @@ groups (`gather.Comm`):
 1. rank 0 picks the tokens (the calibration batches' first rows when the recipe has a real
    calibration source, else ids drawn by a generator of its own, seeded, never the global RNG)
    and shares them (all-gather), so every rank, every DP replica included, probes the same tokens;
-2. every rank runs the forward pass (`forward.run_forward`: eval mode restored, no grad, RNG
-   restored; pipeline stages through Megatron's schedule);
+2. every rank runs the forward pass (eval mode restored, no grad, RNG restored): one chunk
+   through `forward.run_forward`; pipeline stages through `stages.staged_forward`, which hands the
+   activations on with point-to-point messages on the model's own device (CPU included);
 3. the last stage's ranks take the top-k of their logits (their vocabulary shard, when the
    output layer is tensor-parallel) and everything goes to rank 0 (gather), which merges the
    shards' candidates into the global top-k and keeps the record for the manifest.
@@ -30,6 +31,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from .. import forward
+from ..forward import is_staged
+from .stages import staged_forward
 
 FILE_NAME = "verification.safetensors"
 
@@ -123,17 +128,16 @@ def merge_candidates(parts: list, vocab_size: int, top_k: int) -> tuple:
     return top_values.contiguous(), torch.gather(ids, -1, where).contiguous()
 
 
-def microbatches(tokens: torch.Tensor, chunks: list) -> list:
-    """One microbatch holding every sequence: each stage reads its weights once (on GPUs a probe
-    this small is bound by that read). Megatron's interleaved (virtual-pipeline) schedule wants at
-    least as many microbatches as pipeline stages: there, one per sequence, the last repeated up
-    to that count (the extra outputs are dropped)."""
-    if len(chunks) == 1:
-        return [tokens]
-    from megatron.core import parallel_state as ps
-
-    batches = [tokens[i:i + 1] for i in range(len(tokens))]
-    return batches + batches[-1:] * max(0, ps.get_pipeline_model_parallel_world_size() - len(batches))
+def forward_logits(chunks: list, tokens: torch.Tensor) -> list:
+    """The logits of ``tokens`` on the last pipeline stage ([] elsewhere): one microbatch holding
+    every sequence, so each stage reads its weights once (on GPUs a probe this small is bound by
+    that read)."""
+    outputs: list = []
+    if is_staged(chunks):
+        staged_forward(chunks, tokens, outputs.append)
+    else:
+        forward.run_forward(chunks, [tokens], on_output=outputs.append)
+    return outputs
 
 
 def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, model_dtype: str,
@@ -157,10 +161,7 @@ def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, m
         tokens, origin = chosen
         device = next((p.device for c in chunks for p in c.parameters()), torch.device("cpu"))
         try:
-            from ..forward import run_forward
-
-            outputs: list = []
-            run_forward(chunks, microbatches(tokens.to(device), chunks), on_output=outputs.append)
+            outputs = forward_logits(chunks, tokens.to(device))
             if outputs:  # the last pipeline stage
                 logits = torch.cat(outputs, dim=0)[: len(tokens)]
                 contribution = [local_candidates(logits, vocab_size, padded_vocab, options.top_k)]

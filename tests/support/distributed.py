@@ -15,7 +15,8 @@ import traceback
 from .models import free_port
 
 
-def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, results) -> None:
+def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, results,
+           cpu_shim: bool = True) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     import warnings
@@ -26,7 +27,8 @@ def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, res
         from examples.cpu_shim import install, stub_triton_only_modules
 
         stub_triton_only_modules()
-        install()
+        if cpu_shim:
+            install()
         import torch.distributed as dist
 
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -46,8 +48,10 @@ def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, res
             pass
 
 
-def run_ranks(world_size: int, target: str, timeout_s: float = 300, **kwargs) -> dict:
+def run_ranks(world_size: int, target: str, timeout_s: float = 300, cpu_shim: bool = True, **kwargs) -> dict:
     """Run ``module:function(rank=, world_size=, **kwargs)`` on each rank.
+
+    ``cpu_shim=False``: without `examples.cpu_shim.install` (code that must work on CPU as it is).
 
     Returns {rank: ("ok", value) | ("error", text) | ("lost", exit code)}. Ranks still running
     after ``timeout_s`` are killed and reported as ("hung", None).
@@ -55,7 +59,7 @@ def run_ranks(world_size: int, target: str, timeout_s: float = 300, **kwargs) ->
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, target, kwargs, results))
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, target, kwargs, results, cpu_shim))
              for r in range(world_size)]
     for p in procs:
         p.start()

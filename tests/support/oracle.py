@@ -24,10 +24,11 @@ def modelopt_config(algorithm: str, kv_cache: str = "none", smoothquant_alpha: f
 
 
 def calibration_tokens(exporter) -> list:
-    """The batches the exporter's calibration draws (synthetic source: seeded)."""
+    """The batches the exporter's calibration draws (synthetic source: seeded, ids of the exported
+    vocabulary)."""
     from megatron_trt_ext.quant.calibrate import calibration_batches
 
-    return calibration_batches(exporter.quant.calibration, None, exporter.info.padded_vocab_size,
+    return calibration_batches(exporter.quant.calibration, None, exporter.vocab_size,
                                torch.device("cpu"))
 
 

@@ -2,6 +2,7 @@
 
 FAKE_TRTLLM_VERSION picks the version (default 1.2.0, with the TensorRT backend; 1.3+ has none).
 FAKE_TRTLLM_LOG is a JSON-lines file that receives one record per call.
+FAKE_TRTLLM_BUILD_S makes each rank's engine build take that many seconds.
 """
 
 import json

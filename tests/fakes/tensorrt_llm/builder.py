@@ -5,6 +5,7 @@ if _major_minor() >= (1, 3):
 
 import json
 import os
+import time
 
 
 class BuildConfig:
@@ -38,4 +39,5 @@ def build(model, build_config):
            plugins=dict(vars(build_config.plugin_config)))
     if os.environ.get("FAKE_TRTLLM_FAIL_RANK") == str(model.config.rank):
         raise RuntimeError(f"injected build failure on rank {model.config.rank}")
+    time.sleep(float(os.environ.get("FAKE_TRTLLM_BUILD_S", "0")))  # a long build (seconds)
     return _Engine(model, build_config)

@@ -1,1 +1,1 @@
-"""Engine builds, in a process of their own. Only `build.engine` imports tensorrt_llm."""
+"""Engine builds, in a process of their own. Only `engines.engine` imports tensorrt_llm."""

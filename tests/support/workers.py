@@ -1,4 +1,4 @@
-"""Per-rank bodies for multi-process tests and benchmarks (run through `testing.distributed`)."""
+"""Per-rank bodies for multi-process tests and benchmarks (run through `tests.support.distributed`)."""
 
 from __future__ import annotations
 

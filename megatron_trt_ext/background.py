@@ -100,6 +100,7 @@ class BackgroundExporter:
         self.gone = False
         self.gone_reason = None
         self._clobbered = None
+        self._serve_due: set = set()  # pending saves due for a refit (a newer save replacing one inherits it)
         self._event = None
         self._start_worker()
 
@@ -251,7 +252,7 @@ class BackgroundExporter:
         return self.last
 
     # ------------------------------------------------------------------ the trigger
-    def submit(self, iteration: int) -> ExportResult:
+    def submit(self, iteration: int, serve: bool = True) -> ExportResult:
         t_submit, t0 = time.time(), time.perf_counter()
         self.poll()
         self._check_hung()
@@ -274,7 +275,9 @@ class BackgroundExporter:
         failures = self.comm.agree(error)
         stall = time.perf_counter() - t0
         if self._clobbered is not None and self._clobbered in self.outstanding:
+            serve = serve or self._clobbered in self._serve_due  # its refit is not lost with it
             self._skipped(self._clobbered, iteration)  # its slot now holds this save (or garbage)
+        self._serve_due = {i for i in self._serve_due if i in self.outstanding} | ({iteration} if serve else set())
         if failures:
             if slot is not None:
                 self._release(slot, publish=False)
@@ -284,7 +287,7 @@ class BackgroundExporter:
             return self.last
         self.outstanding[iteration] = (t_submit, stall)
         timings = {"stall_s": stall, "snapshot_s": snapshot_s, "probe_s": probe_s,
-                   "snapshot_bytes": self.snapshot_bytes, "submitted_unix": t_submit}
+                   "snapshot_bytes": self.snapshot_bytes, "submitted_unix": t_submit, "serve_due": serve}
         self._release(slot, publish=True, iteration=iteration, meta=SaveMeta(timings, probe))
         # (the exporter shows it as its last result until the final one arrives)
         return ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",

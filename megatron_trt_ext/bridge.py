@@ -38,8 +38,8 @@ class ExportCallback:
     Args:
         recipe: an export recipe file, or None for the defaults.
         config: an ExportConfig instead of a recipe.
-        **overrides: recipe keys (``output_dir``, ``every_n_saves`` ...), as for
-            `ExportConfig.from_yaml`.
+        **overrides: recipe keys (``output_dir``, ``every_n_saves``, ``serve={"url": ...}`` ...),
+            as for `ExportConfig.from_yaml`.
     """
 
     def __init__(self, recipe: Optional[str] = None, config: Optional[ExportConfig] = None, **overrides):

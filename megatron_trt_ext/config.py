@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 from .engines.options import BuildOptions
 from .errors import ConfigError, reject_unknown_keys, short_repr
 from .quant.spec import QuantSpec
+from .serve.options import ServeOptions
 from .verification.spec import VerificationOptions
 
 FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
@@ -57,7 +58,8 @@ def parse_size(value: Any, what: str) -> int:
 
 # Recipe sections parsed into their typed options. Their own parser checks the type (naming the key and
 # the fix), so the generic type check skips them, as it skips max_shard_size (`parse_size`).
-SECTIONS = {"build": BuildOptions, "quantization": QuantSpec, "verification": VerificationOptions}
+SECTIONS = {"build": BuildOptions, "quantization": QuantSpec, "verification": VerificationOptions,
+            "serve": ServeOptions}
 _OWN_TYPE_CHECK = {"max_shard_size", *SECTIONS}
 
 
@@ -108,6 +110,10 @@ class ExportConfig:
             rank turns into an error on every rank within this bound, never a hang).
         drop_mtp: leave the model's multi-token-prediction layers out of the export (by default
             they are exported where the target has them: DeepSeek-V3's extra layers).
+        serve: refit a running vLLM server with the converted tensors at saves (a mapping
+            ``{url: "http://HOST:PORT", every_n_saves: 1, timeout_s: 300}`` or
+            `serve.options.ServeOptions`); with it, ``formats`` may be empty (only the manifest
+            recording the refit is written).
     """
 
     output_dir: str = "exports"
@@ -132,6 +138,7 @@ class ExportConfig:
     quantization: Union[QuantSpec, dict, None] = None
     drop_mtp: bool = False
     verification: Union[VerificationOptions, dict, None] = None
+    serve: Union[ServeOptions, dict, str, None] = None
     recipe: Optional[str] = None
     max_shard_size_bytes: int = field(init=False, repr=False, compare=False)  # max_shard_size, parsed
 
@@ -151,11 +158,13 @@ class ExportConfig:
             self._set("formats", [self.formats])
         elif not isinstance(self.formats, list):
             self._set("formats", list(self.formats))
+        serving = ServeOptions.from_dict(self.serve, f"serve{source}").enabled  # checked in full below
         unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
+        if unknown or not (self.formats or serving):
             raise ConfigError(
                 f"formats{source}: unknown format(s) {unknown or self.formats}; "
-                f"choose one or more of {list(FORMATS)}")
+                f"choose one or more of {list(FORMATS)}"
+                + ("" if unknown else " (or set serve: to only refit a server)"))
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"formats{source}: {self.formats} names a format twice")
         if "trtllm_engine" in self.formats and "trtllm_checkpoint" not in self.formats:
@@ -183,6 +192,14 @@ class ExportConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= upper:
                 raise ConfigError(f"{name}{source}: must be between 1 and {upper}, got {short_repr(value)}")
+        if self.serve.enabled and self.serve.every_n_saves % self.every_n_saves:
+            raise ConfigError(f"serve.every_n_saves{source}: {self.serve.every_n_saves} is not a multiple of "
+                              f"every_n_saves ({self.every_n_saves}); refits run at export saves: choose a multiple")
+        if self.serve.enabled and self.serve.timeout_s >= self.timeout_s:
+            # a rank waiting on the server holds up its peers' collectives: it must give up first
+            raise ConfigError(f"serve.timeout_s{source}: {self.serve.timeout_s} s must be shorter than timeout_s "
+                              f"({self.timeout_s} s), the export ranks' patience with each other; lower it or "
+                              "raise timeout_s")
         self._set("max_shard_size_bytes", parse_size(self.max_shard_size, f"max_shard_size{source}"))
         self._set("output_dir", os.fspath(self.output_dir))
         if not self.output_dir:

@@ -54,6 +54,14 @@ class Source:
     probe_s: float = 0.0
 
 
+def _raise_failed_refit(config: ExportConfig, result: Optional[ExportResult]) -> None:
+    """``strict``: a failed live refit is raised into training like a failed export (the export
+    itself stays complete); otherwise it is only recorded and logged."""
+    record = getattr(result, "serve", None) or {}
+    if config.strict and record.get("status") == "failed":
+        raise ExportError(f"refit at iteration {result.iteration} failed: {record.get('error')}")
+
+
 def _describe_error(exc: BaseException) -> tuple:
     return (type(exc).__name__, str(exc))
 
@@ -276,7 +284,7 @@ class Exporter:
                 and any(a.weight.startswith("fp8") for a in quant.algorithms))
 
     # ------------------------------------------------------------------ export
-    def export(self, iteration: int, on_progress=None) -> ExportResult:
+    def export(self, iteration: int, on_progress=None, serve: bool = True) -> ExportResult:
         """Export the model as it is now. Call on every rank.
 
         Sync mode: returns the finished result; raises ExportError, on every rank, naming the
@@ -290,11 +298,13 @@ class Exporter:
         is recorded later as ``"skipped"`` (see ``results``).
 
         ``on_progress``: sync mode, called after each unit (the CLI's progress bars).
+        ``serve``: with ``config.serve`` set, also refit the server (the manifest's ``serve`` key
+        records how it went; a failed refit never fails the export).
         """
         if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
             raise ConfigError(f"iteration: expected a non-negative int, got {iteration!r}")
         if self._background is not None:
-            result = self._background.submit(iteration)
+            result = self._background.submit(iteration, serve=serve)
             if result.status == "running":  # shown until the final result is recorded
                 self.last_result = result
             return result
@@ -306,6 +316,7 @@ class Exporter:
                 local, source_error, timings = source.local, None, {"probe_s": source.probe_s}
             except Exception as exc:  # noqa: BLE001 - shared with the peers in the run's first decision
                 local, source_error, timings = {}, exc, {}
+            timings["serve_due"] = serve
             result = self.job.run(self.comm, local, iteration, timings, source_error=source_error,
                                   on_progress=on_progress,
                                   verification=source.probe if source is not None else None)
@@ -372,8 +383,12 @@ class Exporter:
             return None
         if self.config.strict and self.last_result is not None and self.last_result.status == "failed":
             raise ExportError(self.last_result.error)
+        _raise_failed_refit(self.config, self.last_result)  # strict: an async refit that failed
+        serve = self.config.serve
         try:
-            return self.export(iteration)
+            result = self.export(iteration, serve=serve.enabled and self.saves_seen % serve.every_n_saves == 0)
+            _raise_failed_refit(self.config, result)
+            return result
         except Exception as exc:  # noqa: BLE001 - training goes on; the failure is recorded
             if self.config.strict:
                 raise

@@ -43,6 +43,7 @@ from .plan import torch_dtype
 from .quant.export_config import hf_quant_config_file, hf_quantization_config, trtllm_quantization
 from .quant.stage import QuantStage
 from .result import ExportResult
+from .serve.sink import RefitSink
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -173,11 +174,12 @@ class ExportJob:
         t0 = time.perf_counter()
         timings = {"gather_s": 0.0, "convert_s": 0.0, "write_s": 0.0, **(timings or {})}
         submitted = timings.pop("submitted_unix", None)  # async: count the time since the save
+        refit_due = bool(timings.pop("serve_due", True)) and self.config.serve.enabled
         base_total = time.time() - submitted if submitted else 0.0
         run = _Run(iteration=iteration, tmp=mf.partial_path(self.root, iteration),
                    meta=self.manifest_base(iteration), timings=timings, t0=t0, base_total=base_total,
                    round_name=comm.next_round(iteration) if not comm.broken else "broken",
-                   on_progress=on_progress or (lambda: None), verification=verification)
+                   on_progress=on_progress or (lambda: None), verification=verification, refit_due=refit_due)
         run.pool = self.write_pool()
         try:
             with _one_torch_thread():
@@ -190,6 +192,8 @@ class ExportJob:
             run.pool.close()
             for writer in run.writers:  # closes what a failed run left open (after a close: nothing)
                 writer.abort()
+            if run.sink is not None:  # a collective broke mid-run: the server is told, never left a mix
+                run.sink.close("the export broke off")
             if run.lock is not None:
                 run.lock.release()
 
@@ -214,6 +218,8 @@ class ExportJob:
         if self.rank != 0:
             hf, trt = self.writers(run.tmp, create=False, pool=run.pool)
             run.writers = [w for w in (hf, trt) if w is not None]
+        if run.refit_due:  # the converted HF tensors also stream into the server (`serve.sink`)
+            run.sink = RefitSink(comm, self.rank, self.config.serve, str(iteration))
 
         error = None
         checksums: dict = {}
@@ -234,7 +240,7 @@ class ExportJob:
             if full is None or error is not None:
                 continue
             try:
-                self._export_unit(unit, full, conversion, hf, trt, timings)
+                self._export_unit(unit, full, conversion, hf, trt, timings, run.sink)
             except Exception as exc:  # noqa: BLE001
                 error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
                 local_exc = exc
@@ -252,6 +258,12 @@ class ExportJob:
             error = error or f"{type(exc).__name__}: {exc}"
             local_exc = local_exc or exc
         timings["write_s"] += time.perf_counter() - w0
+        if run.sink is not None:  # recorded in the manifest; a failed refit never fails the export
+            sink, run.sink = run.sink, None
+            record = sink.finish(comm, error)
+            if record is not None:
+                run.meta["serve"] = record
+                timings.update(refit_s=record["seconds"], refit_ok=float(record["status"] == "complete"))
 
         timings["total_s"] = run.base_total + time.perf_counter() - run.t0
         failures = comm.agree(error)
@@ -275,9 +287,10 @@ class ExportJob:
             logger.debug("exported iteration %d to %s (%.2f s, %d bytes)", iteration, path,
                          timings["total_s"], bytes_written)
             publish.apply_retention(self.root, self.config.keep_last)  # never fails the export
-        return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written)
+        return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written,
+                            serve=run.meta.get("serve"))
 
-    def _export_unit(self, unit, full, conversion: Conversion, hf, trt, timings) -> None:
+    def _export_unit(self, unit, full, conversion: Conversion, hf, trt, timings, sink=None) -> None:
         c0 = time.perf_counter()
         for hf_name, out, trt_parts in conversion.unit(unit.name, full):
             w0 = time.perf_counter()
@@ -293,6 +306,8 @@ class ExportJob:
                 w0 = time.perf_counter()
             if hf is not None:
                 hf.write(hf_name, out)
+            if sink is not None:  # the same tensor, as written, to the server
+                sink.put(hf_name, out)
             for rank, name, t in trt_parts:
                 trt.write(name, t, fname=f"rank{rank}.safetensors")
             c0 = time.perf_counter()
@@ -385,6 +400,8 @@ class _Run:
     lock: Optional[object] = None
     pool: Optional[WritePool] = None
     writers: list = field(default_factory=list)
+    refit_due: bool = False
+    sink: Optional[RefitSink] = None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from .errors import ConfigError
 
 _NAMES = re.compile(r"^(?:\.)?iter_(\d+)(?:\.(failed|partial))?$")
 
-COLUMNS = ("iteration", "status", "formats", "recipe", "size", "stall", "verify", "build")
+COLUMNS = ("iteration", "status", "formats", "recipe", "size", "stall", "verify", "build", "served")
 
 
 def _manifest(path: Path) -> dict:
@@ -72,7 +72,17 @@ def entry(path: Path, iteration: int, kind: str) -> dict:
         "verify": verify.get("status") or ("not run" if probe.get("status") == "recorded" else "-"),
         "build": (manifest.get("build") or {}).get("status", "-"),
         "error": manifest.get("error"),
+        "serve": _served(manifest.get("serve")),
     }
+
+
+def _served(record) -> str:
+    """The live refit at this export: the iteration the server then served and the refit time."""
+    if not isinstance(record, dict):
+        return "-"
+    seconds = record.get("seconds")
+    took = f" ({seconds:.2f} s)" if isinstance(seconds, (int, float)) else ""
+    return f"{record.get('version')}{took}" if record.get("status") == "complete" else f"failed{took}"
 
 
 def list_exports(root) -> list:
@@ -108,7 +118,8 @@ def _size(nbytes) -> str:
 def table(rows: list) -> str:
     """A plain text table, one export per line."""
     cells = [[str(r["iteration"]), r["status"], ",".join(r["formats"]) or "-", r["recipe"] or "-", _size(r["bytes"]),
-              "-" if r["stall_s"] is None else f"{r['stall_s']:.3f} s", r["verify"], r["build"]] for r in rows]
+              "-" if r["stall_s"] is None else f"{r['stall_s']:.3f} s", r["verify"], r["build"],
+              r.get("serve", "-")] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(COLUMNS)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]

@@ -33,7 +33,7 @@ import inspect
 import logging
 from typing import Any, Callable, Optional
 
-from .config import BUSY_POLICIES, DTYPES, FORMATS, MODES, ExportConfig
+from .config import BUSY_POLICIES, DTYPES, FORMATS, MODES, ExportConfig, load_recipe_yaml
 from .errors import ConfigError
 from .hook import STATE_KEY, attach
 
@@ -62,6 +62,8 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--export-vocab-size", type=int, default=None,
                        help="rows to export (default: the tokenizer's size; never fewer)")
     group.add_argument("--export-timeout", type=int, default=None, help="timeout_s of the recipe")
+    group.add_argument("--export-serve-url", type=str, default=None,
+                       help="refit the vLLM server at http://HOST:PORT at each export (serve.url of the recipe)")
     return parser
 
 
@@ -83,6 +85,19 @@ _FLAG_KEYS = (("export_dir", "output_dir"), ("export_interval", "every_n_saves")
               ("export_timeout", "timeout_s"))
 
 
+def _recipe_section(recipe: Optional[str], key: str) -> dict:
+    """One mapping section of a recipe file ({} when absent or unreadable: from_yaml reports that)."""
+    if recipe is None:
+        return {}
+    try:
+        with open(recipe) as f:
+            data = load_recipe_yaml(f.read(), recipe)
+    except (OSError, ConfigError):
+        return {}
+    section = data.get(key) if isinstance(data, dict) else None
+    return dict(section) if isinstance(section, dict) else {}
+
+
 def config_from_args(args: Any, tokenizer_vocab: Optional[int] = None) -> Optional[ExportConfig]:
     """The ExportConfig the flags describe, or None when export is off (no --export-dir/recipe).
 
@@ -98,6 +113,9 @@ def config_from_args(args: Any, tokenizer_vocab: Optional[int] = None) -> Option
     formats = getattr(args, "export_formats", None)
     if formats is not None:
         overrides["formats"] = [f.strip() for f in formats.split(",") if f.strip()]
+    serve_url = getattr(args, "export_serve_url", None)
+    if serve_url is not None:  # the url joins the recipe's serve section (its other keys stay)
+        overrides["serve"] = {**_recipe_section(recipe, "serve"), "url": serve_url}
     try:
         if recipe is not None:
             config = ExportConfig.from_yaml(recipe, **overrides)

@@ -32,6 +32,8 @@ def scalars(result) -> dict:
         "export/seconds": seconds,
         "export/bytes": float(nbytes),
         "export/throughput_MBps": nbytes / MB / seconds if seconds > 0 and nbytes else 0.0,
+        **({"export/refit_s": float(timings["refit_s"]), "export/refit_ok": float(timings.get("refit_ok") or 0.0)}
+           if "refit_s" in timings else {}),
     }
 
 
@@ -40,6 +42,9 @@ def log_line(result) -> str:
     line = (f"export iteration {result.iteration}: {result.status}, stall {values['export/stall_s']:.3f} s, "
             f"{values['export/seconds']:.2f} s, {result.bytes_written or 0} bytes, "
             f"{values['export/throughput_MBps']:.1f} MB/s, path {result.path}")
+    if "export/refit_s" in values:  # the live refit riding on this export
+        served = f"served iteration {result.iteration}" if values["export/refit_ok"] else "refit failed"
+        line += f", {served} (refit {values['export/refit_s']:.3f} s)"
     if result.error and not result.ok:
         line += f", error: {str(result.error).splitlines()[0][:300]}"
     return line

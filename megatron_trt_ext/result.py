@@ -24,6 +24,7 @@ class ExportResult:
     timings: dict = field(default_factory=dict)
     bytes_written: int = 0
     error: Optional[str] = None
+    serve: Optional[dict] = None  # the live refit riding on this export (rank 0; the manifest's ``serve``)
 
     @property
     def ok(self) -> bool:

@@ -306,11 +306,12 @@ def test_cli_stdout_is_only_the_json_report(megatron_world, tmp_path):
 
 def test_ls_lists_complete_failed_and_partial_exports_newest_first(megatron_world, tmp_path, capsys):
     from megatron_trt_ext.listing import list_exports, table
+    from megatron_trt_ext.publish import record_failure
 
     root = tmp_path / "exports"
     done = export(tiny_llama(), root, iteration=1)
-    mf.record_failure(root, 2, {"iteration": 2, "formats": ["hf"], "dtype": "bfloat16", "config": {}},
-                      "export of iteration 2 failed on rank 0: OSError: disk full")
+    record_failure(root, 2, {"iteration": 2, "formats": ["hf"], "dtype": "bfloat16", "config": {}},
+                   "export of iteration 2 failed on rank 0: OSError: disk full")
     (root / ".iter_0000003.partial" / "hf").mkdir(parents=True)
     (root / ".iter_0000003.partial" / "hf" / "model.safetensors").write_bytes(b"x" * 1000)
     (root / "iter_0000004").symlink_to(done.path)  # a link is never an export
@@ -320,7 +321,8 @@ def test_ls_lists_complete_failed_and_partial_exports_newest_first(megatron_worl
     assert rows[2]["bytes"] == done.bytes_written and rows[2]["verify"] == "not run"
     assert rows[2]["stall_s"] == mf.read_manifest(done.path)["timings"]["total_s"]  # sync: the whole export
     lines = table(rows).splitlines()
-    assert lines[0].split() == ["iteration", "status", "formats", "recipe", "size", "stall", "verify", "build"]
+    assert lines[0].split() == ["iteration", "status", "formats", "recipe", "size", "stall", "verify", "build",
+                                "served"]
     assert [line.split()[:2] for line in lines[1:]] == [["3", "partial"], ["2", "failed"], ["1", "complete"]]
     assert cli(["ls", str(tmp_path / "nowhere")]) == 2
 

@@ -64,6 +64,11 @@ class TensorWriter:
         return self.stats
 
     @property
+    def running(self) -> bool:
+        """Started and still streaming (or waiting for the server's workers to connect)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def error(self) -> Optional[BaseException]:
         return self._error
 

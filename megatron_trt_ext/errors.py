@@ -29,6 +29,25 @@ def reject_unknown_keys(keys, known, source: str, what: str = "option") -> None:
     raise ConfigError(f"{source}: unknown {what}(s) {unknown}{hint}; valid {what}s are {sorted(known)}")
 
 
+def parse_section(cls, data, source: str, expected: str, what: str = "option", build=None):
+    """One recipe section as its typed, validated options ``cls`` (a dataclass with a
+    ``validate(source)``): None gives the defaults, an instance of ``cls`` is taken as it is, and a
+    mapping must name only ``cls``'s fields (``build(mapping)`` makes the instance where the
+    section has nested parts). ``expected`` describes a good value for the error message."""
+    import dataclasses
+
+    if data is None:
+        return cls()
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected {expected}, got {type(data).__name__}")
+    reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, source, what)
+    options = build(data) if build else cls(**data)
+    options.validate(source)
+    return options
+
+
 def short_repr(value: Any, limit: int = 80) -> str:
     """repr() cut to ``limit`` characters: error messages stay readable whatever the input."""
     import reprlib

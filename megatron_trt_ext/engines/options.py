@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from ..errors import ConfigError, reject_unknown_keys, short_repr
+from ..errors import ConfigError, parse_section, short_repr
 
 # TensorRT-LLM PluginConfig fields we pass through (values: "auto", a dtype name, True/False, None).
 PLUGINS = ("gemm_plugin", "gpt_attention_plugin", "paged_kv_cache", "remove_input_padding",
@@ -42,16 +42,7 @@ class BuildOptions:
 
     @classmethod
     def from_dict(cls, data, source: str = "build") -> "BuildOptions":
-        if data is None:
-            return cls()
-        if isinstance(data, BuildOptions):
-            return data
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of build options, got {type(data).__name__}")
-        reject_unknown_keys(data, {f.name for f in fields(cls)}, source, "build option")
-        opts = cls(**data)
-        opts.validate(source)
-        return opts
+        return parse_section(cls, data, source, "a mapping of build options", "build option")
 
     def validate(self, source: str = "build") -> None:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from ..errors import ConfigError, check_int_fields, reject_unknown_keys, short_repr
+from ..errors import ConfigError, check_int_fields, parse_section, reject_unknown_keys, short_repr
 
 
 # Where each checkpoint format loads (README's recipe table is generated from the same facts).
@@ -257,21 +257,15 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data, source: str = "quantization") -> "QuantSpec":
-        if data is None:
-            return cls()
-        if isinstance(data, QuantSpec):
-            return data
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping such as {{algorithm: fp8, kv_cache: fp8}}")
-        reject_unknown_keys(data, {f.name for f in fields(cls)}, source)
-        data = dict(data)
-        calib = data.pop("calibration", None) or {}
-        if not isinstance(calib, dict):
-            raise ConfigError(f"{source}.calibration: expected a mapping")
-        reject_unknown_keys(calib, {f.name for f in fields(CalibrationOptions)}, f"{source}.calibration")
-        spec = cls(**data, calibration=CalibrationOptions(**calib))
-        spec.validate(source)
-        return spec
+        def build(section: dict) -> "QuantSpec":
+            section = dict(section)
+            calib = section.pop("calibration", None) or {}
+            if not isinstance(calib, dict):
+                raise ConfigError(f"{source}.calibration: expected a mapping")
+            reject_unknown_keys(calib, {f.name for f in fields(CalibrationOptions)}, f"{source}.calibration")
+            return cls(**section, calibration=CalibrationOptions(**calib))
+
+        return parse_section(cls, data, source, "a mapping such as {algorithm: fp8, kv_cache: fp8}", build=build)
 
     def validate(self, source: str = "quantization") -> None:
         names = ["none", *ALGORITHMS]

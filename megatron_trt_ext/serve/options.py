@@ -6,10 +6,10 @@ Parsed once at attach, so a bad URL fails there, naming the key and the fix, not
 from __future__ import annotations
 
 import urllib.parse
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar, Optional
 
-from ..errors import ConfigError, check_int_fields, reject_unknown_keys, short_repr
+from ..errors import ConfigError, check_int_fields, parse_section, short_repr
 
 
 @dataclass
@@ -35,19 +35,9 @@ class ServeOptions:
 
     @classmethod
     def from_dict(cls, data, source: str = "serve") -> "ServeOptions":
-        if data is None:
-            return cls()
-        if isinstance(data, ServeOptions):
-            return data
         if isinstance(data, str):  # shorthand: serve: http://HOST:PORT
             data = {"url": data}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping such as {{url: \"http://HOST:PORT\", every_n_saves: 1}}, "
-                              f"got {type(data).__name__}")
-        reject_unknown_keys(data, {f.name for f in fields(cls)}, source)
-        options = cls(**data)
-        options.validate(source)
-        return options
+        return parse_section(cls, data, source, 'a mapping such as {url: "http://HOST:PORT", every_n_saves: 1}')
 
     def validate(self, source: str = "serve") -> None:
         if self.url is not None:

@@ -6,10 +6,10 @@ The probe runs inside the training stall, so its size is bounded here: a typo su
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from ..errors import ConfigError, check_int_fields, reject_unknown_keys, short_repr
+from ..errors import ConfigError, check_int_fields, parse_section, short_repr
 
 
 @dataclass
@@ -36,17 +36,8 @@ class VerificationOptions:
 
     @classmethod
     def from_dict(cls, data, source: str = "verification") -> "VerificationOptions":
-        if data is None:
-            return cls()
-        if isinstance(data, VerificationOptions):
-            return data
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping such as {{enabled: true, num_sequences: 4, seq_len: 32, "
-                              f"top_k: 8}}, got {type(data).__name__}")
-        reject_unknown_keys(data, {f.name for f in fields(cls)}, source)
-        options = cls(**data)
-        options.validate(source)
-        return options
+        return parse_section(cls, data, source,
+                             "a mapping such as {enabled: true, num_sequences: 4, seq_len: 32, top_k: 8}")
 
     def validate(self, source: str = "verification") -> None:
         if not isinstance(self.enabled, bool):

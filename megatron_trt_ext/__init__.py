@@ -6,6 +6,7 @@ Public API::
     from megatron_trt_ext import import_hf   # an HF checkpoint into a live model, any layout
 """
 
+from . import recipes
 from .config import ExportConfig
 from .errors import ConfigError, ExportError, MegatronTrtExtError, UnsupportedModelError
 from .exporter import Exporter

@@ -9,6 +9,7 @@
     megatron-trt-ext verify --all ROOT           checksums, then the HF export's logits against the
                                                  reference logits recorded at export time
     megatron-trt-ext ls ROOT [--json]            the exports under ROOT, newest first
+    megatron-trt-ext recipes [--json]            the shipped recipes (by name: --recipe fp8)
 
 Progress bars go to stderr when it is a terminal (--progress / --no-progress force them);
 stdout carries only results (JSON with --json), for scripts.
@@ -30,7 +31,9 @@ def _build_options(args):
     if args.recipe:
         import yaml
 
-        with open(args.recipe) as f:
+        from .recipes import resolve
+
+        with open(resolve(args.recipe)) as f:
             data = (yaml.safe_load(f) or {}).get("build") or {}
     for flag in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "timeout"):
         value = getattr(args, flag)
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
     sub.add_parser("run", help="run a Megatron-LM training script (e.g. pretrain_gpt.py) with the --export-* flags")
     e = sub.add_parser("export", help="export a saved torch_dist checkpoint (run under torchrun for several ranks)")
     e.add_argument("checkpoint", help="a Megatron-LM --save directory, or one of its iter_NNNNNNN directories")
-    e.add_argument("--recipe", help="export recipe (recipes/*.yaml); default: unquantized, hf + trtllm_checkpoint")
+    e.add_argument("--recipe", help="export recipe: a shipped one by name (megatron-trt-ext recipes) or a YAML "
+                   "file; default: unquantized, hf + trtllm_checkpoint")
     e.add_argument("--output-dir", required=True)
     e.add_argument("--iteration", type=int, help="default: the checkpoint's latest")
     e.add_argument("--formats", help="comma-separated formats (overrides the recipe)")
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     v.add_argument("--device", default="cpu", help="where transformers runs the model (cpu, cuda, cuda:1)")
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.add_argument("--no-record", action="store_true", help="do not write the result into the manifest")
+    r = sub.add_parser("recipes", help="list the shipped recipes: what each writes (use one by name)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
     ls = sub.add_parser("ls", help="list the exports under a root, newest first")
     ls.add_argument("root", help="an export root (the output_dir of the recipe)")
     ls.add_argument("--json", action="store_true", help="print the list as JSON on stdout")
@@ -102,6 +108,8 @@ def main(argv=None) -> int:
         return run_verify(args)
     if args.command == "ls":
         return run_ls(args)
+    if args.command == "recipes":
+        return run_recipes(args)
     if bool(args.export_dir) == bool(args.watch):
         return run_build(None, None, error="build: give either EXPORT_DIR or --watch ROOT")
     try:
@@ -198,6 +206,28 @@ def run_ls(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=2) if args.json else table(rows))
+    return 0
+
+
+def run_recipes(args) -> int:
+    """Per shipped recipe: name, formats, dtype, quantization and KV cache, then its description
+    (what it is and which engines load each format)."""
+    from . import recipes
+
+    rows = [recipes.summary(name) for name in recipes.names()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    import textwrap
+
+    head = ("name", "formats", "dtype", "quantization", "kv cache")
+    cells = [[r["name"], ",".join(r["formats"]) or "-", r["dtype"], r["algorithm"], r["kv_cache"]] for r in rows]
+    widths = [max(len(str(c[i])) for c in [head, *cells]) for i in range(len(head))]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+    for row, cell in zip(rows, cells):
+        print("  ".join(str(c).ljust(w) for c, w in zip(cell, widths)).rstrip())
+        print(textwrap.fill(row["about"], width=100, initial_indent="    ", subsequent_indent="    "))
+    print("\nUse one by name (--export-recipe fp8, megatron-trt-ext export --recipe fp8) or give a YAML file.")
     return 0
 
 

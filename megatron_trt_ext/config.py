@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from . import recipes
 from .engines.options import BuildOptions
 from .errors import ConfigError, reject_unknown_keys, short_repr
 from .quant.spec import QuantSpec
@@ -234,12 +235,14 @@ class ExportConfig:
     # ------------------------------------------------------------------ recipes
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "ExportConfig":
-        """Load a recipe file (YAML, parsed with ``safe_load``); keyword arguments override it."""
-        path = Path(path)
+        """Load a recipe (YAML, parsed with ``safe_load``): a file, or the name of a shipped recipe
+        (`megatron_trt_ext.recipes`); keyword arguments override it."""
+        path = recipes.resolve(path)
         try:
             data = load_recipe_yaml(path.read_text(), str(path))
         except OSError as exc:
-            raise ConfigError(f"recipe {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
+            fix = f"; {recipes.describe_missing(path)}" if not path.exists() else ""
+            raise ConfigError(f"recipe {str(path)!r}: cannot read it ({exc.strerror or exc}){fix}") from exc
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -33,6 +33,7 @@ import inspect
 import logging
 from typing import Any, Callable, Optional
 
+from . import recipes
 from .config import BUSY_POLICIES, DTYPES, FORMATS, MODES, ExportConfig, load_recipe_yaml
 from .errors import ConfigError
 from .hook import STATE_KEY, attach
@@ -46,7 +47,8 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return parser
     group = parser.add_argument_group(title="megatron-trt-ext export")
     group.add_argument("--export-recipe", type=str, default=None,
-                       help="YAML export recipe (recipes/*.yaml); the flags below override it")
+                       help="export recipe: a shipped one by name (bf16, fp8, nvfp4, ...: megatron-trt-ext recipes) "
+                            "or a YAML file; the flags below override it")
     group.add_argument("--export-dir", type=str, default=None,
                        help="where exports go (<dir>/iter_XXXXXXX); setting it switches export on")
     group.add_argument("--export-formats", type=str, default=None,
@@ -90,7 +92,7 @@ def _recipe_section(recipe: Optional[str], key: str) -> dict:
     if recipe is None:
         return {}
     try:
-        with open(recipe) as f:
+        with open(recipes.resolve(recipe)) as f:
             data = load_recipe_yaml(f.read(), recipe)
     except (OSError, ConfigError):
         return {}

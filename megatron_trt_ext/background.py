@@ -167,6 +167,9 @@ class BackgroundExporter:
                 if result.iteration in self.outstanding:
                     submitted, stall = self.outstanding[result.iteration]
                     result.timings["stall_s"] = stall
+                    # the export's own time (what its bandwidth is measured on), then the time since
+                    # the save, which also counts waiting for the worker (its start-up, an export ahead)
+                    result.timings.setdefault("export_s", result.timings.get("total_s"))
                     result.timings["total_s"] = time.time() - submitted
                 self._record(result)  # a broken process group comes as Broken next: then the worker restarts
             case Superseded(old, new):

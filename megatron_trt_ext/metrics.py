@@ -24,12 +24,16 @@ MB = 1e6  # throughput in decimal megabytes per second, as disks are rated
 def scalars(result) -> dict:
     """The numbers of one finished export, by TensorBoard tag."""
     timings = result.timings or {}
-    seconds = float(timings.get("total_s") or 0.0)
+    # async: export_s is the worker's own time on the export, total_s the time since the save (it
+    # also counts the wait for the worker to start or to finish an earlier export)
+    seconds = float(timings.get("export_s") or timings.get("total_s") or 0.0)
+    since_save = float(timings.get("total_s") or 0.0)
     nbytes = int(result.bytes_written or 0)
     return {
         "export/ok": 1.0 if result.ok else 0.0,
         "export/stall_s": float(timings.get("stall_s") or 0.0),
         "export/seconds": seconds,
+        "export/seconds_since_save": since_save,
         "export/bytes": float(nbytes),
         "export/throughput_MBps": nbytes / MB / seconds if seconds > 0 and nbytes else 0.0,
         **({"export/refit_s": float(timings["refit_s"]), "export/refit_ok": float(timings.get("refit_ok") or 0.0)}
@@ -42,6 +46,9 @@ def log_line(result) -> str:
     line = (f"export iteration {result.iteration}: {result.status}, stall {values['export/stall_s']:.3f} s, "
             f"{values['export/seconds']:.2f} s, {result.bytes_written or 0} bytes, "
             f"{values['export/throughput_MBps']:.1f} MB/s, path {result.path}")
+    waited = values["export/seconds_since_save"] - values["export/seconds"]
+    if waited >= 0.01:  # async: the save waited for the worker before its export began
+        line += f", done {values['export/seconds_since_save']:.2f} s after the save"
     if "export/refit_s" in values:  # the live refit riding on this export
         served = f"served iteration {result.iteration}" if values["export/refit_ok"] else "refit failed"
         line += f", {served} (refit {values['export/refit_s']:.3f} s)"

@@ -55,9 +55,23 @@ def test_one_log_line_per_export(megatron_world, tmp_path, caplog, mode):
             exp.close()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export iteration 3:")]
     assert len(lines) == 1, lines
+    own = result.timings["export_s"] if mode == "async" else result.timings["total_s"]
     assert lines[0].startswith(f"export iteration 3: complete, stall {result.timings['stall_s']:.3f} s, "
-                               f"{result.timings['total_s']:.2f} s, {result.bytes_written} bytes, ")
+                               f"{own:.2f} s, {result.bytes_written} bytes, ")
     assert "MB/s" in lines[0] and str(result.path) in lines[0]
+
+
+def test_the_log_line_measures_the_export_not_the_wait_for_the_worker():
+    """An async save that waited for the worker (its start-up) reports the export's own seconds and
+    bandwidth, and says separately when it was done after the save."""
+    from megatron_trt_ext.result import ExportResult
+
+    result = ExportResult(100, "/x/iter_0000100", "complete", ["hf"],
+                          {"stall_s": 0.026, "export_s": 0.10, "total_s": 8.13}, 366340)
+    line = metrics.log_line(result)
+    assert line.startswith("export iteration 100: complete, stall 0.026 s, 0.10 s, 366340 bytes, 3.7 MB/s, ")
+    assert line.endswith("done 8.13 s after the save")
+    assert metrics.scalars(result)["export/throughput_MBps"] == pytest.approx(366340 / 1e6 / 0.10)
 
 
 def test_a_failed_export_is_logged_as_failed(megatron_world, tmp_path, caplog, monkeypatch):
@@ -84,12 +98,14 @@ def test_megatron_lm_writers_receive_the_scalars(megatron_world, tmp_path, monke
         exp.close()
     assert result.ok
     got = {tag: (value, step) for tag, value, step in tensorboard.scalars}
-    assert set(got) == {"export/ok", "export/stall_s", "export/seconds", "export/bytes", "export/throughput_MBps"}
+    assert set(got) == {"export/ok", "export/stall_s", "export/seconds", "export/seconds_since_save", "export/bytes",
+                        "export/throughput_MBps"}
     assert {step for _, step in got.values()} == {7}
     assert got["export/ok"][0] == 1.0 and got["export/bytes"][0] == result.bytes_written > 0
     assert got["export/stall_s"][0] == result.timings["stall_s"] > 0
-    assert got["export/seconds"][0] == result.timings["total_s"]
-    assert got["export/throughput_MBps"][0] == pytest.approx(result.bytes_written / 1e6 / result.timings["total_s"])
+    own = result.timings["export_s"] if mode == "async" else result.timings["total_s"]
+    assert got["export/seconds"][0] == own and got["export/seconds_since_save"][0] == result.timings["total_s"]
+    assert got["export/throughput_MBps"][0] == pytest.approx(result.bytes_written / 1e6 / own)
     assert tensorboard.flushed == 1
     # W&B: its own step axis, joined to the current row without committing it
     (data, step, commit), = wandb.logged

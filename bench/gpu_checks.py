@@ -263,6 +263,91 @@ def families(ctx: Context) -> dict:
     return out
 
 
+VLLM_FORMATS = ("fp8", "nvfp4", "mxfp8", "fp8_pb_wo")
+
+
+def _vllm_python():
+    """A Python that has vLLM: this one, ``$MTE_VLLM_PYTHON`` or ``.venv-vllm`` (None: none)."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    for candidate in (os.environ.get("MTE_VLLM_PYTHON"), str(Path(__file__).parents[1] / ".venv-vllm/bin/python")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def _greedy(model, prompts: list, steps: int) -> list:
+    """The transformers reference as tests/serve computes it: greedy loop, vLLM's log-probs."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, lps = list(prompt), []
+            for _ in range(steps):
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+                if len(ids) == len(prompt):
+                    plp = [None] + [float(lp[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+                token = int(lp[-1].argmax())
+                lps.append(float(lp[-1, token]))
+                ids.append(token)
+            out.append({"tokens": ids[len(prompt):], "logprobs": lps, "prompt_logprobs": plp})
+    return out
+
+
+@check("vllm_quantized")
+def vllm_quantized(ctx: Context) -> dict:
+    """vLLM (GPU kernels) on the fp8, nvfp4, mxfp8 and fp8_pb_wo HF exports of a tiny Llama: greedy
+    tokens and log-probs against transformers on the dequantized export (activation quantization
+    makes them differ a little: target max |logprob diff| < 0.1, prompt-position top-1 equal). The
+    dry run exports and computes the reference only: vLLM's quantized kernels need a GPU."""
+    import os
+    import subprocess
+
+    from megatron_trt_ext import ExportConfig, Exporter
+    from megatron_trt_ext.quant.dequant import load_dequantized
+
+    model = _quant_models(ctx)["llama"]
+    prompts = [[3, 17, 42, 5, 99, 64, 7, 21, 11], [100, 2, 0, 58, 33, 8]]
+    dirs, out = {}, {}
+    for algo in VLLM_FORMATS:
+        t0 = time.perf_counter()
+        result = Exporter(model, ExportConfig(
+            output_dir=str(ctx.work / f"vllm_{algo}"), formats=["hf"], dtype="bfloat16", mode="sync",
+            vocab_size=128, verification={"enabled": False}, quantization={
+                "algorithm": algo, "calibration": {"num_samples": 8, "seq_len": 64, "batch_size": 4}})).export(1)
+        dirs[algo] = result.path / "hf"
+        out[algo] = {"export_s": time.perf_counter() - t0, "want": _greedy(load_dequantized(dirs[algo]), prompts, 6)}
+    python = _vllm_python()
+    if ctx.device != "cuda" or python is None:
+        why = "needs a GPU" if ctx.device != "cuda" else "needs vLLM (MTE_VLLM_PYTHON or .venv-vllm)"
+        return {algo: {"export_s": row["export_s"], "vllm": f"skipped: {why}"} for algo, row in out.items()}
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p))
+    for algo in VLLM_FORMATS:  # one process per format: one refused format must not hide the others
+        one = ctx.work / f"vllm_spec_{algo}.json"
+        one.write_text(json.dumps([{"dir": str(dirs[algo]), "prompts": prompts, "max_tokens": 6,
+                                    "kwargs": {"dtype": "bfloat16"}}]))
+        done = subprocess.run([python, "-m", "tests.serve.vllm_run", str(one)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=900)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("VLLM_RESULTS ")]
+        row, want = out[algo], out[algo].pop("want")
+        if done.returncode or not lines:
+            row.update(ok=False, error=(done.stderr or done.stdout)[-1500:])
+            continue
+        got = json.loads(lines[-1][len("VLLM_RESULTS "):])[0]
+        diffs = [abs(a - b) for g, w in zip(got, want) for a, b in
+                 zip(g["logprobs"] + g["prompt_logprobs"][1:], w["logprobs"] + w["prompt_logprobs"][1:])]
+        same_tokens = all(g["tokens"] == w["tokens"] for g, w in zip(got, want))
+        row.update(max_logprob_diff=max(diffs), greedy_tokens_equal=same_tokens, target=0.1,
+                   holds=max(diffs) < 0.1)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")

@@ -358,3 +358,22 @@ def test_nvfp4_weight_numerics_on_cpu():
         half = q.quantized(weight.chunk(2, dim=1)[rank],
                            {k: (split_scale(v, kind, "row", 2, rank), kind) for k, (v, kind) in q.scales.items()})
         assert torch.equal(half, packed.chunk(2, dim=1)[rank])
+
+
+@pytest.mark.parametrize("quantization", [
+    {"algorithm": "fp8", "overrides": [{"layers": [0, 1], "algorithm": "none"}]},
+    {"algorithm": "none", "overrides": [{"modules": "*.no_such_module", "algorithm": "fp8"}]},
+    {"algorithm": "fp8", "exclude": ["lm_head", "*"]},
+])
+def test_a_recipe_that_quantizes_nothing_is_refused_at_attach(megatron_world, tmp_path, quantization):
+    """Overrides/exclusions leaving every linear unquantized (and no KV cache) would write a quantized
+    config with ``quant_algo: null`` and every linear ignored, which vLLM refuses to load: named at
+    attach, with the rules to fix (issue 19)."""
+    cfg = ExportConfig(output_dir=str(tmp_path), vocab_size=VOCAB, mode="sync", formats=["hf"],
+                       quantization={**quantization, "calibration": CALIB})
+    with pytest.raises(ConfigError, match=r"quantizes no linear.*(overrides|exclude)"):
+        Exporter(quant_model(), cfg)
+    # with a quantized KV cache the export still quantizes something: accepted as before
+    Exporter(quant_model(), ExportConfig(output_dir=str(tmp_path / "kv"), vocab_size=VOCAB, mode="sync",
+                                         formats=["hf"], quantization={**quantization, "kv_cache": "fp8",
+                                                                       "calibration": CALIB}))

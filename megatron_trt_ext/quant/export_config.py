@@ -7,6 +7,7 @@ lists them), ``trt_exclude`` (the same in TensorRT-LLM names).
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .spec import ALGORITHMS, KV_CACHE
 
 
@@ -30,6 +31,20 @@ def _block(spec, summary: dict, exclude: list) -> dict:
         block.update(_algo_fields(ALGORITHMS[used[0]]))
     block["exclude_modules"] = exclude
     return block
+
+
+def check_quantizes_something(spec, summary: dict) -> None:
+    """Refuse, at attach (the plan runs there), a recipe whose exclusions and overrides leave every
+    linear unquantized and no KV cache: its config would say ``quant_algo: null`` with every linear
+    ignored, which vLLM refuses to load. Refused rather than written as a plain export, so a rule
+    that matches nothing is seen where it was written, not deployed as if it had worked."""
+    if summary["layers"] or KV_CACHE[spec.kv_cache]:
+        return
+    rules = f"exclude {list(spec.exclude)}" + (f", overrides {list(spec.overrides)}" if spec.overrides else "")
+    raise ConfigError(f"quantization: algorithm {spec.algorithm} with {rules} quantizes no linear of this model "
+                      "(and no KV cache): the checkpoint would be a plain one labelled quantized, which vLLM "
+                      "refuses; fix the overrides' modules/layers or the exclude patterns, or drop the "
+                      "quantization section for a plain export")
 
 
 def _producer() -> dict:

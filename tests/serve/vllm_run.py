@@ -18,8 +18,9 @@ def run(spec: list) -> list:
 
     results = []
     for case in spec:
-        llm = LLM(model=case["dir"], dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
-                  max_model_len=case.get("max_model_len", 64), **case.get("kwargs", {}))
+        kwargs = {"dtype": "float32", **case.get("kwargs", {})}  # a GPU check runs quantized kernels in bf16
+        llm = LLM(model=case["dir"], enforce_eager=True, skip_tokenizer_init=True,
+                  max_model_len=case.get("max_model_len", 64), **kwargs)
         params = SamplingParams(temperature=0, max_tokens=case["max_tokens"], prompt_logprobs=1, logprobs=1,
                                 detokenize=False, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], params, use_tqdm=False)

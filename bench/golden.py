@@ -7,8 +7,9 @@ unchanged (issue 18: "exports equal, tensor for tensor and config for config, th
 
 Each case builds a tiny model of one family with fixed seeds, exports it single-rank (probe off) in
 bf16 (HF and, where the family has one, TensorRT-LLM) and in the quantized recipes listed, and
-records the sha256 of every tensor's bytes, its dtype and shape, and every JSON config file
-(manifest.json excluded: it holds timings and paths).
+records, for the deployable outputs (``hf/`` and ``trtllm_checkpoint/``), the sha256 of every
+tensor's bytes, its dtype and shape, and every JSON config file (the manifest and the side files
+for `verify` are left out: they hold timings, paths and fingerprints).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _fingerprint(root: Path) -> dict:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
-        if path.name == "manifest.json" or not path.is_file():
+        if not path.is_file() or path.relative_to(root).parts[0] not in ("hf", "trtllm_checkpoint"):
             continue
         if path.suffix == ".json":
             out[rel] = json.loads(path.read_text())

@@ -40,10 +40,13 @@ from .formats.trtllm import TrtllmConverter, trtllm_config
 from .formats.write_pool import WritePool
 from .gather import exchange, iter_meta
 from .plan import torch_dtype
-from .quant.export_config import hf_quant_config_file, hf_quantization_config, trtllm_quantization
+from .quant.export_config import (check_quantizes_something, hf_quant_config_file, hf_quantization_config,
+                                  trtllm_quantization)
 from .quant.stage import QuantStage
 from .result import ExportResult
 from .serve.sink import RefitSink
+from .verification import fingerprint as fingerprints
+from .verification.exact import MODEL_INFO, info_record
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -71,6 +74,8 @@ class ExportJob:
         if not self.out_specs:
             trt_ranks = self.config.inference_tp * self.config.inference_pp
             self.out_specs, self.keep_source = plan_outputs(self.new_conversion(), iter_meta(self.units), trt_ranks)
+            if self.quant is not None:
+                check_quantizes_something(self.quant, self.out_specs["quant"])
 
     @property
     def spec(self):
@@ -159,6 +164,7 @@ class ExportJob:
             "source": {"padded_vocab_size": self.info.padded_vocab_size, "num_layers": self.info.num_layers,
                        "world_size": self.world_size},
             "config": c.to_dict(),
+            MODEL_INFO: info_record(self.info),  # what `verify` derives the HF config and inverse tables from
         }
 
     # ------------------------------------------------------------------ the run
@@ -225,6 +231,8 @@ class ExportJob:
         checksums: dict = {}
         conversion = self.new_conversion()
         dtype = conversion.dtype
+        recorder = fingerprints.Recorder(self.spec, self.ctx, dtype, self.quant_stage, self.keep_source) \
+            if "hf" in self.config.formats else None  # `verify` reads them back from hf/
         size = dtype.itemsize
         for unit in self.units:
             if unit.writer == self.rank:  # waits while earlier units' writes hold the memory budget
@@ -240,7 +248,7 @@ class ExportJob:
             if full is None or error is not None:
                 continue
             try:
-                self._export_unit(unit, full, conversion, hf, trt, timings, run.sink)
+                self._export_unit(unit, full, conversion, hf, trt, timings, run.sink, recorder)
             except Exception as exc:  # noqa: BLE001
                 error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
                 local_exc = exc
@@ -250,6 +258,8 @@ class ExportJob:
         try:
             if error is None:
                 conversion.finish()
+            if error is None and recorder is not None:  # to rank 0 with the checksums
+                checksums[fingerprints.FILE_NAME] = recorder.entries
             for name, writer in (("hf", hf), ("trtllm_checkpoint", trt)):
                 if writer is not None:  # waits for the writer threads, then fsyncs
                     for fname, sums in writer.close().items():
@@ -290,7 +300,9 @@ class ExportJob:
         return ExportResult(iteration, path, "complete", list(self.config.formats), timings, bytes_written,
                             serve=run.meta.get("serve"))
 
-    def _export_unit(self, unit, full, conversion: Conversion, hf, trt, timings, sink=None) -> None:
+    def _export_unit(self, unit, full, conversion: Conversion, hf, trt, timings, sink=None, recorder=None) -> None:
+        if recorder is not None:  # of the unit as exported, for `verify` (`verification.fingerprint`)
+            recorder.add(unit.name, full, timings)
         c0 = time.perf_counter()
         for hf_name, out, trt_parts in conversion.unit(unit.name, full):
             w0 = time.perf_counter()
@@ -317,6 +329,7 @@ class ExportJob:
         """Rank 0, after every rank succeeded: checks, configs, manifest, final name."""
         files = publish.checksums(gathered)
         publish.add_probe(run.tmp, run.meta, files, run.verification)
+        publish.add_fingerprints(run.tmp, run.meta, files)
         publish.check_written(files, {"hf": hf.fileset if hf else None, "trtllm_checkpoint": trt})
         if hf is not None:
             hf.finalize(self.config.tokenizer_dir)

@@ -21,6 +21,7 @@ from . import safe_fs
 from .errors import ExportError
 from .manifest import (MANIFEST, IterationLock, complete_exports, export_dir_name, failed_path, is_being_read,
                        iteration_of, lock_is_live, lock_path, partial_path, read_latest)
+from .verification import fingerprint
 from .verification.probe import FILE_NAME as PROBE_FILE
 
 logger = logging.getLogger("megatron_trt_ext")
@@ -131,6 +132,19 @@ def add_probe(tmp: Path, meta: dict, files: dict, verification) -> None:
     if verification is not None and verification.ok:
         safe_fs.write_bytes(tmp / PROBE_FILE, verification.data)
         files[PROBE_FILE] = dict(verification.sha256)
+
+
+def add_fingerprints(tmp: Path, meta: dict, files: dict) -> None:
+    """Every rank's weight fingerprints (gathered under their file's name with the checksums)
+    into one file next to the manifest, listed with its checksums (`verification.fingerprint`)."""
+    entries = files.pop(fingerprint.FILE_NAME, None)
+    if not entries:
+        return
+    data, sums, skipped = fingerprint.save(entries)
+    safe_fs.write_bytes(tmp / fingerprint.FILE_NAME, data)
+    files[fingerprint.FILE_NAME] = sums
+    meta["fingerprints"] = {"file": fingerprint.FILE_NAME, "version": fingerprint.VERSION,
+                            "tensors": len(entries) - len(skipped), "skipped": skipped}
 
 
 def check_written(files: dict, writers: dict) -> None:

@@ -24,7 +24,7 @@ def test_export_layout_and_manifest(megatron_world, tmp_path):
     names = {str(p.relative_to(result.path)) for p in result.path.rglob("*") if p.is_file()}
     assert names == {"manifest.json", "hf/config.json", "hf/generation_config.json", "hf/model.safetensors",
                      "trtllm_checkpoint/config.json", "trtllm_checkpoint/rank0.safetensors",
-                     "verification.safetensors"}
+                     "verification.safetensors", "fingerprints.safetensors"}
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["iteration"] == 100
     assert manifest["schema_version"] == 1 and manifest["formats"] == ["hf", "trtllm_checkpoint"]

@@ -193,7 +193,8 @@ def test_verify_passes_on_good_exports(megatron_world, tmp_path, case):
     result = export(sharp(build, seed=63), tmp_path, dtype=dtype, formats=["hf", "trtllm_checkpoint"])
     report = verify(result.path)
     assert report.passed, report.lines()
-    assert [c["name"] for c in report.data["checks"]] == ["checksums", "vocabulary", "logits"]
+    assert [c["name"] for c in report.data["checks"]] == ["checksums", "config", "weights", "vocabulary", "logits"]
+    assert all(c["ok"] for c in report.data["checks"]), report.lines()  # the exact checks ran, and passed
     assert report.data["thresholds"]["for"] == dtype
     assert mf.read_manifest(result.path)["verify"]["status"] == "pass"
 
@@ -226,7 +227,7 @@ def test_a_corrupted_tensor_fails_its_checksum(megatron_world, tmp_path):
     assert mf.read_manifest(result.path)["verify"]["status"] == "fail"
 
 
-def test_swapped_q_and_k_projections_fail_only_the_logits(megatron_world, tmp_path):
+def test_swapped_q_and_k_projections_fail_the_weights_and_the_logits(megatron_world, tmp_path):
     model = sharp(lambda: tiny_llama(num_query_groups=8), seed=66)  # MHA: q and k have one shape
 
     def swap(tensors):
@@ -237,8 +238,9 @@ def test_swapped_q_and_k_projections_fail_only_the_logits(megatron_world, tmp_pa
     assert verify(result.path, record=False).passed
     rewrite_hf_tensors(result.path, swap)
     report = verify(result.path)
-    assert failed_checks(report) == ["logits"], report.lines()
+    assert failed_checks(report) == ["weights", "logits"], report.lines()
     assert "max |logit diff| / logit scale" in report.lines()[-1]
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in report.lines()[3]
 
 
 def test_a_dropped_vocabulary_row_fails(megatron_world, tmp_path):
@@ -263,7 +265,8 @@ def test_a_wrong_rope_theta_fails_the_logits(megatron_world, tmp_path):
     edit_hf_config(result.path, rope_theta=500000.0,
                    rope_parameters={**config["rope_parameters"], "rope_theta": 500000.0})
     report = verify(result.path)
-    assert failed_checks(report) == ["logits"], report.lines()
+    assert failed_checks(report) == ["config", "logits"], report.lines()
+    assert "rope_theta: config.json has 500000.0" in report.lines()[2]
 
 
 # ---------------------------------------------------------------------- the command line

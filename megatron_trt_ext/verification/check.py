@@ -1,17 +1,25 @@
-"""`megatron-trt-ext verify`: does an export still give the logits the live model gave?
+"""`megatron-trt-ext verify`: is an export exactly the model it came from, and does it still give
+the logits the live model gave?
 
-Three checks, each reported with the thing that failed:
+Five checks, each reported with the thing that failed:
 
 1. integrity: every tensor's sha256 against the manifest (`manifest.verify_export`), the probe
-   file included;
-2. loading: ``hf/`` loads with transformers in float32 (quantized exports dequantized with their
+   and fingerprint files included;
+2. config (exact): hf/config.json against the config the family derives from the Megatron facts
+   the export recorded, key by key (`verification.exact`);
+3. weights (exact; within the rounding for quantized exports): every Megatron tensor rebuilt from
+   hf/ through the inverse tables against its fingerprint recorded at export, per tensor
+   (`verification.fingerprint`);
+4. loading: ``hf/`` loads with transformers in float32 (quantized exports dequantized with their
    own scales, `quant.dequant.load_dequantized`), with the vocabulary the export recorded;
-3. logits: the probe's tokens through the loaded model, compared with the reference top-k logits
-   recorded at export time (`verification.probe`) against the thresholds of the export's dtype or
-   quantization recipe (`verification.thresholds`).
+5. logits (statistical): the probe's tokens through the loaded model, compared with the
+   reference top-k logits recorded at export time (`verification.probe`) against the thresholds
+   of the export's dtype or quantization recipe (`verification.thresholds`).
 
-A checksum catches a flipped byte; only the logits catch a converter that wrote consistent but
-wrong tensors or configs (swapped projections, a wrong RoPE theta, a dropped vocabulary row).
+A checksum catches a flipped byte; the exact checks catch a converter that wrote consistent but
+wrong tensors or configs (a swapped row, a wrong RoPE theta) whatever the weights; the logits
+catch what neither describes (the HF modelling code itself). Exports made before fingerprints
+were recorded skip checks 2-3 ("not checked").
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 
 from .. import manifest as mf
 from ..errors import ConfigError
+from .exact import check_config, check_weights
 from .probe import FILE_NAME
 from .thresholds import thresholds_for
 
@@ -139,6 +148,8 @@ def verify(export_dir, device: str = "cpu", record: bool = True, progress=None) 
     report.check("checksums", not problems, "; ".join(problems) if problems else
                  f"{sum(len(f.get('sha256', {})) for f in manifest.get('files', {}).values())} tensors match the manifest")
     progress.update()
+    check_config(report, export, manifest)
+    check_weights(report, export, manifest)
     _check_logits(report, export, manifest, device, progress)
     report.data["seconds"] = time.perf_counter() - t0
     if record:

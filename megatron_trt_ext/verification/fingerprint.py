@@ -1,0 +1,198 @@
+"""Exact weight fingerprints: recorded at export from each Megatron source tensor, recomputed by
+`verify` from the HF tensors read back through the family's inverse table (`arch.inverse`).
+
+A fingerprint of a tensor ``T`` (viewed as a matrix: dim 0 by everything else) is two float64
+vectors, ``T @ c`` (one number per row) and ``r @ T`` (one per column), where ``r`` and ``c`` are
+pseudo-random vectors seeded by the tensor's name, so verify can rebuild them. A swapped pair of
+rows changes two row entries, swapped columns two column entries, a transposed square matrix or a
+wrong split nearly all of them, a wrong scale every entry it touches; the entry that moved says
+where. Rows + columns numbers per tensor: a few MB for a model of billions of parameters.
+
+The vectors are computed on the tensor as exported (after the cast to the export dtype), in
+float64, in fixed row blocks, so identical bytes give identical numbers up to the order in which
+the BLAS library sums one row (a relative 1e-12 of the row's absolute sum is allowed; one bf16
+ulp of one element moves an entry by ~1e-4 of it). Quantized tensors are compared after
+dequantization within the format's rounding (`compare`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import zlib
+from typing import Optional
+
+import torch
+
+from ..arch.convert import canonical_name, find_transform
+from ..arch.spec import Drop, Vocab
+
+FILE_NAME = "fingerprints.safetensors"
+VERSION = 1
+_BLOCK = 1 << 16  # elements converted to float64 at a time: 512 KiB, cache-resident (3x faster than 8 MiB)
+EXACT_REL = 1e-12
+# a bound on the rms rounding error of a quantized weight relative to its values, per HF
+# quant_algo; `compare` allows SIGMAS of it per entry and, for round-to-nearest formats, a gain off
+# by SIGMAS of its average over the entries. AWQ clips weights on purpose (its search shrinks the
+# range where that lowers the output error): a systematic gain, so no gain check, a looser bound.
+QUANT_REL = {"FP8": 2 ** -4, "FP8_PER_CHANNEL_PER_TOKEN": 2 ** -4, "fp8_pb_wo": 2 ** -4, "MXFP8": 2 ** -4,
+             "W8A8_SQ_PER_CHANNEL": 0.02, "NVFP4": 0.2, "W4A16_NVFP4": 0.2}
+CLIPPING = {"W4A16_AWQ": 0.3, "W4A8_AWQ": 0.3}
+DEFAULT_QUANT_REL = 0.3
+SIGMAS = 4.0
+
+
+def _matrix(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() == 0:
+        return tensor.reshape(1, 1)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _vectors(name: str, rows: int, cols: int) -> tuple:
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(rows, dtype=torch.float64, generator=gen), torch.randn(cols, dtype=torch.float64, generator=gen)
+
+
+def fingerprint(name: str, tensor: torch.Tensor) -> tuple:
+    """(T @ c, r @ T) of ``tensor`` in float64, ``r``/``c`` seeded by ``name`` (module docstring)."""
+    m = _matrix(tensor.detach())
+    rows, cols = m.shape
+    r, c = _vectors(name, rows, cols)
+    by_row, by_col = torch.empty(rows, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
+    step = max(1, _BLOCK // max(cols, 1))
+    for i in range(0, rows, step):
+        block = m[i:i + step].to(torch.float64)
+        by_row[i:i + step] = block @ c
+        by_col += r[i:i + step] @ block
+    return by_row, by_col
+
+
+def _magnitudes(name: str, tensor: torch.Tensor, weights_sq: bool) -> tuple:
+    """(|T| @ |c|, |r| @ |T|), or with ``weights_sq`` sqrt((T*T) @ (c*c)) and its column twin:
+    the scale of each entry's summation error, or of its rounding noise."""
+    m = _matrix(tensor.detach()).to(torch.float64)
+    r, c = _vectors(name, *m.shape)
+    if weights_sq:
+        sq = m * m
+        return (sq @ (c * c)).sqrt(), ((r * r) @ sq).sqrt()
+    a = m.abs()
+    return a @ c.abs(), r.abs() @ a
+
+
+class Recorder:
+    """The fingerprints of the units one rank writes in one export.
+
+    ``entries``: {canonical Megatron name: (by_row, by_col)} or a string saying why that unit has
+    none (AWQ pre-quant scales folded into norms change both the norm and the linear)."""
+
+    def __init__(self, spec, ctx, dtype: torch.dtype, quant=None, keep_source: frozenset = frozenset()):
+        self.spec, self.ctx, self.dtype, self.quant, self.keep_source = spec, ctx, dtype, quant, keep_source
+        self.entries: dict = {}
+
+    def add(self, name: str, tensor, timings: Optional[dict] = None) -> None:
+        """Record one unit (the full tensor the writer assembled). ``timings``: gets ``fingerprint_s``."""
+        t0 = time.perf_counter()
+        self._add(name, tensor)
+        if timings is not None:
+            timings["fingerprint_s"] = timings.get("fingerprint_s", 0.0) + time.perf_counter() - t0
+
+    def _add(self, name: str, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.device.type == "meta":
+            return
+        canonical = canonical_name(self.spec, name)
+        transform, _ = find_transform(self.spec, canonical)
+        if transform is None or isinstance(transform, Drop):
+            return
+        quant = self.quant
+        if quant is not None and (name in quant.fold_targets or name in quant.folded_linears):
+            self.entries[canonical] = "an AWQ pre-quant scale is folded into it"
+            return
+        if tensor.dtype != self.dtype and not self._hf_keeps_source(name, transform):
+            tensor = tensor.to(self.dtype)  # what the HF file holds of a unit converted from its source values
+        self.entries[canonical] = fingerprint(canonical, vocab_rows(self.spec, self.ctx, canonical, tensor))
+
+
+    def _hf_keeps_source(self, name: str, transform) -> bool:
+        """The HF tensor of a unit converted from its source values keeps them: the family keeps
+        it in float32 (`ArchSpec.keep_fp32`, DeepSeek's router); else it is cast to the export
+        dtype (a router kept in float32 only for TensorRT-LLM)."""
+        dst = getattr(transform, "dst", "")
+        return name in self.keep_source and isinstance(dst, str) and \
+            any(re.search(p, dst) for p in self.spec.keep_fp32)
+
+
+def vocab_rows(spec, ctx, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A vocabulary table without Megatron's padding rows (the HF export does not hold them)."""
+    transform, _ = find_transform(spec, name)
+    return tensor[: ctx.vocab_size] if isinstance(transform, Vocab) else tensor
+
+
+def save(entries: dict) -> tuple:
+    """(safetensors bytes, {tensor: sha256}, skipped {name: why}) of every rank's entries."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from ..formats.safetensors_stream import tensor_bytes
+
+    tensors, skipped = {}, {}
+    for name, value in sorted(entries.items()):
+        if isinstance(value, str):
+            skipped[name] = value
+            continue
+        tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
+    sums = {k: hashlib.sha256(tensor_bytes(v)).hexdigest() for k, v in tensors.items()}
+    return save(tensors, metadata={"version": str(VERSION)}), sums, skipped
+
+
+def load(path) -> dict:
+    """{Megatron name: (by_row, by_col)} of a fingerprints file."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    out: dict = {}
+    for key, value in raw.items():
+        name, _, which = key.rpartition("::")
+        out.setdefault(name, [None, None])[0 if which == "rows" else 1] = value
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def quant_bound(algos) -> tuple:
+    """(quant_rel, gain checked) for a tensor built from linears of these quant_algos; (None,
+    False) for none: exact."""
+    if not algos:
+        return None, False
+    rel = max(QUANT_REL.get(a, CLIPPING.get(a, DEFAULT_QUANT_REL)) for a in algos)
+    return rel, all(a in QUANT_REL for a in algos)
+
+
+def compare(name: str, recorded: tuple, tensor: torch.Tensor, quant_rel: Optional[float] = None,
+            check_gain: bool = True) -> Optional[str]:
+    """None when ``tensor`` (read back) has the recorded fingerprint, else what differs.
+
+    ``quant_rel``: the tensor was dequantized; each entry may differ by SIGMAS x quant_rel of its
+    rounding-noise scale, and the tensor's gain (the least-squares factor between the recorded
+    and the recomputed entries) by SIGMAS x quant_rel / sqrt(entries)."""
+    rows, cols = recorded
+    if tuple(_matrix(tensor).shape) != (rows.numel(), cols.numel()):
+        return f"shape {tuple(tensor.shape)} does not give the recorded {rows.numel()} rows x {cols.numel()} columns"
+    got_rows, got_cols = fingerprint(name, tensor)
+    if quant_rel is None:
+        mag_rows, mag_cols = _magnitudes(name, tensor, weights_sq=False)
+        tol_rows, tol_cols = EXACT_REL * mag_rows + 1e-300, EXACT_REL * mag_cols + 1e-300
+    else:
+        mag_rows, mag_cols = _magnitudes(name, tensor, weights_sq=True)
+        tol_rows, tol_cols = SIGMAS * quant_rel * mag_rows + 1e-30, SIGMAS * quant_rel * mag_cols + 1e-30
+    for label, want, got, tol in (("row", rows, got_rows, tol_rows), ("column", cols, got_cols, tol_cols)):
+        bad = ((want - got).abs() > tol).nonzero().flatten()
+        if bad.numel():
+            i = int(bad[0])
+            return (f"{bad.numel()} {label}(s) differ from the exported values, first {label} {i} "
+                    f"(projection {float(got[i]):.6g}, recorded {float(want[i]):.6g}, allowed diff {float(tol[i]):.2g})")
+        if quant_rel is not None and check_gain and want.numel() > 1:
+            energy = float((got * got).sum())
+            gain = float((want * got).sum()) / energy if energy > 0 else 1.0
+            limit = SIGMAS * quant_rel / want.numel() ** 0.5
+            if abs(gain - 1.0) > limit:
+                return f"scaled by {gain:.4f} against the exported values (allowed 1 +- {limit:.2g}): a wrong scale"
+    return None

@@ -1,0 +1,237 @@
+"""`verify`'s exact checks (issue 20): weight fingerprints recorded at export and recomputed from
+the HF files read back through the inverse tables, and hf/config.json derived again from the
+recorded Megatron facts. Each wrong export fails naming the tensor or the key, on models whose
+logits would hardly notice (no tuning to the shape: the fingerprints do not depend on luck)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_trt_ext import manifest as mf
+from megatron_trt_ext.verification import fingerprint as fp
+from megatron_trt_ext.verification.check import verify
+from tests.support.models import randomize, tiny_gpt, tiny_llama
+from tests.test_verify import edit_hf_config, export, rewrite_hf_tensors
+
+pytest.importorskip("transformers", reason="verify loads the HF export with transformers")
+
+
+def check(report, name):
+    return next(c for c in report.data["checks"] if c["name"] == name)
+
+
+def _families():
+    from tests.support import families as fam
+    from tests.test_verify import _family_cases
+
+    return {
+        "llama": (lambda: tiny_llama(num_query_groups=2), None),
+        "gpt": (lambda: tiny_gpt(tied=False), None),
+        "mixtral": (lambda: tiny_llama(moe=True), None),
+        "qwen3_moe": (fam.tiny_qwen3_moe, None),
+        "starcoder2_window": (lambda: fam.tiny_starcoder2(window=5), None),
+        **{k: _family_cases()[k] for k in ("deepseek_v3", "nemotron_h")},
+    }
+
+
+def build(family, seed=81):
+    make, needs = _families()[family]
+    if needs and not needs[0]():
+        pytest.skip(f"{needs[1]} (scripts/test-mcore-latest runs it)")
+    model = make()
+    randomize(model, seed=seed, scale=0.1)
+    return model
+
+
+def good_export(family, dtype, tmp_path):
+    # with TensorRT-LLM too where it has the family: its float32 routers change how units convert
+    formats = ["hf", "trtllm_checkpoint"] if family in ("llama", "gpt", "mixtral") else ["hf"]
+    result = export(build(family), tmp_path, dtype=dtype, verification={"enabled": False}, formats=formats)
+    report = verify(result.path, record=False)
+    assert report.passed, report.lines()
+    assert check(report, "weights")["ok"] is True and check(report, "config")["ok"] is True
+    assert "exactly" in check(report, "weights")["detail"]
+    return result.path
+
+
+def fails_naming(path, check_name, *needles):
+    report = verify(path, record=False)
+    assert not report.passed, report.lines()
+    detail = check(report, check_name)
+    assert detail["ok"] is False, report.lines()
+    for needle in needles:
+        assert needle in detail["detail"], (needle, detail["detail"])
+    return detail["detail"]
+
+
+def _layer0(tensors, fragment):
+    return next(n for n in sorted(tensors) if ".0." in n and fragment in n)
+
+
+# ---------------------------------------------------------------------- weights
+FAMILIES_DTYPES = [(f, d) for f in ("llama", "gpt", "mixtral", "qwen3_moe", "deepseek_v3", "nemotron_h")
+                   for d in ("bfloat16", "float32")]
+
+
+@pytest.mark.parametrize("family,dtype", FAMILIES_DTYPES)
+def test_swapped_rows_fail_naming_the_tensor(megatron_world, tmp_path, family, dtype):
+    path = good_export(family, dtype, tmp_path)
+    hf = load_file(str(path / "hf" / "model.safetensors"))
+    # the first of: q_proj (MLA: q_b_proj or q_proj), GPT-2's fused c_attn, a Mamba in_proj
+    target = next(n for fragment in ("q_proj.weight", "q_b_proj.weight", "c_attn.weight", "in_proj.weight") for n in sorted(hf)
+                  if ".0." in n and n.endswith(fragment))
+
+    def swap(tensors):
+        t = tensors[target].clone()
+        t[[1, 2]] = t[[2, 1]]
+        tensors[target] = t
+
+    rewrite_hf_tensors(path, swap)
+    assert not mf.verify_export(path)  # the checksums were rewritten: only the meaning is wrong
+    fails_naming(path, "weights", "layers.0.", "row")
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "bfloat16"), ("mixtral", "float32"), ("qwen3_moe", "bfloat16")])
+def test_up_and_gate_swapped_fail(megatron_world, tmp_path, family, dtype):
+    path = good_export(family, dtype, tmp_path)
+
+    def swap(tensors):
+        gate = _layer0(tensors, "gate_proj.weight") if any("gate_proj" in n for n in tensors) else \
+            _layer0(tensors, "w1.weight")
+        up = gate.replace("gate_proj", "up_proj").replace("w1.", "w3.")
+        tensors[gate], tensors[up] = tensors[up].clone(), tensors[gate].clone()
+
+    rewrite_hf_tensors(path, swap)
+    fails_naming(path, "weights", "decoder.layers.0.mlp")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_transposed_square_matrix_fails(megatron_world, tmp_path, dtype):
+    path = good_export("llama", dtype, tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def transpose(tensors):
+        assert tensors[name].shape[0] == tensors[name].shape[1]
+        tensors[name] = tensors[name].t().contiguous()
+
+    rewrite_hf_tensors(path, transpose)
+    fails_naming(path, "weights", "decoder.layers.1.self_attention.linear_proj.weight")
+
+
+@pytest.mark.parametrize("family,dtype", [("mixtral", "bfloat16"), ("qwen3_moe", "float32")])
+def test_swapped_experts_fail_naming_both(megatron_world, tmp_path, family, dtype):
+    path = good_export(family, dtype, tmp_path)
+    hf = load_file(str(path / "hf" / "model.safetensors"))
+    first = _layer0(hf, "experts.0.")
+    second = first.replace("experts.0.", "experts.1.")
+
+    def swap(tensors):
+        tensors[first], tensors[second] = tensors[second].clone(), tensors[first].clone()
+
+    rewrite_hf_tensors(path, swap)
+    detail = fails_naming(path, "weights", "experts")
+    assert "2 tensors" in detail or detail.count("experts") >= 2
+
+
+def test_fingerprints_are_listed_and_checksummed(megatron_world, tmp_path):
+    path = good_export("llama", "bfloat16", tmp_path)
+    manifest = mf.read_manifest(path)
+    assert manifest["fingerprints"]["file"] == fp.FILE_NAME and manifest["fingerprints"]["tensors"] > 10
+    assert set(manifest["files"][fp.FILE_NAME]["sha256"]) == set(load_file(str(path / fp.FILE_NAME)))
+    assert manifest["model_info"]["rotary_base"] == 10000
+
+
+def test_old_exports_without_fingerprints_verify_as_before(megatron_world, tmp_path):
+    path = good_export("llama", "bfloat16", tmp_path)
+    manifest = mf.read_manifest(path)
+    for key in ("fingerprints", "model_info"):
+        manifest.pop(key)
+    manifest["files"].pop(fp.FILE_NAME)
+    (path / fp.FILE_NAME).unlink()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    report = verify(path, record=False)
+    assert report.passed, report.lines()
+    assert check(report, "weights")["ok"] is None and "no fingerprints recorded" in check(report, "weights")["detail"]
+    assert check(report, "config")["ok"] is None
+
+
+def test_fingerprints_see_one_ulp_and_ignore_summation_order():
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(300, 70, generator=gen).to(torch.bfloat16)
+    recorded = fp.fingerprint("w", t)
+    assert fp.compare("w", recorded, t.clone()) is None
+    bumped = t.clone()
+    bumped[123, 45] = (bumped[123, 45].float() * (1 + 2 ** -7)).to(torch.bfloat16)  # one bfloat16 ulp
+    assert not torch.equal(bumped, t)
+    problem = fp.compare("w", recorded, bumped)
+    assert problem is not None and "row 123" in problem
+    assert fp.compare("other name", recorded, t) is not None  # the vectors depend on the name
+
+
+# ---------------------------------------------------------------------- config
+@pytest.mark.parametrize("family,field,value", [
+    ("llama", "rope_theta", 20000.0), ("llama", "rms_norm_eps", 1e-6), ("starcoder2_window", "sliding_window", 7),
+    ("llama", "tie_word_embeddings", True), ("gpt", "layer_norm_epsilon", 1e-6)])
+def test_a_wrong_config_key_fails_naming_it(megatron_world, tmp_path, family, field, value):
+    path = good_export(family, "bfloat16", tmp_path)
+    config = json.loads((path / "hf" / "config.json").read_text())
+    assert config.get(field) != value
+    edit_hf_config(path, **{field: value})
+    detail = fails_naming(path, "config", field)
+    assert f"config.json has {value!r}" in detail
+
+
+def test_a_wrong_rope_theta_fails_the_config_check_and_the_logits_check_stays(megatron_world, tmp_path):
+    result = export(build("llama"), tmp_path)
+    config = json.loads((result.path / "hf" / "config.json").read_text())
+    edit_hf_config(result.path, rope_theta=20000.0, rope_parameters={**config["rope_parameters"], "rope_theta": 20000.0})
+    detail = fails_naming(result.path, "config", "rope_theta", "rope_parameters.rope_theta")
+    assert "10000" in detail
+
+
+# ---------------------------------------------------------------------- quantized
+def fp8_export(tmp_path, algorithm="fp8"):
+    pytest.importorskip("modelopt.torch.quantization", reason="quantized exports need nvidia-modelopt")
+    model = tiny_llama(hidden_size=256, ffn_hidden_size=512)
+    randomize(model, seed=64)
+    result = export(model, tmp_path, dtype="bfloat16", verification={"enabled": False}, quantization={
+        "algorithm": algorithm, "calibration": {"num_samples": 8, "seq_len": 32, "batch_size": 4}})
+    report = verify(result.path, record=False)
+    assert report.passed, report.lines()
+    assert "within the quantization rounding" in check(report, "weights")["detail"]
+    return result.path
+
+
+def test_fp8_swapped_rows_and_a_moved_scale_fail(megatron_world, tmp_path):
+    path = fp8_export(tmp_path)
+    hf = load_file(str(path / "hf" / "model.safetensors"))
+    scales = {n: float(t) for n, t in hf.items() if n.endswith(".weight_scale")}
+    # a scale moved onto the layer-0 tensor whose own scale differs most from it (a few percent)
+    src, dst = max(((a, b) for a in sorted(scales) for b in sorted(scales) if ".0." in b),
+                   key=lambda p: abs(scales[p[0]] / scales[p[1]] - 1))
+    assert abs(scales[src] / scales[dst] - 1) > 0.05
+
+    def move(tensors):
+        tensors[dst] = tensors[src].clone()
+
+    rewrite_hf_tensors(path, move)
+    dst_module = dst.split(".")[-2]
+    megatron = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
+                "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}[dst_module]
+    fails_naming(path, "weights", f"layers.0.", megatron)
+
+
+@pytest.mark.parametrize("algorithm", ["fp8", "nvfp4", "int4_awq"])
+def test_quantized_swapped_rows_fail(megatron_world, tmp_path, algorithm):
+    path = fp8_export(tmp_path, algorithm)
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def swap(tensors):
+        t = tensors[name].clone()
+        t[[3, 100]] = t[[100, 3]]  # packed 4-bit rows hold pairs of weight rows: still a swap
+        tensors[name] = t
+
+    rewrite_hf_tensors(path, swap)
+    fails_naming(path, "weights", "decoder.layers.0.mlp.linear_fc2.weight", "row")

@@ -220,7 +220,7 @@ def test_fp8_swapped_rows_and_a_moved_scale_fail(megatron_world, tmp_path):
     dst_module = dst.split(".")[-2]
     megatron = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
                 "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}[dst_module]
-    fails_naming(path, "weights", f"layers.0.", megatron)
+    fails_naming(path, "weights", "layers.0.", megatron)
 
 
 @pytest.mark.parametrize("algorithm", ["fp8", "nvfp4", "int4_awq"])

@@ -46,13 +46,17 @@ def export_hf(model, out: Path, iteration: int = 1) -> Path:
     return Exporter(model, config).export(iteration=iteration).path / "hf"
 
 
-@torch.no_grad()
 def transformers_greedy(hf_dir: Path) -> list:
-    """transformers (float32) on the export: a plain greedy loop over the forward pass (generate()
-    would mask prompt positions holding token 0), with the log-probabilities vLLM reports."""
+    """transformers (float32) on the export: see `greedy`."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    return greedy(transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval())
+
+
+@torch.no_grad()
+def greedy(model) -> list:
+    """A plain greedy loop over the forward pass of a transformers model (generate() would mask
+    prompt positions holding token 0), with the log-probabilities vLLM reports."""
     results = []
     for prompt in PROMPTS:
         ids = list(prompt)

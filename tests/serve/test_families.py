@@ -110,19 +110,7 @@ def fp8_reference(plain_dir, modules):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(plain_dir), dtype=torch.float32).eval()
     for m in modules:
         model.get_submodule(m).register_forward_pre_hook(per_token_fp8)
-    results = []
-    with torch.no_grad():
-        for prompt in support.PROMPTS:
-            ids, logprobs = list(prompt), []
-            for _ in range(support.MAX_TOKENS):
-                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
-                token = int(lp[-1].argmax())
-                if len(ids) == len(prompt):
-                    prompt_lp = [None] + [float(lp[i - 1, prompt[i]]) for i in range(1, len(prompt))]
-                logprobs.append(float(lp[-1, token]))
-                ids.append(token)
-            results.append({"tokens": ids[len(prompt):], "logprobs": logprobs, "prompt_logprobs": prompt_lp})
-    return results
+    return support.greedy(model)
 
 
 def main_python() -> str:

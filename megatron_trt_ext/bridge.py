@@ -2,7 +2,7 @@
 
     from megatron_trt_ext.bridge import ExportCallback
 
-    pretrain(cfg, forward_step, callbacks=[ExportCallback("recipes/bf16.yaml", output_dir="exports")])
+    pretrain(cfg, forward_step, callbacks=[ExportCallback("bf16", output_dir="exports")])
 
 * ``on_train_start`` (every rank, model and optimizer built, a resumed checkpoint loaded): `attach`
   to the model chunks. Exports trigger on ``megatron.core.dist_checkpointing.save`` for the
@@ -36,7 +36,7 @@ class ExportCallback:
     """Exports at every Nth persistent checkpoint save of a Megatron-Bridge run.
 
     Args:
-        recipe: an export recipe file, or None for the defaults.
+        recipe: a shipped recipe by name ("fp8") or a recipe file, or None for the defaults.
         config: an ExportConfig instead of a recipe.
         **overrides: recipe keys (``output_dir``, ``every_n_saves``, ``serve={"url": ...}`` ...),
             as for `ExportConfig.from_yaml`.

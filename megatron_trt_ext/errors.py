@@ -1,5 +1,6 @@
 """Exception types. Every message names the offending thing and the fix."""
 
+import dataclasses
 from typing import Any
 
 
@@ -34,8 +35,6 @@ def parse_section(cls, data, source: str, expected: str, what: str = "option", b
     ``validate(source)``): None gives the defaults, an instance of ``cls`` is taken as it is, and a
     mapping must name only ``cls``'s fields (``build(mapping)`` makes the instance where the
     section has nested parts). ``expected`` describes a good value for the error message."""
-    import dataclasses
-
     if data is None:
         return cls()
     if isinstance(data, cls):

@@ -131,6 +131,9 @@ class TensorWriter:
                                          "without acknowledging it (see the server's log)")
             self.stats = {**end, "seconds": time.perf_counter() - started}
         except BaseException as exc:  # recorded for wait(); the reader is told when it can be
+            if isinstance(exc, OSError) and conns:  # reset while sending: the reader gave up first
+                exc = wire.WireError(f"a server worker closed writer {self.address()}'s stream without "
+                                     f"acknowledging it ({type(exc).__name__}: {exc}; see the server's log)")
             self._error = exc
             for conn in conns:
                 try:

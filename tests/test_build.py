@@ -16,6 +16,10 @@ from megatron_trt_ext.engines.options import BuildOptions
 from megatron_trt_ext.engines.runner import build_export
 from tests.support.models import randomize, tiny_llama
 
+# Engine builds run in their own processes against a fake tensorrt_llm; nothing here depends on the
+# megatron-core version beyond what test_exporter covers: pinned version only.
+pytestmark = pytest.mark.heavy
+
 FAKES = Path(__file__).resolve().parent / "fakes"
 ROOT = Path(__file__).resolve().parent.parent
 

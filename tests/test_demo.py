@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 import pytest
 
 
-@pytest.mark.parametrize("recipe", ["bf16.yaml", "fp8.yaml"])
+# the fp8 run adds ModelOpt calibration, which does not depend on the megatron-core version
+@pytest.mark.parametrize("recipe", ["bf16.yaml", pytest.param("fp8.yaml", marks=pytest.mark.heavy)])
 def test_demo_trains_exports_and_generates(tmp_path, recipe):
     proc = subprocess.run(
         [sys.executable, "-m", "examples.demo", "--steps", "200", "--save-every", "100",

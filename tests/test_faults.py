@@ -183,6 +183,7 @@ def test_a_partial_held_by_a_live_process_is_left_alone(megatron_world, tmp_path
 
 
 # ---------------------------------------------------------------------- 3. bounded waits
+@pytest.mark.heavy
 def test_a_stopped_worker_never_hangs_training(megatron_world, tmp_path):
     """SIGSTOP the worker mid-export: wait() returns within timeout_s (+ grace), the export is
     failed and recorded, the next save gets a fresh worker, detach is bounded too."""
@@ -211,6 +212,7 @@ def test_a_stopped_worker_never_hangs_training(megatron_world, tmp_path):
     assert_root_is_consistent(tmp_path)
 
 
+@pytest.mark.heavy
 def test_interpreter_exit_is_bounded_with_a_stopped_worker(tmp_path):
     script = f"""
 import os, signal, sys, time
@@ -273,6 +275,7 @@ def test_saves_during_a_running_export_are_queued_newest_wins(megatron_world, tm
 
 
 # ---------------------------------------------------------------------- 5. one writer, atomic replacement
+@pytest.mark.heavy
 def test_two_writers_never_publish_a_mix(tmp_path):
     """Two processes export different weights as the same iteration into one root, five rounds:
     the loser fails naming the lock, and iter_0000100 always verifies and holds one writer's

@@ -2,13 +2,17 @@
 worker process does the rest.
 
 Snapshot slots (`slots.SlotTable`: a slot holds one save's tensors and metadata, with a lock;
-the messages both sides exchange are the dataclasses of `slots`). Slot 0 is allocated at attach; slot 1 only
-the first time a save comes while the worker still exports from slot 0, so a save is never lost
-to a busy worker: it is snapshotted into the free slot at once (training waits only for that
-copy) and exported as soon as the running export ends. A newer save replaces an older one that
-has not started yet (newest wins; the older one is recorded as skipped). The worker holds the
-lock of the slot it exports from; the trainer writes into the slot it can lock, so neither ever
-waits on the other for longer than one copy.
+the messages both sides exchange are the dataclasses of `slots`). The worker starts at attach and
+slot 0 is allocated then; a save is snapshotted at once into an empty slot (training waits only
+for that copy), never over a queued save while an empty slot is left, and the worker exports the
+queued saves oldest first. So saves that come while the workers are still starting (their first
+seconds) each wait in a slot of their own, up to `slots.MAX_SLOTS`; one more waits (bounded)
+until the first export starts. Under ``busy_policy: skip`` a save that comes while an export is
+running replaces every queued save that has not started (newest wins; each replaced one is
+recorded as skipped, naming the save that replaced it); ``wait`` waits for the running export
+instead. Slots beyond `slots.STEADY_SLOTS` are given back once empty. The worker holds the lock of
+the slot it exports from; the trainer writes into a slot it can lock, so neither ever waits on the
+other for longer than one copy.
 
 Decisions that involve several ranks (restart the workers, wait for them, whether a snapshot
 worked everywhere) are taken together, with an all-gather on the trainers' control group, so
@@ -38,8 +42,8 @@ from .errors import ConfigError
 from .plan import torch_dtype
 from .publish import record_failure
 from .result import ExportResult
-from .slots import (NUM_SLOTS, Broken, Done, SaveMeta, SlotState, SlotTable, Started, Stop, Superseded,
-                    Wake)
+from .slots import (MAX_SLOTS, NUM_SLOTS, STEADY_SLOTS, Broken, Done, SaveMeta, SlotState, SlotTable, Started,
+                    Stop, Superseded, Wake)
 from .utils import free_port
 from .worker import worker_main
 
@@ -62,6 +66,16 @@ class HostPins:
         for buf in buffers.values():
             if buf.numel() and int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)) == 0:
                 self._registered.append((buf.data_ptr(), buf))
+
+    def unpin(self, buffers: dict) -> None:
+        """Unregister the ranges of these buffers (a slot whose storage is given back)."""
+        ptrs = {buf.data_ptr() for buf in buffers.values()}
+        mine = [(ptr, buf) for ptr, buf in self._registered if ptr in ptrs]
+        if mine:
+            self._registered = [entry for entry in self._registered if entry[0] not in ptrs]
+            cudart = torch.cuda.cudart()
+            for ptr, _ in mine:
+                cudart.cudaHostUnregister(ptr)
 
     def release(self) -> None:
         """Unregister every range `pin` registered (idempotent)."""
@@ -99,9 +113,10 @@ class BackgroundExporter:
         self.needs_restart = False
         self.gone = False
         self.gone_reason = None
-        self._clobbered = None
+        self._replaced: list = []  # queued saves the current save replaces (recorded once it is taken)
         self._serve_due: set = set()  # pending saves due for a refit (a newer save replacing one inherits it)
         self._event = None
+        self._publisher: Optional[threading.Thread] = None  # marks the last save pending once its copies are done
         self._start_worker()
 
     # ------------------------------------------------------------------ worker lifecycle
@@ -252,34 +267,72 @@ class BackgroundExporter:
                     self.slots.set_state(slot, SlotState.EMPTY)
                 break
             self._check_hung()
+        self._trim()
         return self.last
 
     # ------------------------------------------------------------------ the trigger
+    def _state(self) -> list:
+        """Collective: every rank's (needs fresh workers, an export runs, an empty slot is left)."""
+        if self._publisher is not None:  # the last save's copies (GPU), issued a training step ago
+            self._publisher.join(self.timeout_s)
+        exporting = self.running is not None or bool(self.slots.slots_in(SlotState.TAKEN))
+        return self.comm.all_gather_object((self.needs_restart or self.gone, exporting, self.slots.has_room()))
+
+    def _await_room(self, iteration: int, states: list) -> list:
+        """More early saves than slots: every slot of a rank holds a save waiting for workers that
+        have not started an export yet. Waits (collectively, at most ``timeout_s``) until an
+        export runs somewhere (this save then queues behind it) or a slot is empty everywhere."""
+        deadline = time.monotonic() + self.timeout_s
+        if not any(s[0] or s[1] for s in states) and not all(s[2] for s in states):
+            logger.warning("save of iteration %d: all %d snapshot slots hold saves waiting for the export workers "
+                           "to start; waiting (at most timeout_s=%.0f s) until the first export starts",
+                           iteration, MAX_SLOTS, self.timeout_s)
+        while not any(s[0] or s[1] for s in states) and not all(s[2] for s in states):
+            if time.monotonic() > deadline:
+                break
+            while time.monotonic() < deadline and self._drain(0.05):
+                self._check_hung()
+                if self.running is not None or self.slots.slots_in(SlotState.TAKEN) or self.slots.has_room():
+                    break
+            states = self._state()
+        return states
+
     def submit(self, iteration: int, serve: bool = True) -> ExportResult:
         t_submit, t0 = time.time(), time.perf_counter()
         self.poll()
         self._check_hung()
         config = self.job.config
-        states = self.comm.all_gather_object((self.needs_restart or self.gone, bool(self.outstanding)))
-        if config.busy_policy == "wait" and any(busy for _, busy in states):
-            self.wait()
-            states = self.comm.all_gather_object((self.needs_restart or self.gone, False))
-        if any(restart for restart, _ in states):
+        self._trim()
+        states = self._state()
+        if any(restart for restart, _, _ in states):
             self._stop_worker()
             self._start_worker()
+            states = self._state()
+        states = self._await_room(iteration, states)
+        running = any(exporting for _, exporting, _ in states)
+        if config.busy_policy == "wait" and (running or not all(room for _, _, room in states)):
+            self.wait()  # a queued save never holds up a save; a running export does
+            running = False
+        # skip: a save behind a running export replaces the queued ones (newest wins); a save
+        # that finds no export running is queued beside them (the workers are still starting).
+        replace = running or not all(room for _, _, room in states)
         error = None
         try:
             s0 = time.perf_counter()
-            slot, probe, probe_s = self._snapshot(iteration)
+            slot, probe, probe_s = self._snapshot(iteration, replace)
             snapshot_s = time.perf_counter() - s0
         except Exception as exc:  # noqa: BLE001 - agreed below: every rank gives this save up
             slot, snapshot_s = None, 0.0
             error = f"snapshot on rank {self.comm.rank} failed: {type(exc).__name__}: {exc}"
         failures = self.comm.agree(error)
         stall = time.perf_counter() - t0
-        if self._clobbered is not None and self._clobbered in self.outstanding:
-            serve = serve or self._clobbered in self._serve_due  # its refit is not lost with it
-            self._skipped(self._clobbered, iteration)  # its slot now holds this save (or garbage)
+        if running and not failures:  # the queued saves that the worker has not taken
+            self._replaced += self.slots.empty_pending(keep=slot)
+        for old in self._replaced:
+            if old in self.outstanding:
+                serve = serve or old in self._serve_due  # its refit is not lost with it
+                self._skipped(old, iteration)  # its slot now holds this save (or garbage), or is empty
+        self._replaced = []
         self._serve_due = {i for i in self._serve_due if i in self.outstanding} | ({iteration} if serve else set())
         if failures:
             if slot is not None:
@@ -292,23 +345,31 @@ class BackgroundExporter:
         timings = {"stall_s": stall, "snapshot_s": snapshot_s, "probe_s": probe_s,
                    "snapshot_bytes": self.snapshot_bytes, "submitted_unix": t_submit, "serve_due": serve}
         self._release(slot, publish=True, iteration=iteration, meta=SaveMeta(timings, probe))
+        self._trim()  # the slots of the saves this one replaced (CPU; on GPU at the next save)
         # (the exporter shows it as its last result until the final one arrives)
         return ExportResult(iteration, self.job.root / mf.export_dir_name(iteration), "running",
                             list(config.formats), {"stall_s": stall, "snapshot_s": snapshot_s})
 
-    def _snapshot(self, iteration: int) -> tuple:
-        """Copy this rank's slices into a free slot; returns (slot, probe record, probe seconds),
-        the slot still locked (`_release` publishes it). A pending save whose slot this overwrites
-        is left in ``_clobbered``."""
-        self._clobbered = None
+    def _trim(self) -> None:
+        """Give back the storage of empty slots beyond `STEADY_SLOTS` (made for early saves), so
+        host memory returns to at most two copies once the workers have caught up."""
+        if self.slots.allocated() > STEADY_SLOTS and (self._event is None or self._event.query()):
+            for buffers, message in self.slots.free_extra(STEADY_SLOTS):  # (no copy may write into them)
+                self._pins.unpin(buffers)
+                self._send(message)
+
+    def _snapshot(self, iteration: int, replace: bool) -> tuple:
+        """Copy this rank's slices into an empty slot (with ``replace``, a queued save's slot when
+        no empty one is left: that save is left in ``_replaced``); returns (slot, probe record,
+        probe seconds), the slot still locked (`_release` publishes it)."""
         source = self.exporter.take_source()  # the probe, then (quantized exports) a calibrated replica
         slots = self.slots
-        slot = slots.lock_free(self.timeout_s)
+        slot = slots.lock_free(self.timeout_s, replace=replace)
         try:
             if slots.state(slot) == SlotState.PENDING:
-                self._clobbered = slots.iteration(slot)
+                self._replaced.append(slots.iteration(slot))
             slots.set_state(slot, SlotState.EMPTY)
-            storage = slots.ensure_buffers(slot)  # the second slot, the first time a save finds the worker busy
+            storage = slots.ensure_buffers(slot)  # made the first time a save needs one more slot
             if storage is not None:
                 self._pins.pin(storage.buffers)
                 self._send(storage)
@@ -364,7 +425,8 @@ class BackgroundExporter:
         if event is None or not publish:
             finish()
         else:
-            threading.Thread(target=finish, daemon=True, name="megatron-trt-ext-snapshot").start()
+            self._publisher = threading.Thread(target=finish, daemon=True, name="megatron-trt-ext-snapshot")
+            self._publisher.start()
 
     def close(self) -> None:
         """Finish every submitted export (bounded, see `wait`), then stop the worker."""

@@ -10,6 +10,11 @@ and storage generation. The trainer writes a slot only while it holds the slot's
 it `SlotState.PENDING` last, after the tensors *and* the metadata are in place, so a worker that
 finds a pending slot finds the whole save in it (no message can arrive too late). Messages only
 nudge the worker (`Wake`) or hand it new shared storage (`SlotStorage`), and report back.
+
+How many slots hold storage at once (each one a copy of the rank's share of the weights in host
+memory): one from attach; two once a save comes while an export runs (one exported, one queued);
+up to `MAX_SLOTS` only while saves come before the workers have started any export (each early
+save is queued in a slot of its own). Slots beyond `STEADY_SLOTS` are given back once empty.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-NUM_SLOTS = 2
+MAX_SLOTS = 4     # saves that can wait, each in its own slot, for workers that are still starting
+STEADY_SLOTS = 2  # kept once allocated: the export that runs and the one save queued behind it
+NUM_SLOTS = MAX_SLOTS  # rows of the shared header (storage is allocated only for slots in use)
 META_BYTES = 64 << 10  # a slot's first metadata capacity (the default probe record is ~13 KB); grows on demand
 
 # columns of the shared header, one row per slot
@@ -53,12 +60,13 @@ class Wake:
 @dataclass(frozen=True)
 class SlotStorage:
     """New shared storage of a slot (its first buffers, or a larger metadata buffer), sent before
-    the slot is published; the worker ignores a slot whose generation it has not received yet."""
+    the slot is published; the worker ignores a slot whose generation it has not received yet.
+    ``buffers`` None: the trainer gave the slot's storage back (the worker drops its handles)."""
 
     slot: int
     generation: int
-    buffers: dict
-    meta: torch.Tensor
+    buffers: Optional[dict]
+    meta: Optional[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -134,16 +142,68 @@ class SlotTable:
         return self.buffers[slot] is not None and self.generation[slot] == int(self.header[slot, _GENERATION])
 
     # ------------------------------------------------------------------ the trainer
-    def lock_free(self, timeout_s: float) -> int:
-        """Lock a slot the worker is not exporting from (it holds at most one lock at a time)."""
+    def has_room(self) -> bool:
+        """A slot holds no save (allocated or not): a new save needs to replace none."""
+        return bool(self.slots_in(SlotState.EMPTY))
+
+    def allocated(self) -> int:
+        return sum(b is not None for b in self.buffers)
+
+    def lock_free(self, timeout_s: float, replace: bool = False) -> int:
+        """Lock a slot for a new save: an empty slot with storage first, then one without (its
+        storage is made on first use), never a pending save while an empty slot is left. With
+        ``replace``, a pending save's slot is taken when no empty slot can be locked (the caller
+        records that save as replaced). The worker holds at most one lock at a time; the snapshot
+        thread of the previous save may hold another for as long as its copies take."""
         deadline = time.monotonic() + timeout_s
         while True:
-            for slot in range(NUM_SLOTS):
+            empty = [s for s in range(NUM_SLOTS) if self.state(s) == SlotState.EMPTY]
+            order = sorted(empty, key=lambda s: self.buffers[s] is None)
+            if replace:  # the newest pending save first: the one closest to the save replacing it
+                order += sorted(self.slots_in(SlotState.PENDING), key=self.iteration, reverse=True)
+            for slot in order:
                 if self.locks[slot].acquire(block=False):
-                    return slot
+                    if self.state(slot) == SlotState.EMPTY or (replace and self.state(slot) == SlotState.PENDING):
+                        return slot
+                    self.locks[slot].release()  # taken or filled meanwhile
             if time.monotonic() > deadline:
-                raise RuntimeError("could not lock a snapshot slot (the worker holds both?)")
+                raise RuntimeError(f"could not lock a snapshot slot within {timeout_s:.0f} s")
             time.sleep(0.001)
+
+    def empty_pending(self, keep: int) -> list:
+        """Empty the slots of queued saves that a newer save replaces, but for ``keep`` and the one
+        the worker holds (it exports it, or is about to); returns their iterations."""
+        replaced = []
+        for slot in self.slots_in(SlotState.PENDING):
+            if slot == keep or not self.locks[slot].acquire(block=False):
+                continue
+            try:
+                if self.state(slot) == SlotState.PENDING:
+                    self.set_state(slot, SlotState.EMPTY)
+                    replaced.append(self.iteration(slot))
+            finally:
+                self.locks[slot].release()
+        return sorted(replaced)
+
+    def free_extra(self, keep: int) -> list:
+        """Give back the storage of empty slots until ``keep`` slots have storage; returns
+        (buffers, message) per slot: the buffers to unpin, the message that makes the worker drop
+        its handles too."""
+        freed = []
+        for slot in reversed(range(NUM_SLOTS)):
+            if self.allocated() <= keep:
+                break
+            if self.buffers[slot] is None or not self.locks[slot].acquire(block=False):
+                continue
+            try:
+                if self.state(slot) == SlotState.EMPTY:
+                    buffers, self.buffers[slot], self.meta[slot] = self.buffers[slot], None, None
+                    self.generation[slot] += 1
+                    self.header[slot, _GENERATION] = self.generation[slot]
+                    freed.append((buffers, SlotStorage(slot, self.generation[slot], None, None)))
+            finally:
+                self.locks[slot].release()
+        return freed
 
     def ensure_buffers(self, slot: int) -> Optional[SlotStorage]:
         """Allocate the slot's storage the first time it is used (slot lock held); returns the
@@ -181,6 +241,14 @@ class SlotTable:
     def holds_pending(self, slot: int, at_least: int = -1) -> bool:
         """The slot holds a published save of iteration >= ``at_least`` whose storage this side has."""
         return self.state(slot) == SlotState.PENDING and self.ready(slot) and self.iteration(slot) >= at_least
+
+    def oldest_pending(self, at_least: int = -1) -> Optional[tuple]:
+        """(slot, iteration) of the oldest save that `holds_pending` finds, or None."""
+        found = [(self.iteration(slot), slot) for slot in range(NUM_SLOTS) if self.holds_pending(slot, at_least)]
+        if not found:
+            return None
+        iteration, slot = min(found)
+        return slot, iteration
 
     def newest_pending(self, at_least: int = -1) -> Optional[tuple]:
         """(slot, iteration) of the newest save that `holds_pending` finds, or None."""

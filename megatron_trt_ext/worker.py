@@ -6,10 +6,12 @@ The workers of all ranks form their own gloo world for the transfers, on a TCP s
 through launcher variables they inherit (torchrun's agent store, SLURM, ``mp.spawn``).
 
 Each worker reads snapshots from the trainer's shared slots (`slots.SlotTable`; the worker knows
-the trainer only through that table and the messages of `slots`, never its module). Before each
-export the workers agree on the iteration: each proposes the newest save it holds; a worker
-whose trainer has not published the newest proposal yet waits for it (bounded), so all ranks
-export the same save, and an older save that a newer one overtook is reported as skipped.
+the trainer only through that table and the messages of `slots`, never its module). Queued saves
+are exported oldest first (the trainer decides which queued saves a newer one replaces, and
+empties their slots). Before each export the workers agree on the iteration: each proposes the
+oldest save it holds, all take the largest proposal, and a worker whose trainer has not published
+that save yet waits for it (bounded), so all ranks export the same save; an older save that the
+agreed one overtook is reported as skipped.
 """
 
 from __future__ import annotations
@@ -70,12 +72,12 @@ class Worker:
 
     # ------------------------------------------------------------------ slots
     def hold(self, at_least: int):
-        """Lock the slot with the newest save >= ``at_least``; waits for the trainer (bounded).
+        """Lock the slot with the oldest save >= ``at_least``; waits for the trainer (bounded).
         Returns (slot, iteration) with that slot's lock held."""
         slots = self.slots
         deadline = time.monotonic() + self.job.config.timeout_s
         while True:
-            found = slots.newest_pending(at_least)
+            found = slots.oldest_pending(at_least)
             if found is not None:
                 slot = found[0]
                 if slots.locks[slot].acquire(timeout=self.job.config.timeout_s):
@@ -100,7 +102,9 @@ class Worker:
                 slot, iteration = self.hold(target)
 
     def supersede_older(self, taken: int, iteration: int) -> None:
-        """A pending save older than the one being exported will never be: report it."""
+        """A pending save older than the one being exported will never be: report it. Normally
+        there is none (exports go oldest first); one appears when ranks saw different queues (a
+        rank had not published a save yet when the others proposed it)."""
         slots = self.slots
         for slot in slots.slots_in(SlotState.PENDING):
             if slot == taken or not slots.locks[slot].acquire(block=False):
@@ -114,9 +118,9 @@ class Worker:
 
     # ------------------------------------------------------------------ exports
     def export_next(self) -> bool:
-        """Export the newest published save, if any (collective with the other workers)."""
+        """Export the oldest published save, if any (collective with the other workers)."""
         slots = self.slots
-        found = slots.newest_pending()
+        found = slots.oldest_pending()
         if found is None:
             return False
         slot, iteration = self.hold(found[1])

@@ -69,6 +69,7 @@ class ExportJob:
     mode: str = "sync"
     out_specs: dict = field(default_factory=dict)
     keep_source: frozenset = frozenset()  # units with an output in a dtype other than the export's
+    tokenizer: Optional[object] = None  # `tokenizer.TokenizerFacts`: files and ids for the HF export
 
     def __post_init__(self):
         if not self.out_specs:
@@ -121,7 +122,8 @@ class ExportJob:
         worker uses one thread: it shares the machine with training."""
         size = torch_dtype(self.config.dtype).itemsize
         largest = max((u.numel * size for u in self.units), default=0)
-        return WritePool(threads=1 if self.mode == "async" else 2, budget_bytes=largest // 2)
+        return WritePool(threads=1 if self.mode == "async" else 2, budget_bytes=largest // 2,
+                         check_finite=self.config.check_finite)
 
     def writers(self, tmp: Path, create: bool, pool: Optional[WritePool] = None) -> tuple:
         hf = trt = None
@@ -130,7 +132,7 @@ class ExportJob:
             if self.quant is not None:
                 hf_config["quantization_config"] = hf_quantization_config(self.quant, self.out_specs["quant"])
             hf = HFWriter(tmp / "hf", self.out_specs["hf"], self.config.max_shard_size_bytes, hf_config,
-                          create=create, pool=pool)
+                          create=create, pool=pool, tokenizer=self.tokenizer)
         if "trtllm_checkpoint" in self.config.formats:
             trt = FileSet(tmp / "trtllm_checkpoint", self.out_specs["trtllm"], create=create, pool=pool)
         return hf, trt
@@ -165,6 +167,7 @@ class ExportJob:
                        "world_size": self.world_size},
             "config": c.to_dict(),
             MODEL_INFO: info_record(self.info),  # what `verify` derives the HF config and inverse tables from
+            **({"tokenizer": self.tokenizer.record()} if self.tokenizer is not None else {}),
         }
 
     # ------------------------------------------------------------------ the run
@@ -225,13 +228,13 @@ class ExportJob:
             hf, trt = self.writers(run.tmp, create=False, pool=run.pool)
             run.writers = [w for w in (hf, trt) if w is not None]
         if run.refit_due:  # the converted HF tensors also stream into the server (`serve.sink`)
-            run.sink = RefitSink(comm, self.rank, self.config.serve, str(iteration))
+            run.sink = RefitSink(comm, self.rank, self.config.serve, str(iteration), specs=self.out_specs["hf"])
 
         error = None
         checksums: dict = {}
         conversion = self.new_conversion()
         dtype = conversion.dtype
-        recorder = fingerprints.Recorder(self.spec, self.ctx, dtype, self.quant_stage, self.keep_source) \
+        recorder = fingerprints.Recorder(self.spec, self.ctx, dtype, self.quant_stage, self.keep_source, run.pool) \
             if "hf" in self.config.formats else None  # `verify` reads them back from hf/
         size = dtype.itemsize
         for unit in self.units:
@@ -301,19 +304,23 @@ class ExportJob:
                             serve=run.meta.get("serve"))
 
     def _export_unit(self, unit, full, conversion: Conversion, hf, trt, timings, sink=None, recorder=None) -> None:
+        if isinstance(full, torch.Tensor) and full.dtype != conversion.dtype and conversion.casts_first(unit.name):
+            # a unit `exchange` returned uncast (a local view): cast once here, as `Conversion.unit`
+            # would, so the fingerprint is computed in the write pass of the bytes it describes
+            c0 = time.perf_counter()
+            full = full.to(conversion.dtype)
+            timings["convert_s"] += time.perf_counter() - c0
         if recorder is not None:  # of the unit as exported, for `verify` (`verification.fingerprint`)
             recorder.add(unit.name, full, timings)
         c0 = time.perf_counter()
         for hf_name, out, trt_parts in conversion.unit(unit.name, full):
             w0 = time.perf_counter()
             timings["convert_s"] += w0 - c0
-            if self.config.check_finite:
-                # checked as written (after the cast): 70000.0 is finite in float32, inf in float16;
-                # TensorRT-LLM parts in the export dtype are pieces of `out`, already checked
+            if self.config.check_finite and hf is None and sink is not None:
+                # checked as written (after the cast): 70000.0 is finite in float32, inf in float16.
+                # The writer threads check every tensor they write, in their pass over its bytes
+                # (`WritePool.check_finite`); one that no HF file holds is checked before the server gets it
                 check_finite(hf_name, out)
-                for _, trt_name, t in trt_parts:
-                    if t.dtype != out.dtype:
-                        check_finite(trt_name, t)
                 timings["check_s"] = timings.get("check_s", 0.0) + time.perf_counter() - w0
                 w0 = time.perf_counter()
             if hf is not None:
@@ -332,7 +339,7 @@ class ExportJob:
         publish.add_fingerprints(run.tmp, run.meta, files)
         publish.check_written(files, {"hf": hf.fileset if hf else None, "trtllm_checkpoint": trt})
         if hf is not None:
-            hf.finalize(self.config.tokenizer_dir)
+            hf.finalize()
             if self.quant is not None:
                 write_json(run.tmp / "hf" / "hf_quant_config.json",
                            hf_quant_config_file(self.quant, self.out_specs["quant"]))

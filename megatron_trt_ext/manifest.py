@@ -11,7 +11,6 @@ exports go is `publish`'s part. Nothing here follows a symbolic link planted und
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from . import safe_fs
+from . import checksum, safe_fs
 from .errors import ExportError
 from .formats.safetensors_stream import tensor_bytes
 
@@ -31,7 +30,9 @@ logger = logging.getLogger("megatron_trt_ext")
 
 __version__ = "0.1.0"  # the package's version, named as the producer in every manifest
 
-SCHEMA_VERSION = 1
+# 2: per-tensor checksums listed under their algorithm's name (`checksum`: xxh3_128); 1: sha256.
+# Readers take both.
+SCHEMA_VERSION = 2
 PRODUCER = {"name": "megatron-trt-ext", "version": __version__}
 MANIFEST = "manifest.json"
 _ITER_NAME = re.compile(r"^iter_(\d+)$")
@@ -274,8 +275,9 @@ def update_manifest(export: Path, **fields) -> dict:
 
 
 def verify_export(export: Path) -> list:
-    """Recompute every tensor's sha256 and compare with the manifest; returns the problems found
-    (an empty list means the export is complete and intact)."""
+    """Recompute every tensor's checksum (with the algorithm its manifest names: sha256 in
+    schema 1, xxh3_128 since) and compare; returns the problems found (an empty list means the
+    export is complete and intact)."""
     export = Path(export)
     try:
         manifest = read_manifest(export)
@@ -284,14 +286,30 @@ def verify_export(export: Path) -> list:
     problems = [] if manifest.get("status") == "complete" else [f"status is {manifest.get('status')!r}"]
     for rel, entry in manifest.get("files", {}).items():
         path = export / rel
+        try:
+            algorithm, sums = checksum.read_entry(entry)
+        except ValueError as exc:
+            problems.append(f"{rel}: {exc}")
+            continue
         if not path.is_file():
             problems.append(f"{rel}: missing")
             continue
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            if names != set(entry["sha256"]):
+            if names != set(sums):
                 problems.append(f"{rel}: tensors differ from the manifest")
-            for name in sorted(names & set(entry["sha256"])):
-                if hashlib.sha256(tensor_bytes(f.get_tensor(name))).hexdigest() != entry["sha256"][name]:
-                    problems.append(f"{rel}: {name} checksum mismatch")
+            for name in sorted(names & set(sums)):
+                if checksum.hexdigest([tensor_bytes(f.get_tensor(name))], algorithm) != sums[name]:
+                    problems.append(f"{rel}: {name} checksum mismatch ({algorithm})")
     return problems
+
+
+def checksum_count(manifest: dict) -> int:
+    """How many tensor checksums a manifest lists (either schema)."""
+    count = 0
+    for entry in manifest.get("files", {}).values():
+        try:
+            count += len(checksum.read_entry(entry)[1])
+        except ValueError:
+            pass
+    return count

@@ -11,13 +11,14 @@ never one a build is reading. What the names, manifests and locks are is `manife
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import uuid
 from pathlib import Path
 
-from . import safe_fs
+from . import checksum, safe_fs
 from .errors import ExportError
 from .manifest import (MANIFEST, IterationLock, complete_exports, export_dir_name, failed_path, is_being_read,
                        iteration_of, lock_is_live, lock_path, partial_path, read_latest)
@@ -69,6 +70,8 @@ def rename_into_place(tmp: Path, root: Path, iteration: int, manifest: dict) -> 
         else:
             _remove_quietly(old)
     safe_fs.fsync_dir(root)
+    if is_refit_record(manifest):  # a serve-only run wrote no files: `latest` names exports with files
+        return final
     try:
         update_latest(root, final.name)
     except OSError as exc:  # the export is complete; `latest` keeps naming an older complete one
@@ -116,7 +119,7 @@ def _remove_quietly(path: Path) -> None:
 
 
 def checksums(gathered: list) -> dict:
-    """Every rank's checksums, {file under the export: {tensor: sha256}}. ``gathered``: each
+    """Every rank's checksums, {file under the export: {tensor: checksum}}. ``gathered``: each
     rank's (error, checksums, timings)."""
     files: dict = {}
     for _, sums, _ in gathered:
@@ -131,7 +134,7 @@ def add_probe(tmp: Path, meta: dict, files: dict, verification) -> None:
     meta["verification"] = verification.meta if verification is not None else {"status": "off"}
     if verification is not None and verification.ok:
         safe_fs.write_bytes(tmp / PROBE_FILE, verification.data)
-        files[PROBE_FILE] = dict(verification.sha256)
+        files[PROBE_FILE] = checksum.of_safetensors(verification.data)  # the manifest's algorithm
 
 
 def add_fingerprints(tmp: Path, meta: dict, files: dict) -> None:
@@ -161,7 +164,7 @@ def finish(tmp: Path, root: Path, iteration: int, meta: dict, files: dict, rank_
     name. Returns the bytes written."""
     bytes_written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     per_rank = dict(enumerate(rank_timings))
-    meta.update(files={k: {"sha256": v} for k, v in sorted(files.items())},
+    meta.update(files={k: checksum.entry(v) for k, v in sorted(files.items())},
                 timings={**per_rank[0], "per_rank": per_rank}, bytes_written=bytes_written)
     rename_into_place(tmp, root, iteration, meta)
     return bytes_written
@@ -210,16 +213,34 @@ def cleanup_leftovers(root: Path, stale_after_s: float = 1200.0) -> list:
     return removed
 
 
+def is_refit_record(manifest: dict) -> bool:
+    """A serve-only export run (``formats: []``) leaves ``iter_N`` with its manifest alone: the
+    record of a live refit, not an export. It is listed (`listing`), but never `latest` and never
+    counted against the exports' ``keep_last``."""
+    return isinstance(manifest, dict) and manifest.get("formats") == []
+
+
+def _is_record_dir(path: Path) -> bool:
+    try:
+        return is_refit_record(json.loads((Path(path) / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        return False  # unreadable: counted as an export, as before
+
+
 def apply_retention(root: Path, keep_last) -> list:
     """Delete complete exports beyond the newest ``keep_last``; never the newest complete one,
-    never one a build is reading. Never raises: a deletion that fails is logged and retried by
-    the next export's pass. Returns what was removed."""
+    never one a build is reading. Refit records (`is_refit_record`) are kept to ``keep_last``
+    among themselves, so they never push an export with files out. Never raises: a deletion
+    that fails is logged and retried by the next export's pass. Returns what was removed."""
     if not keep_last:
         return []
     removed = []
     try:
-        exports = complete_exports(root)
-        for old in exports[:-max(int(keep_last), 1)]:
+        complete = complete_exports(root)
+        records = [p for p in complete if _is_record_dir(p)]
+        exports = [p for p in complete if p not in records]
+        keep = max(int(keep_last), 1)
+        for old in exports[:-keep] + records[:-keep]:
             if is_being_read(old):
                 continue
             doomed = old.parent / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"

@@ -1,11 +1,11 @@
 """Export layout, manifest, checksums, live-model safety, naming aliases, the streaming writer."""
 
-import hashlib
 import json
 import warnings
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,15 +27,15 @@ def test_export_layout_and_manifest(megatron_world, tmp_path):
                      "verification.safetensors", "fingerprints.safetensors"}
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["iteration"] == 100
-    assert manifest["schema_version"] == 1 and manifest["formats"] == ["hf", "trtllm_checkpoint"]
+    assert manifest["schema_version"] == 2 and manifest["formats"] == ["hf", "trtllm_checkpoint"]
     assert manifest["bytes_written"] == result.bytes_written > 0
     assert {"gather_s", "convert_s", "write_s", "total_s"} <= set(manifest["timings"])
-    # every tensor's checksum is the sha256 of the bytes stored in the file
+    # every tensor's checksum is the XXH3-128 of the bytes stored in the file, named as such
     for rel, sums in manifest["files"].items():
         stored = load_file(str(result.path / rel))
-        assert set(stored) == set(sums["sha256"])
+        assert list(sums) == ["xxh3_128"] and set(stored) == set(sums["xxh3_128"])
         for name, tensor in stored.items():
-            assert hashlib.sha256(tensor_bytes(tensor)).hexdigest() == sums["sha256"][name]
+            assert xxhash.xxh3_128(tensor_bytes(tensor)).hexdigest() == sums["xxh3_128"][name]
     assert (tmp_path / "latest").read_text().strip() == "iter_0000100"
     assert not list(tmp_path.glob(".*partial"))
 

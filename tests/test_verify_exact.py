@@ -139,7 +139,7 @@ def test_fingerprints_are_listed_and_checksummed(megatron_world, tmp_path):
     path = good_export("llama", "bfloat16", tmp_path)
     manifest = mf.read_manifest(path)
     assert manifest["fingerprints"]["file"] == fp.FILE_NAME and manifest["fingerprints"]["tensors"] > 10
-    assert set(manifest["files"][fp.FILE_NAME]["sha256"]) == set(load_file(str(path / fp.FILE_NAME)))
+    assert set(manifest["files"][fp.FILE_NAME]["xxh3_128"]) == set(load_file(str(path / fp.FILE_NAME)))
     assert manifest["model_info"]["rotary_base"] == 10000
 
 

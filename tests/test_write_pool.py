@@ -1,11 +1,11 @@
 """Background writes: same bytes and checksums as direct writes, bounded memory, failures kept."""
 
-import hashlib
 import threading
 import time
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from megatron_trt_ext.formats.safetensors_stream import SafetensorsFileWriter, tensor_bytes
@@ -43,7 +43,7 @@ def test_pool_writes_the_same_file_and_checksums_as_direct_writes(tmp_path):
     for name, tensor in _tensors().items():
         expected = tensor.materialize() if isinstance(tensor, RowBlocks) else tensor
         assert torch.equal(stored[name], expected)
-        assert pooled[name] == hashlib.sha256(tensor_bytes(expected)).hexdigest()
+        assert pooled[name] == xxhash.xxh3_128(tensor_bytes(expected)).hexdigest()
 
 
 def test_a_failed_background_write_is_raised_at_the_next_submit_and_at_wait():
@@ -97,11 +97,11 @@ def test_bytes_written_to_two_files_are_hashed_once_and_checksummed_in_both(tmp_
     import megatron_trt_ext.formats.safetensors_stream as stream
 
     hashed = []
-    real_sha256 = hashlib.sha256
+    real_new = stream.checksum.new
 
     class Counting:
         def __init__(self):
-            self.inner = real_sha256()
+            self.inner = real_new()
 
         def update(self, data):
             hashed.append(len(data))
@@ -110,7 +110,7 @@ def test_bytes_written_to_two_files_are_hashed_once_and_checksummed_in_both(tmp_
         def hexdigest(self):
             return self.inner.hexdigest()
 
-    monkeypatch.setattr(stream.hashlib, "sha256", Counting)
+    monkeypatch.setattr(stream.checksum, "new", Counting)
     shared = torch.randn(64, 32)
     other = torch.randn(64, 32)  # same shape, other bytes: must not take the shared checksum
     pool = WritePool(threads=2, budget_bytes=1 << 20)
@@ -124,9 +124,85 @@ def test_bytes_written_to_two_files_are_hashed_once_and_checksummed_in_both(tmp_
     b.write("x", other)
     sums_a, sums_b = a.close(), b.close()
     pool.close()
-    monkeypatch.setattr(stream.hashlib, "sha256", real_sha256)
+    monkeypatch.setattr(stream.checksum, "new", real_new)
     assert sums_a == sums_b
-    assert sums_a["w"] == hashlib.sha256(tensor_bytes(shared)).hexdigest() != sums_a["x"]
-    assert sums_a["x"] == hashlib.sha256(tensor_bytes(other)).hexdigest()
+    assert sums_a["w"] == xxhash.xxh3_128(tensor_bytes(shared)).hexdigest() != sums_a["x"]
+    assert sums_a["x"] == xxhash.xxh3_128(tensor_bytes(other)).hexdigest()
     assert sum(hashed) == 2 * shared.numel() * 4  # each tensor's bytes hashed once, not twice
     assert load_file(str(tmp_path / "b.safetensors"))["w"].equal(shared)
+
+
+class _FingerprintJob:
+    """What `verification.fingerprint.Recorder` hands the pool, without a model around it."""
+
+    def __init__(self, name, tensor, cast=None):
+        from megatron_trt_ext.verification.fingerprint import Accumulator
+
+        self.name, self.tensor, self.cast, self.result, self.ran_alone = name, tensor, cast, None, False
+        self._acc = Accumulator
+
+    def accumulator(self):
+        return self._acc(self.name, self.tensor.shape, self.cast)
+
+    def finish(self, acc):
+        self.result = acc.result()
+
+    def run(self):
+        self.ran_alone = True
+        acc = self.accumulator()
+        acc.update(self.tensor.reshape(self.tensor.shape[0], -1))
+        self.finish(acc)
+
+
+def test_the_write_pass_computes_the_units_fingerprint_exactly_and_alone_when_no_write_holds_it(tmp_path):
+    from megatron_trt_ext.formats import safetensors_stream as stream
+    from megatron_trt_ext.verification.fingerprint import fingerprint
+
+    gen = torch.Generator().manual_seed(5)
+    # 3 MiB of bf16 in rows of 1536: several write chunks, each several fingerprint blocks
+    big = torch.randn(1024, 1536, generator=gen).bfloat16()
+    source = torch.randn(40, 24, generator=gen)  # fingerprinted as bf16; its bf16 copy is written
+    assert big.numel() * 2 > 2 * stream.CHUNK_BYTES
+    pool = WritePool(threads=2, budget_bytes=1 << 30)
+    writer = SafetensorsFileWriter(str(tmp_path / "f.safetensors"),
+                                   [("big", big.dtype, tuple(big.shape)), ("src", torch.bfloat16, tuple(source.shape))],
+                                   pool=pool)
+    pool.begin(big.numel() * 2 + source.numel() * 6)
+    fused, alone = _FingerprintJob("big", big), _FingerprintJob("src", source, cast=torch.bfloat16)
+    pool.want_fingerprint(big, fused)
+    pool.want_fingerprint(source, alone)
+    writer.write("big", big)
+    writer.write("src", source.bfloat16())  # other memory: no write holds the unit's bytes
+    pool.end()
+    sums = writer.close()
+    pool.close()
+    assert not fused.ran_alone and alone.ran_alone
+    for got, want in zip(fused.result, fingerprint("big", big)):
+        assert torch.equal(got, want)  # the same blocks in the same order: the same numbers
+    for got, want in zip(alone.result, fingerprint("src", source.bfloat16())):
+        assert torch.equal(got, want)
+    stored = load_file(str(tmp_path / "f.safetensors"))
+    assert torch.equal(stored["big"], big) and sums["big"] == xxhash.xxh3_128(tensor_bytes(big)).hexdigest()
+
+
+def test_the_write_pass_refuses_nan_or_inf_anywhere_and_names_the_tensor(tmp_path):
+    from megatron_trt_ext.errors import ExportError
+    from megatron_trt_ext.formats import safetensors_stream as stream
+
+    rows = 3 * stream.CHUNK_BYTES // (256 * 4)
+    for bad in (float("nan"), float("inf")):
+        t = torch.zeros(256, rows).t()  # strided: made contiguous a chunk at a time
+        t[-1, 7] = bad  # in the last chunk
+        for check in (True, False):
+            pool = WritePool(threads=1, check_finite=check)
+            path = tmp_path / f"{bad}-{check}.safetensors"
+            writer = SafetensorsFileWriter(str(path), [("layer.w", t.dtype, tuple(t.shape))], pool=pool)
+            writer.write("layer.w", t)
+            if check:
+                with pytest.raises(ExportError, match="layer.w: contains NaN or Inf"):
+                    writer.close()
+                writer.abort()
+            else:
+                writer.close()
+                assert bytes(tensor_bytes(load_file(str(path))["layer.w"])) == bytes(tensor_bytes(t))
+            pool.close()

@@ -15,7 +15,7 @@ class FileSet:
         directory: where the files live.
         files: {file name: [(tensor name, dtype, shape), ...]}.
         create: create the directory and the files (one process); others only write into them.
-        pool: a `write_pool.WritePool` shared by the files (writes and hashes in its threads).
+        pool: a `write_pool.WritePool` shared by the files (checks, hashes and writes in its threads).
     """
 
     def __init__(self, directory: Path, files: dict, metadata: dict | None = None, create: bool = True,
@@ -42,7 +42,7 @@ class FileSet:
         self.writers[fname].write(name, tensor)
 
     def close(self) -> dict:
-        """Close this process's handles; returns {file: {tensor: sha256}} of what it wrote."""
+        """Close this process's handles; returns {file: {tensor: checksum}} of what it wrote."""
         return {fname: w.close() for fname, w in self.writers.items()}
 
     def missing(self, written: dict) -> dict:

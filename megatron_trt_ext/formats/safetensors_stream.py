@@ -5,17 +5,23 @@ plan is computed on shape-only tensors first. So one process creates the file (h
 full size), and every process that owns some tensors opens it and writes them at their offsets,
 in any order. Memory stays at one tensor, and several ranks can fill one file without talking to
 each other. The result is a standard safetensors file (readable by `safetensors.safe_open`).
+
+Each tensor is written in one pass over its bytes, in chunks of about `CHUNK_BYTES` (whole rows):
+per chunk the NaN/Inf check, the unit's verification fingerprint where this tensor holds the
+unit's bytes, the checksum and the ``pwrite``, while the chunk is in the CPU cache. A strided
+tensor is made contiguous a chunk at a time, never whole.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional
 
 import torch
 
+from .. import checksum
+from ..finite import check_finite
 from ..safe_fs import open_existing, open_new
 from .disk import pwrite_all, start_writeback
 
@@ -24,6 +30,10 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+# Bytes per chunk of the write pass: small enough that the check, the fingerprint and the hash
+# read it from the cache after the first touch, large enough that per-chunk overheads vanish.
+CHUNK_BYTES = 1 << 20
+_ZEROS = memoryview(bytes(CHUNK_BYTES))
 
 
 def st_dtype(dtype: torch.dtype) -> str:
@@ -54,11 +64,9 @@ def _to_host(tensor):
     return RowBlocks([p.detach().cpu() if isinstance(p, torch.Tensor) else p for p in parts])
 
 
-def sha256_of(tensor) -> str:
-    digest = hashlib.sha256()
-    for data in byte_blocks(tensor):
-        digest.update(data)
-    return digest.hexdigest()
+def checksum_of(tensor) -> str:
+    """The checksum (`checksum.ALGORITHM`) of a tensor's or `layouts.RowBlocks`' bytes."""
+    return checksum.hexdigest(data for _, data in chunks(tensor))
 
 
 def byte_blocks(tensor) -> list:
@@ -70,6 +78,32 @@ def byte_blocks(tensor) -> list:
     return [tensor_bytes(p) if isinstance(p, torch.Tensor) else bytes(p.nbytes) for p in parts]
 
 
+def chunks(tensor, rows_multiple: int = 1):
+    """``(rows, bytes)`` of a host tensor (or each block of a `layouts.RowBlocks`) in file order,
+    about `CHUNK_BYTES` at a time: ``rows`` a contiguous [n, ...] tensor of whole rows (None for
+    the zeros of a `layouts.ZeroRows`), ``bytes`` its memory. Chunks hold a multiple of
+    ``rows_multiple`` rows (the last one: what is left)."""
+    parts = getattr(tensor, "parts", None)
+    for part in ([tensor] if parts is None else parts):
+        if not isinstance(part, torch.Tensor):  # ZeroRows
+            left = part.nbytes
+            while left:
+                n = min(left, CHUNK_BYTES)
+                yield None, _ZEROS[:n]
+                left -= n
+            continue
+        t = part.detach()
+        if t.dim() == 0:
+            t = t.reshape(1)
+        if t.numel() == 0:
+            continue
+        row_bytes = t[0].numel() * t.element_size()
+        step = max(1, CHUNK_BYTES // row_bytes // rows_multiple) * rows_multiple
+        for i in range(0, t.shape[0], step):
+            rows = t[i:i + step].contiguous()
+            yield rows, memoryview(rows.reshape(-1).view(torch.uint8).numpy())
+
+
 class SafetensorsFileWriter:
     """A planned safetensors file.
 
@@ -79,8 +113,9 @@ class SafetensorsFileWriter:
         metadata: optional ``__metadata__`` string map.
         create: write the header and size the file now (one process does this); others pass
             False and only write tensors into the existing file.
-        pool: a `write_pool.WritePool`: tensors are then written and hashed in its threads,
-            and `close` waits for them. Without one, `write` does both before it returns.
+        pool: a `write_pool.WritePool`: tensors are then checked (when the pool says so),
+            fingerprinted, hashed and written in its threads, and `close` waits for them.
+            Without one, `write` hashes and writes before it returns.
     """
 
     def __init__(self, path: str, specs: list, metadata: Optional[dict] = None, create: bool = True,
@@ -113,8 +148,8 @@ class SafetensorsFileWriter:
                 f.truncate(self.total_bytes)
 
     def write(self, name: str, tensor) -> Optional[str]:
-        """Write one planned tensor (or `layouts.RowBlocks`); returns its sha256, or None when a
-        pool writes it (then `close` returns it)."""
+        """Write one planned tensor (or `layouts.RowBlocks`); returns its checksum, or None when
+        a pool writes it (then `close` returns it)."""
         if name not in self._layout:
             raise KeyError(f"{self.path}: tensor {name!r} is not in this file's plan")
         if name in self.checksums:
@@ -127,24 +162,36 @@ class SafetensorsFileWriter:
             self._fd = open_existing(self.path)
         self.checksums[name] = None
         if self.pool is None:
-            return self._write_blocks(name, tensor, self._data_start + offset, nbytes)
+            return self._write_chunks(name, tensor, self._data_start + offset, nbytes)
         if tensor.device.type != "cpu":
             # copied to the host here, in the stream order of the caller's thread: a writer thread's
             # own stream would not wait for the kernels that produced the tensor
             tensor = _to_host(tensor)
-        self.pool.submit(self._write_blocks, name, tensor, self._data_start + offset, nbytes)
+        # decided here, in submit order: the first write of some bytes hashes and checks them
+        entry, first = self.pool.claim_digest(tensor)
+        job = self.pool.take_fingerprint(tensor)
+        self.pool.submit(self._write_chunks, name, tensor, self._data_start + offset, nbytes, entry, first, job)
         return None
 
-    def _write_blocks(self, name: str, tensor, start: int, nbytes: int) -> str:
-        """Write and hash, block by block (in a writer thread when there is a pool). Bytes that
-        another task of the unit hashes already are only written (`WritePool.claim_digest`)."""
+    def _write_chunks(self, name: str, tensor, start: int, nbytes: int, entry=None, first: bool = True,
+                      job=None) -> str:
+        """Check, fingerprint, hash and write, chunk by chunk (in a writer thread when there is
+        a pool). Bytes that another write of the unit hashes already are only written
+        (`WritePool.claim_digest`); ``job``: the unit's fingerprint computed in this pass."""
         pool = self.pool
-        entry, first = pool.claim_digest(tensor) if pool is not None else (None, True)
-        digest = hashlib.sha256() if first else None
+        digest = checksum.new() if first else None
+        check = first and pool is not None and pool.check_finite
+        acc = job.accumulator() if job is not None else None
         value = None
         try:
+            if tensor.device.type != "cpu":  # no pool: this thread, the caller's stream order
+                tensor = _to_host(tensor)
             offset = start
-            for data in byte_blocks(tensor):
+            for rows, data in chunks(tensor, acc.step if acc is not None else 1):
+                if check and rows is not None:
+                    check_finite(name, rows)
+                if acc is not None:
+                    acc.update(rows.reshape(rows.shape[0], -1))
                 pwrite_all(self._fd, data, offset)
                 if digest is not None:
                     digest.update(data)
@@ -154,16 +201,19 @@ class SafetensorsFileWriter:
             start_writeback(self._fd, start, nbytes)
             if digest is not None:
                 value = digest.hexdigest()
+            if acc is not None:
+                job.finish(acc)
         finally:
             if first and pool is not None:
                 pool.publish_digest(entry, value)  # None after a failure: the others hash for themselves
         if value is None:
-            value = pool.wait_digest(entry) or sha256_of(tensor)
+            value = pool.wait_digest(entry) or checksum_of(tensor)
         self.checksums[name] = value
         return value
 
     def close(self) -> dict:
-        """Finish this process's writes and fsync them; returns {tensor: sha256} of those tensors."""
+        """Finish this process's writes and fsync them (one fsync per file, after all its
+        writes); returns {tensor: checksum} of those tensors."""
         if self.pool is not None:
             self.pool.wait()
         if self._fd is not None:

@@ -1,13 +1,17 @@
-"""Writing and hashing in background threads while the caller converts the next tensor.
+"""Writing, checking and hashing in background threads while the caller converts the next tensor.
 
-Per tensor, an export casts, checks, writes and hashes. The last two (``pwrite`` and sha256)
-release the GIL, so threads overlap them with the next unit's transfer and cast instead of
-running one after the other. Memory stays bounded: the caller announces each unit with its size
-(`begin`), and a unit only starts while the units whose writes are still running hold less than
-``budget_bytes`` (or none run at all), so at most about one extra unit is alive at a time.
+Per tensor, an export casts, checks, fingerprints, hashes and writes. The cast happens where the
+unit is assembled (`gather.exchange`); the rest is one pass over the tensor's bytes, chunk by
+chunk, in these threads (`safetensors_stream`): each chunk is checked for NaN/Inf, fed to the
+unit's verification fingerprint when this tensor holds the unit's bytes, hashed and written while
+it is in the cache. ``pwrite``, the hash and the matrix products release the GIL, so threads overlap
+them with the next unit's transfer and cast. Memory stays bounded: the caller announces each unit
+with its size (`begin`), and a unit only starts while the units whose writes are still running
+hold less than ``budget_bytes`` (or none run at all), so at most about one extra unit is alive at
+a time.
 
-Errors of background writes (a full disk) are kept and raised at the next `submit` or `wait`, so
-a failure surfaces in the unit that follows it at the latest, and never gets lost.
+Errors of background work (a full disk, a NaN found) are kept and raised at the next `submit` or
+`wait`, so a failure surfaces in the unit that follows it at the latest, and never gets lost.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ def release_free_heap() -> None:
 
 
 class _Unit:
-    __slots__ = ("nbytes", "tasks", "sealed", "digests")
+    __slots__ = ("nbytes", "tasks", "sealed", "digests", "fingerprints")
 
     def __init__(self, nbytes: int):
         self.nbytes, self.tasks, self.sealed = nbytes, 0, False
         self.digests: dict = {}
+        self.fingerprints: dict = {}  # memory key -> fingerprint job no write has taken yet
 
 
 class _Digest:
@@ -61,13 +66,16 @@ class WritePool:
     """A few writer threads with a memory budget.
 
     Args:
-        threads: writer threads (pwrite + hash run in them).
+        threads: writer threads (pwrite, checks, fingerprints and hashes run in them).
         budget_bytes: how many bytes of units whose writes are unfinished may be alive when the
             next unit starts; a unit always starts when nothing else is in flight.
+        check_finite: the writes refuse tensors holding NaN or Inf (`finite`), checked on each
+            chunk as it is written.
     """
 
-    def __init__(self, threads: int = 2, budget_bytes: int = 0):
+    def __init__(self, threads: int = 2, budget_bytes: int = 0, check_finite: bool = False):
         self.budget_bytes = budget_bytes
+        self.check_finite = check_finite
         self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="megatron-trt-ext-write")
         self._cond = threading.Condition()
         self._pending = 0   # tasks queued or running
@@ -75,7 +83,6 @@ class WritePool:
         self._error: Optional[BaseException] = None
         self._unit = _Unit(0)
         self._unit.sealed = True
-        self._local = threading.local()
 
     # ------------------------------------------------------------------ units
     def begin(self, nbytes: int) -> None:
@@ -97,16 +104,24 @@ class WritePool:
             release_free_heap()
 
     def end(self) -> None:
-        """No more writes for the current unit: its bytes are freed once its writes finish."""
+        """No more writes for the current unit: fingerprints no write took run as tasks of their
+        own, and its bytes are freed once its tasks finish."""
         with self._cond:
             unit = self._unit
-            if not unit.sealed:
-                unit.sealed = True
-                self._release_if_done(unit)
+            if unit.sealed:
+                return
+            left, unit.fingerprints = list(unit.fingerprints.values()), {}
+        if self._error is None:  # after a failure the export is lost: nothing more to compute
+            for job in left:
+                self._submit(unit, job.run)
+        with self._cond:
+            unit.sealed = True
+            self._release_if_done(unit)
 
     def _release_if_done(self, unit: _Unit) -> None:
         if unit.sealed and unit.tasks == 0:
             unit.digests.clear()
+            unit.fingerprints.clear()
             if unit.nbytes:
                 self._held -= unit.nbytes
                 unit.nbytes = 0
@@ -116,14 +131,15 @@ class WritePool:
     def submit(self, fn, *args) -> None:
         """Run ``fn(*args)`` in a writer thread, counted against the current unit."""
         self.raise_if_failed()
+        self._submit(self._unit, fn, *args)
+
+    def _submit(self, unit: _Unit, fn, *args) -> None:
         with self._cond:
-            unit = self._unit
             unit.tasks += 1
             self._pending += 1
         self._executor.submit(self._run, unit, fn, args)
 
     def _run(self, unit: _Unit, fn, args) -> None:
-        self._local.unit = unit
         try:
             fn(*args)
         except BaseException as exc:  # noqa: BLE001 - kept, raised in the caller's thread
@@ -136,22 +152,40 @@ class WritePool:
                 self._release_if_done(unit)
                 self._cond.notify_all()
 
+    @staticmethod
+    def _key(tensor) -> tuple:
+        """Same memory and layout (address, shape, strides, dtype, device): the same bytes."""
+        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+
     def claim_digest(self, tensor):
-        """In a writer task: who hashes ``tensor``. The same bytes often go to two files (an HF
-        tensor and the identical TensorRT-LLM one at inference TP 1); they are hashed once.
-        Returns ``(entry, first)``: the first task to ask hashes and calls `publish_digest`, the
-        others write only and take ``wait_digest(entry)``. Keyed by memory and layout (same
-        address, shape, strides and dtype: the same bytes), within one unit."""
-        unit = getattr(self._local, "unit", None)
-        if unit is None or not isinstance(tensor, torch.Tensor):
+        """At submit, in the caller's thread: who hashes and checks ``tensor``. The same bytes
+        often go to two files (an HF tensor and the identical TensorRT-LLM one at inference TP 1);
+        they are hashed and checked once. Returns ``(entry, first)``: the first write submitted
+        hashes and calls `publish_digest`, the others write only and take ``wait_digest(entry)``
+        (FIFO: the first is always ahead of them). Within the current unit."""
+        if not isinstance(tensor, torch.Tensor):
             return None, True
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+        key = self._key(tensor)
         with self._cond:
-            entry = unit.digests.get(key)
+            entry = self._unit.digests.get(key)
             if entry is not None:
                 return entry, False
-            entry = unit.digests[key] = _Digest(tensor)
+            entry = self._unit.digests[key] = _Digest(tensor)
             return entry, True
+
+    def want_fingerprint(self, tensor, job) -> None:
+        """A unit's verification fingerprint of ``tensor`` (`verification.fingerprint._Job`): the
+        write of the same bytes computes it in its pass (`take_fingerprint`), else it runs alone
+        at `end`."""
+        with self._cond:
+            self._unit.fingerprints[self._key(tensor)] = job
+
+    def take_fingerprint(self, tensor):
+        """At submit: the fingerprint job a write of ``tensor`` computes, or None."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        with self._cond:
+            return self._unit.fingerprints.pop(self._key(tensor), None)
 
     @staticmethod
     def publish_digest(entry, value) -> None:

@@ -53,18 +53,49 @@ def _vectors(name: str, rows: int, cols: int) -> tuple:
     return torch.randn(rows, dtype=torch.float64, generator=gen), torch.randn(cols, dtype=torch.float64, generator=gen)
 
 
+class Accumulator:
+    """`fingerprint` of a tensor fed in row order, a chunk of rows at a time: the writer thread
+    computes it in the same pass over the bytes as the finite check, the checksum and the write
+    (`formats.safetensors_stream`). Chunks of a multiple of `step` rows give the very blocks
+    `fingerprint` uses, so the same numbers. ``cast``: each block is cast to it first (a unit
+    recorded in the export dtype from its source values, without a whole-tensor copy)."""
+
+    def __init__(self, name: str, shape, cast: Optional[torch.dtype] = None):
+        shape = tuple(shape)
+        self.rows = shape[0] if shape else 1
+        self.cols = int(torch.Size(shape).numel()) // max(self.rows, 1) if shape else 1
+        self.r, self.c = _vectors(name, self.rows, self.cols)
+        self.by_row = torch.empty(self.rows, dtype=torch.float64)
+        self.by_col = torch.zeros(self.cols, dtype=torch.float64)
+        self.step = max(1, _BLOCK // max(self.cols, 1))
+        self.cast, self.done_rows, self.seconds = cast, 0, 0.0
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """The next rows, as a [rows, cols] matrix."""
+        t0 = time.perf_counter()
+        i0, n = self.done_rows, chunk.shape[0]
+        for j in range(0, n, self.step):
+            block = chunk[j:j + self.step]
+            if self.cast is not None:
+                block = block.to(self.cast)
+            block = block.to(torch.float64)
+            a, b = i0 + j, i0 + j + block.shape[0]
+            self.by_row[a:b] = block @ self.c
+            self.by_col += self.r[a:b] @ block
+        self.done_rows += n
+        self.seconds += time.perf_counter() - t0
+
+    def result(self) -> tuple:
+        if self.done_rows != self.rows:
+            raise RuntimeError(f"fingerprint fed {self.done_rows} of {self.rows} rows")
+        return self.by_row, self.by_col
+
+
 def fingerprint(name: str, tensor: torch.Tensor) -> tuple:
     """(T @ c, r @ T) of ``tensor`` in float64, ``r``/``c`` seeded by ``name`` (module docstring)."""
-    m = _matrix(tensor.detach())
-    rows, cols = m.shape
-    r, c = _vectors(name, rows, cols)
-    by_row, by_col = torch.empty(rows, dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
-    step = max(1, _BLOCK // max(cols, 1))
-    for i in range(0, rows, step):
-        block = m[i:i + step].to(torch.float64)
-        by_row[i:i + step] = block @ c
-        by_col += r[i:i + step] @ block
-    return by_row, by_col
+    acc = Accumulator(name, tensor.shape)
+    acc.update(_matrix(tensor.detach()))
+    return acc.result()
 
 
 def _magnitudes(name: str, tensor: torch.Tensor, weights_sq: bool) -> tuple:
@@ -83,34 +114,49 @@ class Recorder:
     """The fingerprints of the units one rank writes in one export.
 
     ``entries``: {canonical Megatron name: (by_row, by_col)} or a string saying why that unit has
-    none (AWQ pre-quant scales folded into norms change both the norm and the linear)."""
+    none (AWQ pre-quant scales folded into norms change both the norm and the linear).
 
-    def __init__(self, spec, ctx, dtype: torch.dtype, quant=None, keep_source: frozenset = frozenset()):
+    With a ``pool`` (`formats.write_pool.WritePool`) the fingerprints are computed in its writer
+    threads: in the write of the output tensor that holds the unit's very bytes (most units: the
+    HF tensor is the unit as cast), else as a task of their own when the unit's writes are all
+    submitted. ``entries`` is then complete once the pool's writes are waited for."""
+
+    def __init__(self, spec, ctx, dtype: torch.dtype, quant=None, keep_source: frozenset = frozenset(),
+                 pool=None):
         self.spec, self.ctx, self.dtype, self.quant, self.keep_source = spec, ctx, dtype, quant, keep_source
+        self.pool = pool
         self.entries: dict = {}
 
     def add(self, name: str, tensor, timings: Optional[dict] = None) -> None:
-        """Record one unit (the full tensor the writer assembled). ``timings``: gets ``fingerprint_s``."""
+        """Record one unit (the full tensor the writer assembled). ``timings``: gets ``fingerprint_s``
+        (with a pool: the writer threads' time)."""
         t0 = time.perf_counter()
-        self._add(name, tensor)
+        prepared = self._prepare(name, tensor)
+        if prepared is not None:
+            canonical, tensor, cast = prepared
+            if self.pool is not None and tensor.device.type == "cpu":
+                self.pool.want_fingerprint(tensor, _Job(self, canonical, tensor, cast, timings))
+            else:  # a device tensor: read in this thread, in the stream order of its kernels
+                self.entries[canonical] = fingerprint(canonical, tensor if cast is None else tensor.to(cast))
         if timings is not None:
             timings["fingerprint_s"] = timings.get("fingerprint_s", 0.0) + time.perf_counter() - t0
 
-    def _add(self, name: str, tensor) -> None:
+    def _prepare(self, name: str, tensor):
+        """(canonical name, the tensor to fingerprint, dtype to cast it to or None), or None when
+        the unit has no fingerprint (then maybe a reason in ``entries``)."""
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.device.type == "meta":
-            return
+            return None
         canonical = canonical_name(self.spec, name)
         transform, _ = find_transform(self.spec, canonical)
         if transform is None or isinstance(transform, Drop):
-            return
+            return None
         quant = self.quant
         if quant is not None and (name in quant.fold_targets or name in quant.folded_linears):
             self.entries[canonical] = "an AWQ pre-quant scale is folded into it"
-            return
-        if tensor.dtype != self.dtype and not self._hf_keeps_source(name, transform):
-            tensor = tensor.to(self.dtype)  # what the HF file holds of a unit converted from its source values
-        self.entries[canonical] = fingerprint(canonical, vocab_rows(self.spec, self.ctx, canonical, tensor))
-
+            return None
+        # what the HF file holds of a unit converted from its source values: cast to the export dtype
+        cast = self.dtype if tensor.dtype != self.dtype and not self._hf_keeps_source(name, transform) else None
+        return canonical, vocab_rows(self.spec, self.ctx, canonical, tensor), cast
 
     def _hf_keeps_source(self, name: str, transform) -> bool:
         """The HF tensor of a unit converted from its source values keeps them: the family keeps
@@ -121,6 +167,28 @@ class Recorder:
             any(re.search(p, dst) for p in self.spec.keep_fp32)
 
 
+class _Job:
+    """One unit's fingerprint waiting in the write pool: `accumulator` when a write of the same
+    bytes computes it, `run` when none does; `finish` stores it."""
+
+    def __init__(self, recorder: Recorder, name: str, tensor: torch.Tensor, cast, timings):
+        self.recorder, self.name, self.tensor, self.cast, self.timings = recorder, name, tensor, cast, timings
+
+    def accumulator(self) -> Accumulator:
+        return Accumulator(self.name, self.tensor.shape, self.cast)
+
+    def finish(self, acc: Accumulator) -> None:
+        self.recorder.entries[self.name] = acc.result()
+        self.tensor = None
+        if self.timings is not None:
+            self.timings["fingerprint_s"] = self.timings.get("fingerprint_s", 0.0) + acc.seconds
+
+    def run(self) -> None:
+        acc = self.accumulator()
+        acc.update(_matrix(self.tensor.detach()))
+        self.finish(acc)
+
+
 def vocab_rows(spec, ctx, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A vocabulary table without Megatron's padding rows (the HF export does not hold them)."""
     transform, _ = find_transform(spec, name)
@@ -128,11 +196,10 @@ def vocab_rows(spec, ctx, name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def save(entries: dict) -> tuple:
-    """(safetensors bytes, {tensor: sha256}, skipped {name: why}) of every rank's entries."""
-    import hashlib
-
+    """(safetensors bytes, {tensor: checksum}, skipped {name: why}) of every rank's entries."""
     from safetensors.torch import save
 
+    from .. import checksum
     from ..formats.safetensors_stream import tensor_bytes
 
     tensors, skipped = {}, {}
@@ -141,7 +208,7 @@ def save(entries: dict) -> tuple:
             skipped[name] = value
             continue
         tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
-    sums = {k: hashlib.sha256(tensor_bytes(v)).hexdigest() for k, v in tensors.items()}
+    sums = {k: checksum.hexdigest([tensor_bytes(v)]) for k, v in tensors.items()}
     return save(tensors, metadata={"version": str(VERSION)}), sums, skipped
 
 

@@ -18,15 +18,20 @@
 * ``on_train_end``: waits for the running export (bounded) and detaches.
 
 The vocabulary exported is the tokenizer's (``state.tokenizer.vocab_size``) unless the recipe sets
-one. Bridge is not imported here: the callback is duck-typed to Bridge's ``Callback`` protocol.
+one. A ``HuggingFaceTokenizer`` loaded from a local directory (``cfg.tokenizer.tokenizer_model``, or
+the snapshot Bridge resolved it to) is copied into the HF exports with its special-token ids and
+Megatron's EOD (`megatron_trt_ext.tokenizer`) unless the recipe names a ``tokenizer_dir``.
+Bridge is not imported here: the callback is duck-typed to Bridge's ``Callback`` protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional
 
+from . import tokenizer
 from .config import ExportConfig
 from .errors import ConfigError
 from .hook import attach
@@ -61,6 +66,7 @@ class ExportCallback:
         config = self.config
         if config.vocab_size is None:
             config = dataclasses.replace(config, vocab_size=_tokenizer_vocab(state))
+        config = _with_tokenizer(config, state)
         self.handle = attach(context.model, config, save_root=checkpoint.save, save_state=True)
         step = int(state.train_state.step)
         if step and checkpoint.load:  # resumed: the count saved in that checkpoint
@@ -77,3 +83,23 @@ def _tokenizer_vocab(state) -> Optional[int]:
         return int(state.tokenizer.vocab_size)
     except Exception:  # noqa: BLE001 - no tokenizer configured: the padded table is exported (warned)
         return None
+
+
+def _with_tokenizer(config: ExportConfig, state) -> ExportConfig:
+    """The run's Hugging Face tokenizer directory and EOD, where the recipe names no tokenizer_dir."""
+    if config.tokenizer_dir is not None:
+        return config
+    settings = getattr(getattr(state, "cfg", None), "tokenizer", None)
+    kind, named = getattr(settings, "tokenizer_type", None), getattr(settings, "tokenizer_model", None)
+    built = getattr(state, "tokenizer", None)
+    resolved = getattr(built, "path", None)  # a Hub name Bridge resolved to its local snapshot
+    directory = (tokenizer.dir_from_training(kind, resolved, "", warn=False) if resolved else None) or \
+        tokenizer.dir_from_training(kind, named, "cfg.tokenizer.tokenizer_model",
+                                    warn=os.environ.get("RANK", "0") == "0")
+    if directory is None:
+        return config
+    eod = config.eod_token_id if config.eod_token_id is not None else tokenizer.eod_of(built)
+    try:
+        return dataclasses.replace(config, tokenizer_dir=directory, eod_token_id=eod)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from cfg.tokenizer.tokenizer_model {str(named)!r})") from exc

@@ -1,6 +1,7 @@
 """megatron-trt-ext command line.
 
-    megatron-trt-ext run SCRIPT [args]           run a Megatron-LM training script with exports on
+    megatron-trt-ext run [--cpu] SCRIPT [args]   run a Megatron-LM training script with exports on
+                                                 (--cpu: CPU trial mode, for a laptop or CI)
     megatron-trt-ext export CKPT_DIR --recipe R --output-dir D [--iteration N]
                                                  export a saved torch_dist checkpoint (under torchrun too)
     megatron-trt-ext build EXPORT_DIR            build the engines of one complete export
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-trt-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run a Megatron-LM training script (e.g. pretrain_gpt.py) with the --export-* flags")
+    sub.add_parser("run", help="run a Megatron-LM training script (e.g. pretrain_gpt.py) with the --export-* flags; "
+                              "run --cpu SCRIPT ...: CPU trial mode (laptop, CI), never for real training")
     e = sub.add_parser("export", help="export a saved torch_dist checkpoint (run under torchrun for several ranks)")
     e.add_argument("checkpoint", help="a Megatron-LM --save directory, or one of its iter_NNNNNNN directories")
     e.add_argument("--recipe", help="export recipe: a shipped one by name (megatron-trt-ext recipes) or a YAML "
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
     v.add_argument("export_dir", nargs="?", help="an iter_XXXXXXX export directory")
     v.add_argument("--all", metavar="ROOT", help="verify every complete export under ROOT")
     v.add_argument("--device", default="cpu", help="where transformers runs the model (cpu, cuda, cuda:1)")
+    v.add_argument("--engine", default="transformers", choices=("transformers", "vllm"),
+                   help="what runs the probe's tokens: transformers (default) or vLLM, the serving engine "
+                        "(needs vLLM installed: pip install 'megatron-trt-ext[serve]')")
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.add_argument("--no-record", action="store_true", help="do not write the result into the manifest")
     r = sub.add_parser("recipes", help="list the shipped recipes: what each writes (use one by name)")
@@ -180,10 +185,12 @@ def run_verify(args) -> int:
         if bool(args.export_dir) == bool(args.all):
             raise ConfigError("verify: give either EXPORT_DIR or --all ROOT")
         if args.all:
-            reports = verify_root(args.all, args.device, record=not args.no_record, progress_enabled=show)
+            reports = verify_root(args.all, args.device, record=not args.no_record, progress_enabled=show,
+                                  engine=args.engine)
         else:
             with bar(3, "verify", show) as progress:
-                reports = [verify(args.export_dir, args.device, record=not args.no_record, progress=progress)]
+                reports = [verify(args.export_dir, args.device, record=not args.no_record, progress=progress,
+                                  engine=args.engine)]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

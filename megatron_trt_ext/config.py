@@ -19,6 +19,7 @@ from .engines.options import BuildOptions
 from .errors import ConfigError, reject_unknown_keys, short_repr
 from .quant.spec import QuantSpec
 from .serve.options import ServeOptions
+from .tokenizer import TOKENIZER_FILES
 from .verification.spec import VerificationOptions
 
 FORMATS = ("hf", "trtllm_checkpoint", "trtllm_engine")
@@ -86,7 +87,14 @@ class ExportConfig:
         every_n_saves: export at every Nth checkpoint save seen by the hook.
         family: ``"auto"`` detects the architecture family from the model's config.
         max_shard_size: largest Hugging Face safetensors shard (e.g. ``"5GB"``).
-        tokenizer_dir: optional directory whose tokenizer files are copied into the HF export.
+        tokenizer_dir: the training tokenizer's directory (as saved by transformers'
+            ``save_pretrained``): its files (and chat template) are copied into the HF export and
+            its bos/eos/pad ids written to config.json and generation_config.json, so the export
+            serves text (`megatron_trt_ext.tokenizer`). Filled from Megatron-LM's
+            ``--tokenizer-model`` / Bridge's tokenizer config when that is a local HF tokenizer.
+        eod_token_id: Megatron's end-of-document id (filled by the Megatron-LM and Bridge
+            integrations); written as an eos id beside the tokenizer's own where it differs.
+            Needs ``tokenizer_dir``.
         strict: when an export triggered by the hook fails, raise into training instead of
             logging the failure and going on.
         check_finite: refuse to export tensors holding NaN or Inf.
@@ -129,6 +137,7 @@ class ExportConfig:
     family: str = "auto"
     max_shard_size: Union[int, str] = "5GB"
     tokenizer_dir: Optional[str] = None
+    eod_token_id: Optional[int] = None
     strict: bool = False
     check_finite: bool = True
     timeout_s: int = 600
@@ -205,8 +214,24 @@ class ExportConfig:
         self._set("output_dir", os.fspath(self.output_dir))
         if not self.output_dir:
             raise ConfigError(f"output_dir{source}: must not be empty")
-        if self.tokenizer_dir is not None and not Path(self.tokenizer_dir).is_dir():
-            raise ConfigError(f"tokenizer_dir{source}: {self.tokenizer_dir!r} is not a directory")
+        self._check_tokenizer(source)
+
+    def _check_tokenizer(self, source: str) -> None:
+        """The cheap checks; the tokenizer itself is loaded and checked at attach (`tokenizer.read`)."""
+        if self.tokenizer_dir is not None:
+            self._set("tokenizer_dir", os.fspath(self.tokenizer_dir))
+            if not Path(self.tokenizer_dir).is_dir():
+                raise ConfigError(f"tokenizer_dir{source}: {self.tokenizer_dir!r} is not a directory; give the "
+                                  "directory the training tokenizer was saved to (save_pretrained)")
+            if not any((Path(self.tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
+                raise ConfigError(f"tokenizer_dir{source}: {self.tokenizer_dir!r} holds no tokenizer file (none of "
+                                  f"{', '.join(TOKENIZER_FILES[:5])}, ...); give the directory the training "
+                                  "tokenizer was saved to (save_pretrained)")
+        elif self.eod_token_id is not None:
+            raise ConfigError(f"eod_token_id{source}: is written beside the tokenizer's ids; set tokenizer_dir too "
+                              "(or leave eod_token_id unset)")
+        if self.eod_token_id is not None and self.eod_token_id < 0:
+            raise ConfigError(f"eod_token_id{source}: must be a token id (>= 0), got {self.eod_token_id}")
 
     def _set(self, name: str, value: Any) -> None:
         """Store a parsed value while validating (the config is frozen to every other writer)."""

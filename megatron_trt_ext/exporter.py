@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from . import errors as err_mod
+from . import tokenizer
 from .arch import select_family
 from .arch.convert import check_sources
 from .attach_checks import check_inference_layout, check_quantization, check_trtllm_support, export_vocab_size
@@ -124,6 +125,7 @@ class Exporter:
             check_trtllm_support(self.spec, self.info, config.formats)
             self.moe_tp, self.moe_ep = check_inference_layout(self.info, config)
             self.vocab_size = export_vocab_size(self.info, config, self.rank)
+            self.tokenizer = tokenizer.read(config, self.vocab_size) if "hf" in config.formats else None
             self.probe_options = config.verification
             self.probe_enabled = self.probe_options.enabled and "hf" in config.formats
             if self.probe_enabled:
@@ -136,6 +138,10 @@ class Exporter:
                     logger.info("removed %s, left by an interrupted export", path)
             if "trtllm_engine" in config.formats:
                 config.build.check_devices(torch.cuda.device_count())
+            if config.serve.enabled and config.serve.transport == "nccl":  # CUDA and vLLM, on this side
+                from .serve.nccl import check_available
+
+                check_available()
             from .source import canonical_namer
 
             self.rename = canonical_namer(self.info)
@@ -160,7 +166,8 @@ class Exporter:
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
-                             rank=self.rank, world_size=self.world_size, root=self.root, mode=self.mode)
+                             rank=self.rank, world_size=self.world_size, root=self.root, mode=self.mode,
+                             tokenizer=self.tokenizer)
         self.saves_seen = 0
         self.last_result: Optional[ExportResult] = None
         self.results: list = []
@@ -251,13 +258,17 @@ class Exporter:
         """The verification probe (see `verification.probe`); rank 0 gets the record."""
         if not self.probe_enabled:
             return None
-        from .verification.probe import run_probe
+        from .plan import torch_dtype
+        from .verification.probe import Rounding, run_probe
 
         source = self.quant.calibration.source if self.quant is not None else ""
         real_data = batches if source in ("iterator", "jsonl") else None
         dtype = next((p.dtype for c in self.chunks for p in c.parameters()), torch.float32)
+        # unquantized exports: the reference is the weights as exported (rounded to the export dtype)
+        rounding = None if self.quant is not None else Rounding(torch_dtype(self.config.dtype), self.rename,
+                                                                self.job.keep_source)
         record = run_probe(self.chunks, self.probe_options, self.vocab_size, self.info.padded_vocab_size,
-                           self.comm, str(dtype).replace("torch.", ""), real_data, source)
+                           self.comm, str(dtype).replace("torch.", ""), real_data, source, rounding)
         if record is not None and not record.ok:
             logger.warning("verification probe failed, the export goes on without reference logits: %s",
                            record.meta.get("error"))

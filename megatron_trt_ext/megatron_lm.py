@@ -33,7 +33,7 @@ import inspect
 import logging
 from typing import Any, Callable, Optional
 
-from . import recipes
+from . import recipes, tokenizer
 from .config import BUSY_POLICIES, DTYPES, FORMATS, MODES, ExportConfig, load_recipe_yaml
 from .errors import ConfigError
 from .hook import STATE_KEY, attach
@@ -64,6 +64,9 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--export-vocab-size", type=int, default=None,
                        help="rows to export (default: the tokenizer's size; never fewer)")
     group.add_argument("--export-timeout", type=int, default=None, help="timeout_s of the recipe")
+    group.add_argument("--export-tokenizer-dir", type=str, default=None,
+                       help="tokenizer copied into the HF exports (default: --tokenizer-model of a "
+                            "HuggingFaceTokenizer, when it is a local directory)")
     group.add_argument("--export-serve-url", type=str, default=None,
                        help="refit the vLLM server at http://HOST:PORT at each export (serve.url of the recipe)")
     return parser
@@ -84,7 +87,7 @@ _FLAG_KEYS = (("export_dir", "output_dir"), ("export_interval", "every_n_saves")
               ("export_inference_tp", "inference_tp"), ("export_inference_pp", "inference_pp"),
               ("export_mode", "mode"), ("export_dtype", "dtype"), ("export_busy_policy", "busy_policy"),
               ("export_keep_last", "keep_last"), ("export_vocab_size", "vocab_size"),
-              ("export_timeout", "timeout_s"))
+              ("export_timeout", "timeout_s"), ("export_tokenizer_dir", "tokenizer_dir"))
 
 
 def _recipe_section(recipe: Optional[str], key: str) -> dict:
@@ -100,12 +103,16 @@ def _recipe_section(recipe: Optional[str], key: str) -> dict:
     return dict(section) if isinstance(section, dict) else {}
 
 
-def config_from_args(args: Any, tokenizer_vocab: Optional[int] = None) -> Optional[ExportConfig]:
+def config_from_args(args: Any, tokenizer_vocab: Optional[int] = None,
+                     tokenizer_eod: Optional[int] = None) -> Optional[ExportConfig]:
     """The ExportConfig the flags describe, or None when export is off (no --export-dir/recipe).
 
     ``tokenizer_vocab``: the size of the tokenizer Megatron-LM built (every id it can produce);
     the vocabulary exported when neither the recipe nor ``--export-vocab-size`` sets one, and the
-    least any of them may set.
+    least any of them may set. ``tokenizer_eod``: its end-of-document id, written as an eos id of
+    the HF export. The tokenizer's files come from ``--tokenizer-model`` of a
+    ``HuggingFaceTokenizer`` when that is a local directory and neither the recipe nor
+    ``--export-tokenizer-dir`` names one.
     """
     recipe = getattr(args, "export_recipe", None)
     output_dir = getattr(args, "export_dir", None)
@@ -133,7 +140,27 @@ def config_from_args(args: Any, tokenizer_vocab: Optional[int] = None) -> Option
                 f"vocab_size={config.vocab_size} (from {config.recipe}) is smaller than the tokenizer's "
                 f"{tokenizer_vocab} ids: the export could not embed every token the tokenizer produces; "
                 "leave vocab_size unset (the tokenizer's size is used) or raise it")
-    return config
+    return with_run_tokenizer(config, args, tokenizer_eod)
+
+
+def with_run_tokenizer(config: ExportConfig, args: Any, eod: Optional[int] = None) -> ExportConfig:
+    """``config`` with the tokenizer of the run ``args`` describe: ``tokenizer_dir`` from
+    ``--tokenizer-model`` of a ``HuggingFaceTokenizer`` in a local directory (unless the config names
+    one) and ``eod`` (Megatron's end-of-document id) where there is a tokenizer directory. Shared by
+    live and offline exports, so both write the same files."""
+    changes = {}
+    if config.tokenizer_dir is None:
+        derived = tokenizer.dir_from_training(getattr(args, "tokenizer_type", None),
+                                              getattr(args, "tokenizer_model", None), "--tokenizer-model",
+                                              warn=getattr(args, "rank", 0) == 0)
+        if derived is not None:
+            changes["tokenizer_dir"] = derived
+    if eod is not None and config.eod_token_id is None and (config.tokenizer_dir or changes):
+        changes["eod_token_id"] = int(eod)
+    try:
+        return dataclasses.replace(config, **changes) if changes else config
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from --tokenizer-model {getattr(args, 'tokenizer_model', None)!r})") from exc
 
 
 def attach_from_args(model: Any, args: Any, tokenizer_vocab: Optional[int] = None, **attach_kwargs):
@@ -154,6 +181,17 @@ def tokenizer_vocab_size() -> Optional[int]:
         return None
     size = getattr(tokenizer, "vocab_size", None)
     return int(size) if size is not None else None
+
+
+def tokenizer_eod_id() -> Optional[int]:
+    """The end-of-document id of the tokenizer Megatron-LM built (None when there is none)."""
+    try:
+        from megatron.training import get_tokenizer
+
+        megatron_tokenizer = get_tokenizer()
+    except Exception:  # noqa: BLE001 - no global tokenizer (not a Megatron-LM run)
+        return None
+    return tokenizer.eod_of(megatron_tokenizer)
 
 
 # ---------------------------------------------------------------------- hooks into megatron.training
@@ -232,7 +270,7 @@ def _wrap_setup(original):
 
 def _attach_to_run(model, args):
     """On every rank, once the model (resumed or fresh) exists."""
-    config = config_from_args(args, tokenizer_vocab_size())
+    config = config_from_args(args, tokenizer_vocab_size(), tokenizer_eod_id())
     if config is None:
         return None
     # The save_checkpoint hook triggers exports: dist_checkpointing.save is left alone (it also

@@ -261,6 +261,9 @@ def export_checkpoint(checkpoint, recipe: Optional[str], output_dir: str, iterat
         config = dataclasses.replace(config, vocab_size=tokenizer)
     elif tokenizer is not None and config.vocab_size < tokenizer:
         raise ConfigError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's {tokenizer} ids")
+    from .megatron_lm import with_run_tokenizer
+
+    config = with_run_tokenizer(config, args)  # as the live export did (a HuggingFaceTokenizer's EOD is its eos)
     exporter = Exporter(chunks, config)
     from .progress import bar
 

@@ -1,15 +1,13 @@
-"""Hugging Face checkpoint layout: config.json, safetensors shards (+ index), generation_config.json."""
+"""Hugging Face checkpoint layout: config.json, safetensors shards (+ index), generation_config.json
+and, with a tokenizer, its files and special-token ids (`megatron_trt_ext.tokenizer`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..safe_fs import write_bytes
+from .. import tokenizer as tok
 from .files import FileSet, write_json
 from .safetensors_stream import nbytes_of
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def plan_shards(specs: list, max_shard_bytes: int) -> dict:
@@ -33,9 +31,11 @@ class HFWriter:
     """One HF checkpoint directory, filled from a stream of HF-named tensors (by any rank)."""
 
     def __init__(self, directory: Path, specs: list, max_shard_bytes: int, config: dict, create: bool = True,
-                 pool=None):
+                 pool=None, tokenizer: "tok.TokenizerFacts | None" = None):
         self.directory = Path(directory)
-        self.config = config
+        # the tokenizer's ids replace what the model class would default to (all three, None included)
+        self.config = {**config, **tokenizer.ids} if tokenizer is not None else config
+        self.tokenizer = tokenizer
         self.files = plan_shards(specs, max_shard_bytes)
         self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"}, create=create, pool=pool)
 
@@ -45,7 +45,7 @@ class HFWriter:
     def close(self) -> dict:
         return self.fileset.close()
 
-    def finalize(self, tokenizer_dir: str | None = None) -> None:
+    def finalize(self) -> None:
         """Index, config and tokenizer files: once, after every rank closed its writes."""
         if len(self.files) > 1:
             weight_map = {name: fname for fname, specs in self.files.items() for name, _, _ in specs}
@@ -58,11 +58,8 @@ class HFWriter:
             if self.config.get(key) is not None:
                 generation[key] = self.config[key]
         write_json(self.directory / "generation_config.json", generation)
-        if tokenizer_dir:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.is_file():
-                    write_bytes(self.directory / fname, src.read_bytes())
+        if self.tokenizer is not None:
+            tok.copy_files(self.tokenizer, self.directory)
 
     def abort(self) -> None:
         self.fileset.abort()

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..tokenizer import manifest_ids
 from . import fingerprint as fp
 
 MODEL_INFO = "model_info"
@@ -87,6 +88,7 @@ def check_config(report, export: Path, manifest: dict) -> None:
     actual = json.loads(path.read_text())
     actual.pop("quantization_config", None)
     expected = json.loads(json.dumps(spec.hf_config(ctx.info, ctx, manifest.get("dtype", "bfloat16"))))
+    expected.update(manifest_ids(manifest))  # the tokenizer's special-token ids, where it has one
     problems = config_mismatches(expected, actual)
     report.check("config", not problems, "; ".join(problems) if problems else
                  f"{len(expected)} keys of hf/config.json match the facts of the {spec.name} model")

@@ -3,7 +3,7 @@ the logits the live model gave?
 
 Five checks, each reported with the thing that failed:
 
-1. integrity: every tensor's sha256 against the manifest (`manifest.verify_export`), the probe
+1. integrity: every tensor's checksum against the manifest (`manifest.verify_export`), the probe
    and fingerprint files included;
 2. config (exact): hf/config.json against the config the family derives from the Megatron facts
    the export recorded, key by key (`verification.exact`);
@@ -14,7 +14,9 @@ Five checks, each reported with the thing that failed:
    own scales, `quant.dequant.load_dequantized`), with the vocabulary the export recorded;
 5. logits (statistical): the probe's tokens through the loaded model, compared with the
    reference top-k logits recorded at export time (`verification.probe`) against the thresholds
-   of the export's dtype or quantization recipe (`verification.thresholds`).
+   of the export's dtype or quantization recipe (`verification.thresholds`): float32 noise when
+   the reference was computed from the weights as exported, the recipe's own error otherwise.
+   ``engine="vllm"`` (``--engine vllm``) runs checks 4-5 in vLLM instead (`engine_vllm`).
 
 A checksum catches a flipped byte; the exact checks catch a converter that wrote consistent but
 wrong tensors or configs (a swapped row, a wrong RoPE theta) whatever the weights; the logits
@@ -134,23 +136,32 @@ def check_device(device: str) -> None:
                           "use --device cpu, or run where that GPU exists")
 
 
-def verify(export_dir, device: str = "cpu", record: bool = True, progress=None) -> Report:
+def verify(export_dir, device: str = "cpu", record: bool = True, progress=None, engine: str = "transformers") -> Report:
     """Verify one export (see the module docstring). ``record``: write the outcome into the
-    manifest (``verify``), which `megatron-trt-ext ls` shows. Raises ConfigError for bad input."""
+    manifest (``verify``), which `megatron-trt-ext ls` shows. ``engine``: what runs the logits
+    check, transformers or vLLM (`engine_vllm`). Raises ConfigError for bad input."""
     from ..progress import _Silent
+    from .engine_vllm import check_engine
 
     progress = progress or _Silent()
     check_device(device)
+    check_engine(engine)
     export, manifest = read_export(export_dir)
     report = Report(export, manifest)
+    report.data["engine"] = engine
     t0 = time.perf_counter()
     problems = mf.verify_export(export)
     report.check("checksums", not problems, "; ".join(problems) if problems else
-                 f"{sum(len(f.get('sha256', {})) for f in manifest.get('files', {}).values())} tensors match the manifest")
+                 f"{mf.checksum_count(manifest)} tensors match the manifest")
     progress.update()
     check_config(report, export, manifest)
     check_weights(report, export, manifest)
-    _check_logits(report, export, manifest, device, progress)
+    if engine == "vllm":
+        from .engine_vllm import check_logits
+
+        check_logits(report, export, manifest, progress)
+    else:
+        _check_logits(report, export, manifest, device, progress)
     report.data["seconds"] = time.perf_counter() - t0
     if record:
         _record(report, export)
@@ -201,11 +212,14 @@ def _check_logits(report: Report, export: Path, manifest: dict, device: str, pro
     progress.update()
     metrics = logit_metrics(logits[..., :hf_vocab], values, ids)
     key, limits = thresholds_for(manifest)
-    report.data["metrics"], report.data["thresholds"] = metrics, {"for": key, **limits.to_dict()}
+    reference = probe.get("reference", "live")  # older manifests: the live model's own logits
+    report.data["metrics"], report.data["thresholds"] = metrics, {"for": key, "reference": reference,
+                                                                  **limits.to_dict()}
     failures = limits.failures(metrics)
     detail = (f"max |diff|/scale {metrics['max_rel_logit_diff']:.2e} (<= {limits.max_rel_logit_diff:g}), "
               f"top-1 agreement {metrics['top1_agreement']:.3f} (>= {limits.min_top1_agreement:g}), "
-              f"KL mean {metrics['kl_mean']:.2e} (<= {limits.max_kl_mean:g}), thresholds for {key}, "
+              f"KL mean {metrics['kl_mean']:.2e} (<= {limits.max_kl_mean:g}), thresholds for {key} "
+              f"(reference: {reference.replace('_', ' ')}), "
               f"{metrics['positions']} positions")
     report.check("logits", not failures, detail if not failures else "; ".join(failures) + f" [{detail}]")
 
@@ -216,16 +230,20 @@ def _record(report: Report, export: Path) -> None:
     try:
         mf.update_manifest(export, verify={"status": d["status"], "checked_unix": time.time(),
                                            "metrics": d["metrics"], "thresholds": d["thresholds"],
+                                           "engine": d.get("engine", "transformers"),
                                            "failed": [c["name"] for c in d["checks"] if c["ok"] is False]})
     except OSError as exc:
         report.data["record_error"] = f"could not record the result in the manifest: {exc}"
 
 
-def verify_root(root, device: str = "cpu", record: bool = True, progress_enabled: bool = False) -> list:
+def verify_root(root, device: str = "cpu", record: bool = True, progress_enabled: bool = False,
+                engine: str = "transformers") -> list:
     """Verify every complete export under ``root``, oldest first. ConfigError when there is none."""
     from ..progress import bar
+    from .engine_vllm import check_engine
 
     check_device(device)
+    check_engine(engine)
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"--all {str(root)!r}: not a directory; pass the export root (output_dir)")
@@ -235,6 +253,6 @@ def verify_root(root, device: str = "cpu", record: bool = True, progress_enabled
     reports = []
     with bar(len(exports), "verify", progress_enabled, unit="export") as progress:
         for export in exports:
-            reports.append(verify(export, device, record))
+            reports.append(verify(export, device, record, engine=engine))
             progress.update()
     return reports

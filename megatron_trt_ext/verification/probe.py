@@ -14,7 +14,10 @@ groups (`gather.Comm`):
    and shares them (all-gather), so every rank, every DP replica included, probes the same tokens;
 2. every rank runs the forward pass (eval mode restored, no grad, RNG restored): one chunk
    through `forward.run_forward`; pipeline stages through `stages.staged_forward`, which hands the
-   activations on with point-to-point messages on the model's own device (CPU included);
+   activations on with point-to-point messages on the model's own device (CPU included); with the
+   weights rounded to the export dtype for the pass when the model holds finer ones
+   (`rounded_to_export`: the reference is then the export's own weights computed in float32, so a
+   correct export matches it to float32 noise), restored bit for bit afterwards;
 3. the last stage's ranks take the top-k of their logits (their vocabulary shard, when the
    output layer is tensor-parallel) and everything goes to rank 0 (gather), which merges the
    shards' candidates into the global top-k and keeps the record for the manifest.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,6 +41,22 @@ from ..forward import is_staged
 from .stages import staged_forward
 
 FILE_NAME = "verification.safetensors"
+
+# the reference kinds a manifest records (``verification.reference``; none: made before it existed)
+AS_EXPORTED = "as_exported"  # the weights rounded to the export dtype, computed in float32
+LIVE = "live"  # the live weights computed in the model's own dtype
+_ROUNDABLE = (torch.float32, torch.float64)  # finer than every export dtype; computed in float32 or finer
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How the probe makes its reference the weights as exported: ``dtype`` the export dtype,
+    ``rename`` the source's canonical namer (`plan.local_shards`), ``keep`` the units the export
+    keeps in float32 (`conversion.plan_outputs`, MoE routers of some families), never rounded."""
+
+    dtype: torch.dtype
+    rename: object = None
+    keep: frozenset = frozenset()
 
 
 @dataclass
@@ -140,9 +160,60 @@ def forward_logits(chunks: list, tokens: torch.Tensor) -> list:
     return outputs
 
 
+def reference_kind(chunks: list, rounding: Optional[Rounding]) -> str:
+    """AS_EXPORTED when the reference can be the export's weights computed in float32: every
+    floating parameter is float32 (or float64), so rounding them to the export dtype reproduces the
+    exported values and the forward pass runs in float32 as the HF model does. A model holding
+    bf16/fp16 parameters computes in that dtype (Megatron casts activations and attention
+    probabilities to it), so its reference stays LIVE and the statistical limits apply. Quantized
+    exports (``rounding`` None) stay LIVE: quantization is not emulated here."""
+    if rounding is None:
+        return LIVE
+    dtypes = {p.dtype for c in chunks for p in c.parameters() if p.dtype.is_floating_point}
+    return AS_EXPORTED if dtypes and dtypes <= set(_ROUNDABLE) else LIVE
+
+
+@contextmanager
+def rounded_to_export(chunks: list, rounding: Rounding):
+    """Every exported tensor of ``chunks`` rounded in place to the export dtype (the values the
+    export writes; float32 storage, so the forward pass still runs in float32), and restored bit for
+    bit on leaving, whatever happens inside. Costs one copy of the rounded tensors, on their device.
+
+    The tensors are the views `plan.local_shards` gives, the same the export converts; one that is
+    not a view of a parameter or buffer of the model raises (rounding it would not change the
+    model). Views that overlap (a GLU's halves, the tied output copy) are rounded twice (the
+    rounding is idempotent) and restored in reverse order, so the first saved copy wins."""
+    from ..plan import local_shards
+
+    owned = {t.untyped_storage().data_ptr() for c in chunks for t in (*c.parameters(), *c.buffers())}
+    saved: list = []
+    try:
+        with torch.no_grad():
+            for name, pieces in local_shards(chunks, rounding.rename).items():
+                if name in rounding.keep:
+                    continue
+                for piece in pieces:
+                    tensor = piece.tensor
+                    if tensor.dtype not in _ROUNDABLE or tensor.dtype == rounding.dtype:
+                        continue
+                    if tensor.untyped_storage().data_ptr() not in owned:
+                        raise RuntimeError(f"tensor {name!r}: its state-dict view is a copy, not the live "
+                                           "parameter, so the probe cannot round it to the export dtype")
+                    saved.append((tensor, tensor.clone()))
+                    tensor.copy_(tensor.to(rounding.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in reversed(saved):
+                tensor.copy_(original)
+
+
 def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, model_dtype: str,
-              calibration: Optional[list] = None, calibration_source: str = "") -> Optional[ProbeRecord]:
-    """Run the probe; call on every rank. Returns the record on rank 0, None elsewhere."""
+              calibration: Optional[list] = None, calibration_source: str = "",
+              rounding: Optional[Rounding] = None) -> Optional[ProbeRecord]:
+    """Run the probe; call on every rank. Returns the record on rank 0, None elsewhere.
+    ``rounding``: the export dtype and names, for a reference computed from the weights as
+    exported (`reference_kind`); None: the live weights (quantized exports, older callers)."""
     t0 = time.perf_counter()
     chosen = None
     if comm.rank == 0:
@@ -154,31 +225,41 @@ def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, m
         except Exception as exc:  # noqa: BLE001 - shared: every rank skips the forward pass
             chosen = f"{type(exc).__name__}: {exc}"
     chosen = comm.all_gather_object(chosen)[0]
-    contribution, error = [], None
+    contribution, error, kind = [], None, LIVE
     if isinstance(chosen, str):
         error = chosen
     else:
         tokens, origin = chosen
         device = next((p.device for c in chunks for p in c.parameters()), torch.device("cpu"))
         try:
-            outputs = forward_logits(chunks, tokens.to(device))
+            kind = reference_kind(chunks, rounding)
+            if kind == AS_EXPORTED:
+                with rounded_to_export(chunks, rounding):
+                    outputs = forward_logits(chunks, tokens.to(device))
+            else:
+                outputs = forward_logits(chunks, tokens.to(device))
             if outputs:  # the last pipeline stage
                 logits = torch.cat(outputs, dim=0)[: len(tokens)]
                 contribution = [local_candidates(logits, vocab_size, padded_vocab, options.top_k)]
         except Exception as exc:  # noqa: BLE001 - joins the gather below, so no rank waits on this one
             error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
-    gathered = comm.gather_object((error, contribution))
+    gathered = comm.gather_object((error, contribution, kind))
     if comm.rank != 0:
         return None
-    errors = [e for e, _ in gathered if e]
+    errors = [e for e, _, _ in gathered if e]
+    kinds = {k for _, _, k in gathered}
+    if not errors and len(kinds) > 1:  # one reference must not mix rounded and live stages
+        errors = [f"the ranks disagree on the reference ({sorted(kinds)}): their parameters differ in dtype"]
     if errors:
         return _failed(options, errors[0], t0)
     try:
-        values, ids = merge_candidates([part for _, parts in gathered for part in parts], vocab_size,
+        values, ids = merge_candidates([part for _, parts, _ in gathered for part in parts], vocab_size,
                                        options.top_k)
     except Exception as exc:  # noqa: BLE001
         return _failed(options, f"{type(exc).__name__}: {exc}", t0)
-    return _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0)
+    reference = {"reference": kind, "reference_dtype": str(rounding.dtype).replace("torch.", "")
+                 if kind == AS_EXPORTED else model_dtype}
+    return _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0, reference)
 
 
 def _failed(options, error: str, t0: float) -> ProbeRecord:
@@ -186,7 +267,7 @@ def _failed(options, error: str, t0: float) -> ProbeRecord:
                        seconds=time.perf_counter() - t0)
 
 
-def _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0) -> ProbeRecord:
+def _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0, reference: dict) -> ProbeRecord:
     from safetensors.torch import save
 
     from ..formats.safetensors_stream import tensor_bytes
@@ -200,9 +281,13 @@ def _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0) -
         "num_sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
         "probe_shape": list(tokens.shape), "vocab_size": vocab_size, "model_dtype": model_dtype,
         "tokens_from": origin,
-        "computed_from": "the model being exported (live: at the save; offline: as loaded), forward only "
-                         "(eval mode, no grad), the last pipeline stage's logits over the exported vocabulary, "
-                         "float32",
+        "computed_from": "the model being exported (live: at the save; offline: as loaded), "
+                         + ("its weights rounded to the export dtype (as exported), computed in float32, "
+                            if reference["reference"] == AS_EXPORTED else
+                            f"its weights as they are, computed in {model_dtype}, ")
+                         + "forward only (eval mode, no grad), the last pipeline stage's logits over the exported "
+                           "vocabulary, float32",
+        **reference,
         "tensors": {"tokens": "int64 [num_sequences, seq_len]",
                     "topk_values": "float32 [num_sequences, seq_len, top_k], descending",
                     "topk_ids": "int64 [num_sequences, seq_len, top_k]"},

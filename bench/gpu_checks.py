@@ -348,6 +348,88 @@ def vllm_quantized(ctx: Context) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------- live refit over vLLM's NCCL
+_NCCL_REFIT = """
+import json, sys
+from safetensors.torch import load_file
+from megatron_trt_ext.serve.nccl import refit_tensors
+spec = json.loads(sys.argv[1])
+r = refit_tensors(spec["url"], list(load_file(spec["file"]).items()), spec["version"], stream_timeout=300)
+print("REFIT " + json.dumps({"seconds": r.seconds, "steps": r.steps, "tensors": r.tensors, "bytes": r.bytes}))
+"""
+
+
+@check("vllm_nccl_refit")
+def vllm_nccl_refit(ctx: Context) -> dict:
+    """`serve: {transport: nccl}`: a stock vLLM server started with ``{"backend": "nccl"}`` on GPU 1
+    serves export A of a tiny Llama; the trainer side (GPU 0) refits it to export B over vLLM's NCCL
+    weight transfer (`serve.nccl.refit_tensors`). Target: served prompt log-probs equal
+    transformers on B within 1e-3 (float32) and the server reports version 2. Needs 2 GPUs (NCCL
+    refuses two ranks on one GPU) and vLLM; the dry run exports and computes the reference only."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    import torch
+
+    from examples.cpu_shim import stub_triton_only_modules
+
+    stub_triton_only_modules()
+    from megatron_trt_ext.utils import free_port
+    from tests.serve import support
+    from tests.support.models import init_single_process, randomize, tiny_llama
+
+    init_single_process()
+    dirs = {}
+    for name, seed, iteration in (("a", 1, 1), ("b", 2, 2)):
+        model = tiny_llama(**support.SHAPES)
+        randomize(model, seed=seed)
+        dirs[name] = support.export_hf(model, ctx.work / f"nccl_{name}", iteration)
+    want = support.transformers_greedy(dirs["b"])
+    python = _vllm_python()
+    if ctx.device != "cuda" or torch.cuda.device_count() < 2 or python is None:
+        why = ("no GPU" if ctx.device != "cuda" else "needs 2 GPUs (trainer and server on different GPUs)"
+               if torch.cuda.device_count() < 2 else "needs vLLM (MTE_VLLM_PYTHON or .venv-vllm)")
+        return {"exports": sorted(dirs), "reference_prompts": len(want), "vllm": f"skipped: {why}"}
+    root = Path(__file__).parents[1]
+    port = free_port()
+    env = dict(support.vllm_env(), CUDA_VISIBLE_DEVICES="1")
+    log = (ctx.work / "nccl_server.log").open("w")
+    server = subprocess.Popen(
+        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(dirs["a"]), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--skip-tokenizer-init",
+         "--max-model-len", "64", "--gpu-memory-utilization", "0.3",
+         "--weight-transfer-config", '{"backend": "nccl"}'],
+        cwd=ctx.work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    handle = support.Server.__new__(support.Server)  # its HTTP helpers, on the process started above
+    handle.model_dir, handle.port, handle.url = str(dirs["a"]), port, f"http://127.0.0.1:{port}"
+    handle.log_path, handle.proc = ctx.work / "nccl_server.log", server
+    try:
+        out = {"server_start_s": handle.wait_ready(600)}
+        spec = {"url": handle.url, "file": str(dirs["b"] / "model.safetensors"), "version": "2"}
+        done = subprocess.run([python, "-c", _NCCL_REFIT, json.dumps(spec)], cwd=root, capture_output=True,
+                              text=True, timeout=600, env=dict(support.vllm_env(), CUDA_VISIBLE_DEVICES="0"))
+        lines = [l for l in done.stdout.splitlines() if l.startswith("REFIT ")]
+        if done.returncode or not lines:
+            return {**out, "ok": False, "error": (done.stderr or done.stdout)[-2000:], "server_log": handle.log()[-2000:]}
+        out["refit"] = json.loads(lines[-1][len("REFIT "):])
+        with urllib.request.urlopen(handle.url + "/weight_info", timeout=30) as response:
+            out["version"] = json.load(response)["weight_version"]
+        diffs = [abs(a - b) for p, w in zip(support.PROMPTS, want)
+                 for a, b in zip(handle.prompt_logprobs(p)[1:], w["prompt_logprobs"][1:])]
+        out.update(max_logprob_diff=max(diffs), target=1e-3, holds=max(diffs) < 1e-3 and out["version"] == "2")
+        return out
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")

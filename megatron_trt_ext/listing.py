@@ -1,6 +1,7 @@
 """`megatron-trt-ext ls ROOT`: the exports under a root, newest first, read from their manifests.
 
-Complete exports (``iter_XXXXXXX`` with a manifest), failed ones (``.iter_XXXXXXX.failed``, with
+Complete exports (``iter_XXXXXXX`` with a manifest; "refit" when a serve-only run left only the
+manifest recording a live refit), failed ones (``.iter_XXXXXXX.failed``, with
 the error) and partial ones (``.iter_XXXXXXX.partial``: being written now, or left by a killed run
 until the next attach cleans it up). Nothing is opened but manifests; sizes of partial exports
 are summed from the files present.
@@ -56,6 +57,8 @@ def entry(path: Path, iteration: int, kind: str) -> dict:
     status = {"failed": "failed", "partial": "partial"}.get(kind, "complete")
     if kind == "complete" and manifest.get("status") != "complete":
         status = "partial"  # a directory named iter_* without a complete manifest is never done
+    elif kind == "complete" and manifest.get("formats") == []:
+        status = "refit"  # a serve-only run: the refit's record, no files (`publish.is_refit_record`)
     timings = manifest.get("timings") or {}
     verify = manifest.get("verify") or {}
     probe = manifest.get("verification") or {}
@@ -100,7 +103,7 @@ def list_exports(root) -> list:
         if kind == "complete" and item.name.startswith("."):
             continue
         rows.append(entry(Path(item.path), int(m.group(1)), kind))
-    order = {"complete": 0, "failed": 1, "partial": 2}
+    order = {"complete": 0, "refit": 0, "failed": 1, "partial": 2}
     rows.sort(key=lambda r: (-r["iteration"], order[r["status"]]))
     return rows
 

@@ -233,3 +233,94 @@ def test_a_due_refit_is_not_lost_with_a_replaced_save(megatron_world, tmp_path, 
     assert by_iteration == {1: "complete", 2: "skipped", 3: "complete"}
     assert sorted(server.received) == ["3"] and server.version == "3"
     assert_same_tensors(server.received["3"], hf_tensors(tmp_path / "iter_0000003"))
+
+
+# ---------------------------------------------------------------------- review gaps
+class ThreadComm:
+    """The two collectives `RefitSink` uses, between threads of this process (ranks without
+    processes, so a sink's timing can be measured cheaply)."""
+
+    def __init__(self, world_size: int):
+        import threading
+
+        self.world_size, self.slots = world_size, [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=120)
+
+    def bind(self, rank: int):
+        comm = self
+
+        class Bound:
+            def all_gather_object(self, obj):
+                comm.barrier.wait()
+                comm.slots[rank] = obj
+                comm.barrier.wait()
+                out = list(comm.slots)
+                comm.barrier.wait()
+                return out
+
+            def gather_object(self, obj):
+                out = self.all_gather_object(obj)
+                return out if rank == 0 else None
+
+        return Bound()
+
+
+def test_other_ranks_learn_at_once_when_the_server_fails_after_answering(server):
+    """The server answers /get_world_size, then fails (here: /pause errors). Rank 0 learns it over
+    HTTP; rank 1's writer, waiting for a server worker that will never connect, must be told by
+    rank 0 and stop, not wait out serve.timeout_s (30 s here) holding up the export."""
+    import threading
+    import time
+
+    from megatron_trt_ext.serve.sink import RefitSink
+
+    def refuse(path, body):
+        if path == "/pause":
+            raise RuntimeError("engine core died")
+
+    server.post = refuse
+    comm = ThreadComm(2)
+    records, took = {}, {}
+
+    def rank(r):
+        started = time.perf_counter()
+        sink = RefitSink(comm.bind(r), r, ServeOptions(server.url, 1, 30), "9")
+        for i in range(12):  # more than the stream's queue holds: put() must not block either
+            sink.put(f"model.layers.{r}.w{i}", torch.ones(4, 4))
+        records[r] = sink.finish(comm.bind(r))
+        took[r] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert records[1] is None and records[0]["status"] == "failed"
+    assert "failed at pause" in records[0]["error"]
+    assert max(took.values()) < 10, f"ranks took {took} s: rank 1 waited for the server's timeout"
+
+
+def test_a_refit_record_is_never_latest_nor_counted_by_keep_last(megatron_world, tmp_path, server):
+    """A serve-only export (formats empty) leaves iter_N holding only its manifest: a record of
+    the refit, not an export. `latest` keeps naming the newest export with files, and keep_last
+    keeps that many real exports (refit records are kept to keep_last among themselves)."""
+    from megatron_trt_ext.manifest import latest_export, read_latest
+
+    model = tiny_llama()
+    randomize(model, seed=49)
+    files = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, formats=["hf"], mode="sync",
+                                         keep_last=2))
+    for iteration in (1, 2):
+        assert files.export(iteration).ok
+    served = Exporter(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, formats=[], mode="sync",
+                                          keep_last=2, serve={"url": server.url}))
+    for iteration in (3, 4, 5):
+        assert served.export(iteration).serve["status"] == "complete"
+    assert read_latest(tmp_path).name == latest_export(tmp_path).name == "iter_0000002"
+    assert hf_tensors(tmp_path / "iter_0000001") and hf_tensors(tmp_path / "iter_0000002")
+    left = sorted(p.name for p in tmp_path.glob("iter_*"))
+    assert left == ["iter_0000001", "iter_0000002", "iter_0000004", "iter_0000005"]
+    rows = {r["iteration"]: (r["status"], r["serve"].split()[0]) for r in list_exports(tmp_path)}
+    assert rows == {5: ("refit", "5"), 4: ("refit", "4"), 2: ("complete", "-"), 1: ("complete", "-")}
+    assert files.export(6).ok  # the next real export is latest again and pushes out the oldest one
+    assert read_latest(tmp_path).name == "iter_0000006" and not (tmp_path / "iter_0000001").exists()

@@ -21,11 +21,16 @@ class ServeOptions:
         every_n_saves: refit at every Nth save, counted on the exports' save count (a multiple of
             the config's ``every_n_saves``: refits ride on export runs).
         timeout_s: longest wait for one HTTP step and for the stream (connects, each frame).
+        transport: ``"tcp"`` (the host transport: every writer rank streams over sockets; CPU or
+            GPU, across nodes) or ``"nccl"`` (vLLM's NCCL weight transfer: rank 0 joins the
+            server's NCCL group and broadcasts; needs CUDA and vLLM on the training side and a
+            server started with ``{"backend": "nccl"}``; see `serve.nccl`).
     """
 
     url: Optional[str] = None
     every_n_saves: int = 1
     timeout_s: int = 300
+    transport: str = "tcp"
 
     LIMITS: ClassVar[dict] = {"every_n_saves": 10**9, "timeout_s": 7 * 24 * 3600}
 
@@ -54,6 +59,9 @@ class ServeOptions:
                 raise ConfigError(f"{source}.url: {short_repr(self.url)} is not http://HOST:PORT; give the address "
                                   "of the vLLM server (e.g. \"http://127.0.0.1:8000\")")
         check_int_fields(self, self.LIMITS, source)
+        if self.transport not in ("tcp", "nccl"):
+            raise ConfigError(f"{source}.transport: {short_repr(self.transport)} is not a transport; choose \"tcp\" "
+                              "(sockets from every writer rank) or \"nccl\" (vLLM's NCCL weight transfer, GPU)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ import time
 from typing import Optional
 
 from .client import RefitError, VLLMServer, new_token
-from .writer import TensorWriter
+from .writer import TensorWriter, call_off
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -48,8 +48,10 @@ class _Feed:
 class RefitSink:
     """One refit riding on one export run (construct and `finish` on every rank)."""
 
-    def __init__(self, comm, rank: int, options, version: str):
+    def __init__(self, comm, rank: int, options, version: str, specs: Optional[list] = None):
         self.rank, self.options, self.version = rank, options, str(version)
+        self.specs = specs  # (hf_name, dtype, shape) in plan order: the NCCL transport declares them
+        nccl = getattr(options, "transport", "tcp") == "nccl"  # writers stream to rank 0, which broadcasts
         self.url = options.url
         self.started = time.perf_counter()
         self.error: Optional[str] = None
@@ -62,7 +64,7 @@ class RefitSink:
         readers, token, error = 0, None, None
         if rank == 0:
             try:
-                readers, token = server.world_size(), new_token()
+                readers, token = (1 if nccl else server.world_size()), new_token()
             except ConnectionError as exc:
                 error = (f"refit of {server.url} to version {self.version} failed at get_world_size: {exc}; "
                          "the server was not changed")
@@ -89,11 +91,18 @@ class RefitSink:
 
     def _drive(self, server: VLLMServer, addresses: list, token: str) -> None:
         try:
-            self.result = server.refit(addresses, token, self.version,
-                                       on_stream_error=lambda: self.writer.error if self.writer else None)
+            cause = lambda: self.writer.error if self.writer else None  # noqa: E731
+            if getattr(self.options, "transport", "tcp") == "nccl":
+                from . import nccl
+
+                self.result = nccl.refit(server, addresses, token, self.version, self.specs or [],
+                                         on_stream_error=cause)
+            else:
+                self.result = server.refit(addresses, token, self.version, on_stream_error=cause)
         except RefitError as exc:
             self.error = str(exc)
-            # this rank's writer stops at once (others at their timeout, if no server connected)
+            # this rank's writer stops at once, the other ranks' writers when told (`writer.call_off`)
+            call_off(addresses, token, self.error)
             self.close(self.error)
 
     def _stop(self, error: str) -> None:

@@ -5,6 +5,11 @@ number of writer ranks stream at once without the server having to know the trai
 layout, and a server with several workers (inference TP > 1) simply has each worker connect to
 every writer: each receives full HF tensors and vLLM's loaders keep their own shard. The tensors are
 produced lazily while they are sent, so a writer holds about one frame, never the model.
+
+A refit that fails on the driving rank (the server died after answering, a step failed) is called
+off at every writer (`call_off`): a hello frame with the refit's token and the reason, so a writer
+waiting for server workers that will never come, or stuck on a stalled server, stops at once
+instead of at its timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
 from . import wire
@@ -40,6 +46,8 @@ class TensorWriter:
         self._advertise = advertise
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._called_off: Optional[str] = None  # why the driving rank called the refit off
+        self._conns: list = []
         self.stats: dict = {}
 
     def address(self, towards: Optional[tuple] = None) -> str:
@@ -73,10 +81,49 @@ class TensorWriter:
         return self._error
 
     def close(self) -> None:
+        """Stop listening. shutdown() first: on Linux that wakes an accept() blocked in another
+        thread, which close() alone leaves waiting until its timeout."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self._listener.close()
         except OSError:
             pass
+
+    def _hello(self, conn) -> dict:
+        try:
+            kind, _, payload = wire.recv_frame(conn)
+            return json.loads(payload) if kind == wire.HELLO else {}
+        except (OSError, ValueError, wire.WireError):
+            return {}
+
+    def _call_off(self, reason: str) -> None:
+        """Stop streaming now: connections are shut, so a blocked send or wait returns."""
+        self._called_off = str(reason)
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _watch(self) -> None:
+        """While streaming, the listener still takes a call-off (nothing else connects then)."""
+        while self.running:
+            try:
+                self._listener.settimeout(0.5)
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:  # closed: the stream is over
+                return
+            with conn:
+                conn.settimeout(5.0)
+                hello = self._hello(conn)
+            if hello.get("token") == self.token and "call_off" in hello:
+                self._call_off(hello["call_off"])
+                return
 
     # ------------------------------------------------------------------ the streaming thread
     def _accept(self) -> list:
@@ -91,17 +138,23 @@ class TensorWriter:
             self._listener.settimeout(left)
             conn, peer = self._listener.accept()
             conn.settimeout(self.io_timeout)
-            try:
-                kind, _, payload = wire.recv_frame(conn)
-                hello = json.loads(payload) if kind == wire.HELLO else {}
-            except (OSError, ValueError, wire.WireError):
+            hello = self._hello(conn)
+            if not hello:
                 conn.close()
                 continue
+            if hello.get("token") == self.token and "call_off" in hello:
+                conn.close()
+                self._called_off = str(hello["call_off"])
+                raise wire.WireError(f"writer {self.address()}: the refit was called off: {self._called_off}")
             if hello.get("token") != self.token:
-                wire.send_json(conn, wire.ERROR, 0, {"error": "wrong or stale refit token"})
+                try:  # a stray peer may be gone already: it must not end this writer
+                    wire.send_json(conn, wire.ERROR, 0, {"error": "wrong or stale refit token"})
+                except OSError:
+                    pass
                 conn.close()
                 continue
             conns.append(conn)
+            self._conns.append(conn)
         return conns
 
     def _run(self) -> None:
@@ -110,6 +163,7 @@ class TensorWriter:
         frames = tensors = nbytes = 0
         try:
             conns = self._accept()
+            threading.Thread(target=self._watch, name="mte-serve-writer-watch", daemon=True).start()
             for batch in wire.batches(self._tensors, self.frame_bytes):
                 payload = wire.encode_batch(batch, self.version)
                 for conn in conns:
@@ -131,7 +185,9 @@ class TensorWriter:
                                          "without acknowledging it (see the server's log)")
             self.stats = {**end, "seconds": time.perf_counter() - started}
         except BaseException as exc:  # recorded for wait(); the reader is told when it can be
-            if isinstance(exc, OSError) and conns:  # reset while sending: the reader gave up first
+            if self._called_off is not None:  # whatever broke next, this is why
+                exc = wire.WireError(f"writer {self.address()}: the refit was called off: {self._called_off}")
+            elif isinstance(exc, OSError) and conns:  # reset while sending: the reader gave up first
                 exc = wire.WireError(f"a server worker closed writer {self.address()}'s stream without "
                                      f"acknowledging it ({type(exc).__name__}: {exc}; see the server's log)")
             self._error = exc
@@ -144,3 +200,19 @@ class TensorWriter:
             for conn in conns:
                 conn.close()
             self.close()
+
+
+def call_off(addresses: list, token: str, reason: str, timeout: float = 5.0) -> None:
+    """Tell every writer at ``addresses`` that this refit (``token``) is off, and why. Best effort
+    and in parallel: a writer that cannot be reached ends at its own timeout as before."""
+
+    def one(address: str) -> None:
+        try:
+            with socket.create_connection(wire.parse_address(address), timeout=timeout) as sock:
+                wire.send_json(sock, wire.HELLO, 0, {"token": token, "call_off": str(reason)[:2000]})
+        except (OSError, ValueError):
+            pass
+
+    if addresses:
+        with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
+            list(pool.map(one, addresses))

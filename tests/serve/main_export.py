@@ -46,7 +46,8 @@ def main(spec: list) -> list:
         model = build(case["family"])
         randomize(model, seed=case.get("seed", 0))
         config = ExportConfig(output_dir=case["out"], formats=["hf"], dtype="bfloat16", vocab_size=VOCAB,
-                              mode="sync", quantization=case.get("quantization"))
+                              mode="sync", quantization=case.get("quantization"),
+                              serve=case.get("serve"))
         dirs.append(str(Exporter(model, config).export(iteration=1).path / "hf"))
     return dirs
 

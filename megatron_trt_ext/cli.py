@@ -2,8 +2,9 @@
 
     megatron-trt-ext run [--cpu] SCRIPT [args]   run a Megatron-LM training script with exports on
                                                  (--cpu: CPU trial mode, for a laptop or CI)
-    megatron-trt-ext export CKPT_DIR --recipe R --output-dir D [--iteration N]
-                                                 export a saved torch_dist checkpoint (under torchrun too)
+    megatron-trt-ext export [--cpu] CKPT_DIR --recipe R --output-dir D [--iteration N]
+                                                 export a saved torch_dist checkpoint (under torchrun too;
+                                                 --cpu: CPU trial mode, as for run)
     megatron-trt-ext build EXPORT_DIR            build the engines of one complete export
     megatron-trt-ext build --watch ROOT [--once] build each new complete export under ROOT
     megatron-trt-ext verify EXPORT_DIR [--device cuda] [--json]
@@ -19,6 +20,7 @@ stdout carries only results (JSON with --json), for scripts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     e.add_argument("--inference-pp", type=int)
     e.add_argument("--tp", type=int, help="tensor parallel size used to load it (default: all ranks if it fits)")
     e.add_argument("--pp", type=int, help="pipeline parallel size used to load it")
+    e.add_argument("--cpu", action="store_true", help="CPU trial mode (laptop, CI; as `run --cpu`): hides the GPUs "
+                   "and maps Megatron's CUDA calls to the CPU; never for real exports")
     b = sub.add_parser("build", help="build TensorRT-LLM engines of exports (outside training)")
     b.add_argument("export_dir", nargs="?", help="an iter_XXXXXXX export with a complete manifest")
     b.add_argument("--watch", metavar="ROOT", help="build every new complete export under ROOT as it lands")
@@ -127,6 +131,12 @@ def main(argv=None) -> int:
 
 def run_export(args) -> int:
     """Exit status: 0 complete, 1 the export failed, 2 bad input."""
+    if args.cpu:
+        try:
+            _cpu_mode()
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from .errors import ExportError
     from .offline import export_checkpoint
 
@@ -150,6 +160,22 @@ def run_export(args) -> int:
         print(json.dumps({"status": result.status, "path": str(result.path), "iteration": result.iteration,
                           "bytes": result.bytes_written}))
     return 0
+
+
+def _cpu_mode() -> None:
+    """`export --cpu`: the launcher's CPU trial mode (`cpu_mode.activate`), before anything imports
+    megatron. Only ever imported here and in the launcher, for the flag."""
+    try:
+        training = importlib.util.find_spec("megatron.training")
+    except ModuleNotFoundError:  # no megatron at all
+        training = None
+    if training is None:  # the offline loader builds the model with it
+        raise ConfigError("export --cpu: megatron.training is not importable; offline export builds the model "
+                          "with Megatron-LM's builders (megatron-core >= 0.18's wheel, or a Megatron-LM checkout "
+                          "on PYTHONPATH)")
+    from . import cpu_mode
+
+    cpu_mode.activate()
 
 
 def run_build(export_dir, options, watch=None, poll: float = 10.0, once: bool = False, error=None,

@@ -62,7 +62,7 @@ def parse_size(value: Any, what: str) -> int:
 # the fix), so the generic type check skips them, as it skips max_shard_size (`parse_size`).
 SECTIONS = {"build": BuildOptions, "quantization": QuantSpec, "verification": VerificationOptions,
             "serve": ServeOptions}
-_OWN_TYPE_CHECK = {"max_shard_size", *SECTIONS}
+_OWN_TYPE_CHECK = {"max_shard_size", "split_rows_over", *SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,12 @@ class ExportConfig:
         every_n_saves: export at every Nth checkpoint save seen by the hook.
         family: ``"auto"`` detects the architecture family from the model's config.
         max_shard_size: largest Hugging Face safetensors shard (e.g. ``"5GB"``).
+        split_rows_over: units larger than this (a size such as ``"2GB"``, or ``"auto"``: twice
+            the mean bytes each rank writes) are written by several ranks, a range of rows each,
+            into the same files, where their conversion keeps rows whole (vocabulary tables,
+            plain renames; `megatron_trt_ext.row_split`). Their checksums and fingerprints are
+            then listed per range. Unset: every unit is written whole by one rank. Not with
+            quantization or a live refit.
         tokenizer_dir: the training tokenizer's directory (as saved by transformers'
             ``save_pretrained``): its files (and chat template) are copied into the HF export and
             its bos/eos/pad ids written to config.json and generation_config.json, so the export
@@ -136,6 +142,7 @@ class ExportConfig:
     every_n_saves: int = 1
     family: str = "auto"
     max_shard_size: Union[int, str] = "5GB"
+    split_rows_over: Union[int, str, None] = None
     tokenizer_dir: Optional[str] = None
     eod_token_id: Optional[int] = None
     strict: bool = False
@@ -151,6 +158,7 @@ class ExportConfig:
     serve: Union[ServeOptions, dict, str, None] = None
     recipe: Optional[str] = None
     max_shard_size_bytes: int = field(init=False, repr=False, compare=False)  # max_shard_size, parsed
+    split_rows_over_bytes: Optional[int] = field(init=False, repr=False, compare=False)  # None: off or "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -211,6 +219,8 @@ class ExportConfig:
                               f"({self.timeout_s} s), the export ranks' patience with each other; lower it or "
                               "raise timeout_s")
         self._set("max_shard_size_bytes", parse_size(self.max_shard_size, f"max_shard_size{source}"))
+        self._set("split_rows_over_bytes", None if self.split_rows_over in (None, "auto")
+                  else parse_size(self.split_rows_over, f"split_rows_over{source} (a size, \"auto\" or unset)"))
         self._set("output_dir", os.fspath(self.output_dir))
         if not self.output_dir:
             raise ConfigError(f"output_dir{source}: must not be empty")
@@ -266,7 +276,8 @@ class ExportConfig:
         try:
             data = load_recipe_yaml(path.read_text(), str(path))
         except OSError as exc:
-            fix = f"; {recipes.describe_missing(path)}" if not path.exists() else ""
+            fix = f"; {recipes.describe_missing(path)}" if not path.exists() else (
+                "; give the path of a YAML recipe file you can read")
             raise ConfigError(f"recipe {str(path)!r}: cannot read it ({exc.strerror or exc}){fix}") from exc
         if data is None:
             data = {}

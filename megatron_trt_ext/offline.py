@@ -248,11 +248,13 @@ def export_checkpoint(checkpoint, recipe: Optional[str], output_dir: str, iterat
     from .config import ExportConfig
     from .exporter import Exporter
 
-    chunks, args, iteration, _ = load_checkpoint_model(checkpoint, iteration, tp, pp)
+    # The recipe and the output directory first: a bad one is named before a checkpoint is loaded.
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update(output_dir=output_dir, mode="sync")
     config = (ExportConfig.from_yaml(recipe, **overrides) if recipe
               else ExportConfig.from_dict(overrides, source="megatron-trt-ext export"))
+    config.check_output_dir_writable()
+    chunks, args, iteration, _ = load_checkpoint_model(checkpoint, iteration, tp, pp)
     tokenizer = _tokenizer_vocab(args)
     if config.vocab_size is None:
         if tokenizer is None:

@@ -43,6 +43,7 @@ class TensorWriter:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self._listener = socket.create_server((bind, port), backlog=max(8, readers))
+        self._port = self._listener.getsockname()[1]  # kept: the listener closes before the last messages
         self._advertise = advertise
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -53,7 +54,7 @@ class TensorWriter:
     def address(self, towards: Optional[tuple] = None) -> str:
         """'host:port' a server can reach: ``advertise`` if given, else the interface that routes
         to ``towards`` (the server's host, port)."""
-        port = self._listener.getsockname()[1]
+        port = self._port
         host = self._advertise or wire.local_address_towards(*(towards or ("127.0.0.1", 0)))
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

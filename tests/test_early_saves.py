@@ -25,6 +25,10 @@ from megatron_trt_ext.worker import worker_main
 from tests.support.distributed import run_ranks
 from tests.support.models import randomize, tiny_llama
 
+# Worker processes and slot bookkeeping: nothing here depends on the megatron-core version beyond
+# what test_async covers on both; pinned version only (the CI time budget).
+pytestmark = pytest.mark.heavy
+
 GATES = "MTE_TEST_GATES"
 GATE_LIMIT_S = 120  # a gate nobody opens lets the worker go on after this (nothing waits forever)
 

@@ -13,6 +13,9 @@ from megatron_trt_ext.serve.client import RefitError, VLLMServer
 from megatron_trt_ext.serve.writer import TensorWriter
 from tests.support.models import tiny_llama
 
+# The NCCL transport's bookkeeping: independent of the megatron-core version; pinned version only.
+pytestmark = pytest.mark.heavy
+
 SPECS = [("model.embed_tokens.weight", torch.bfloat16, (120, 8)), ("model.layers.0.mlp.up_proj.weight",
          torch.bfloat16, (16, 8)), ("model.layers.0.input_layernorm.weight", torch.float32, (8,)),
          ("model.layers.0.self_attn.k_scale", torch.float32, ()), ("lm_head.weight", torch.float8_e4m3fn, (120, 8))]

@@ -21,6 +21,10 @@ from tests.support.distributed import run_ranks
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.models import randomize, tiny_llama
 
+# Sockets, writer threads and a fake server: nothing here depends on the megatron-core version
+# beyond what test_exporter covers on both; pinned version only (the CI time budget).
+pytestmark = pytest.mark.heavy
+
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port
 
 

@@ -96,6 +96,36 @@ def stall(ctx: Context) -> dict:
     }
 
 
+@check("probe_cost")
+def probe_cost(ctx: Context) -> dict:
+    """The verification probe at its rule's size (`bench.probe_cost.measure`) against a plain
+    device-to-host copy of the same weights into pinned memory: bf16 weights (a live reference) and
+    float32 weights (rounded to bf16 in place for the pass: the rounding's copy measured alone)."""
+    import torch
+
+    from bench.probe_cost import measure
+    from examples.cpu_shim import function_mode_paused, stub_triton_only_modules
+
+    stub_triton_only_modules()
+    from tests.support.models import init_single_process, randomize, tiny_llama
+
+    init_single_process()
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32)):
+        model = tiny_llama(max_seq=4096, params_dtype=dtype, **ctx.model_size)
+        if ctx.device == "cuda":
+            model = model.cuda()
+        randomize(model, seed=11)
+        with function_mode_paused():
+            r = measure(model, ctx.model_size["vocab_size"], ctx.rounds, ctx.work / f"probe-{name}")
+        out[name] = {k: r[k] for k in ("parameters", "weight_bytes", "rule_shape", "forward_flops", "reference",
+                                       "rounding_copy_bytes", "probe_peak_device_bytes", "median", "over_copy")}
+        del model
+        if ctx.device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 QUANT_LLAMA = dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
                    kv_channels=64)
 

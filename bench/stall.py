@@ -4,12 +4,16 @@ the background export's CPU time beside the sync export's, in one run, interleav
 Per round: a plain copy of every weight into preallocated (already touched) host buffers; an
 async export (the stall: until training may go on; on CUDA until the training stream is free,
 since the snapshot copies run on a side stream that the training stream waits for), then its
-background completion; a sync export of the same model. Medians over rounds.
+background completion; a sync export of the same model. Medians over rounds. The exports run the
+verification probe (on by default, sized by its rule); ``--probe-off`` adds, in each round, an
+async export of a second exporter with the probe off, so the probe's share of the stall is
+measured side by side (issue 22).
 
 `stall_rounds` is shared with `bench.gpu_checks` (there the plain copy is device-to-host into
 pinned memory).
 
-    python -m bench.stall [--rounds 5] [--layers 16] [--dir D]
+    python -m bench.stall [--rounds 5] [--layers 16] [--dir D] [--probe-off]
+    python -m bench.stall --layers 12 --hidden 768 --ffn 2048 --heads 12 --probe-off   # 125M
 """
 
 from __future__ import annotations
@@ -57,37 +61,69 @@ def _cpu_of(pid: int) -> float:
     return times.user + times.system
 
 
-def stall_rounds(model, work: Path, rounds: int, vocab_size: int, formats=("hf", "trtllm_checkpoint")) -> dict:
-    """Interleaved rounds of plain copy / async export / sync export; every figure per round."""
+def _async_round(exporter, iteration: int) -> tuple:
+    """(stall s, background export s, its worker's CPU s, the result) of one async export."""
     import torch
 
+    worker = exporter._background.proc.pid
+    w0 = _cpu_of(worker)
+    t0 = time.perf_counter()
+    exporter.export(iteration)
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()  # the training stream waits for the snapshot
+    stall = time.perf_counter() - t0
+    done = exporter.wait()
+    assert done.ok, done.error
+    return stall, done.timings["total_s"], _cpu_of(worker) - w0, done
+
+
+def stall_rounds(model, work: Path, rounds: int, vocab_size: int, formats=("hf", "trtllm_checkpoint"),
+                 probe_off: bool = False) -> dict:
+    """Interleaved rounds of plain copy / async export / (``probe_off``: async export without the
+    probe) / sync export; every figure per round. The probe's time inside each stall is
+    ``probe_s`` (the export's own timing)."""
+    import torch
+
+    from bench.probe_cost import probe_under_shim
     from megatron_trt_ext import ExportConfig, Exporter
+    from megatron_trt_ext import manifest as mf
 
     cfg = dict(vocab_size=vocab_size, formats=list(formats), dtype="bfloat16")
     params = [p.detach() for p in model.parameters()]
     copy = plain_copy(params, pinned=torch.cuda.is_available())
     sync = Exporter(model, ExportConfig(output_dir=str(work / "sync"), mode="sync", **cfg))
     background = Exporter(model, ExportConfig(output_dir=str(work / "async"), mode="async", **cfg))
-    out = {"copy_s": [], "stall_s": [], "background_s": [], "background_cpu_s": [], "sync_s": [], "sync_cpu_s": [],
-           "snapshot_bytes": background._background.snapshot_bytes,
+    without = (Exporter(model, ExportConfig(output_dir=str(work / "async-off"), mode="async",
+                                            verification={"enabled": False}, **cfg)) if probe_off else None)
+    out = {"copy_s": [], "stall_s": [], "probe_s": [], "background_s": [], "background_cpu_s": [], "sync_s": [],
+           "sync_cpu_s": [], "snapshot_bytes": background._background.snapshot_bytes,
            "weight_bytes": sum(p.numel() * p.element_size() for p in params)}
+    if probe_off:
+        out.update(stall_probe_off_s=[], background_probe_off_s=[])
+    for exporter in (sync, background):  # on CPU the probe's forward pass needs the shim (paused here)
+        probe_under_shim(exporter)
     try:
-        copy()  # warm-up of both paths: first-touch of buffers, worker start-up
-        background.export(0)
-        assert background.wait().ok
+        copy()  # warm-up of every path: first-touch of buffers, worker start-up
+        for exporter in filter(None, (background, without)):
+            exporter.export(0)
+            warm = exporter.wait()
+            assert warm.ok, warm.error
+            if exporter is background:  # a failed probe is recorded, not raised: it would not be measured
+                probe = mf.read_manifest(warm.path)["verification"]
+                assert probe["status"] == "recorded", probe
+                out["probe_shape"] = tuple(probe["probe_shape"])
         for i in range(1, rounds + 1):
             out["copy_s"].append(copy())
-            worker = background._background.proc.pid
-            w0 = _cpu_of(worker)
-            t0 = time.perf_counter()
-            background.export(i)
-            if torch.cuda.is_available():
-                torch.cuda.current_stream().synchronize()  # the training stream waits for the snapshot
-            out["stall_s"].append(time.perf_counter() - t0)
-            done = background.wait()
-            assert done.ok, done.error
-            out["background_s"].append(done.timings["total_s"])
-            out["background_cpu_s"].append(_cpu_of(worker) - w0)
+            stall, total, cpu, done = _async_round(background, i)
+            out["stall_s"].append(stall)
+            out["probe_s"].append(done.timings.get("probe_s", 0.0))
+            out["background_s"].append(total)
+            out["background_cpu_s"].append(cpu)
+            if without is not None:
+                stall, total, _, off = _async_round(without, i)
+                out["stall_probe_off_s"].append(stall)
+                out["background_probe_off_s"].append(total)
+                shutil.rmtree(off.path, ignore_errors=True)
             c0, t0 = _cpu_self(), time.perf_counter()
             result = sync.export(i)
             out["sync_s"].append(time.perf_counter() - t0)
@@ -96,6 +132,8 @@ def stall_rounds(model, work: Path, rounds: int, vocab_size: int, formats=("hf",
                 shutil.rmtree(r.path, ignore_errors=True)
     finally:
         background.close()
+        if without is not None:
+            without.close()
     return out
 
 
@@ -111,6 +149,13 @@ def report(figures: dict, device: str) -> list:
           f"wall, {m['background_cpu_s']:.2f} s CPU; sync export {m['sync_s']:.2f} s wall, {m['sync_cpu_s']:.2f} s CPU")
     print(f"\nGoal 3 ({device}):")
     goals = [goal_line("async stall / plain copy of the same weights", m["stall_s"] / m["copy_s"], 1.2)]
+    print(f"  the probe inside that stall: {m['probe_s']:.3f} s = {m['probe_s'] / m['copy_s']:.2f}x the plain copy "
+          "(reported)")
+    if "stall_probe_off_s" in m:
+        off = m["stall_probe_off_s"] / m["copy_s"]
+        goals.append(goal_line("async stall with the probe off / plain copy", off, 1.2))
+        print(f"  stall probe on - off: {m['stall_s'] - m['stall_probe_off_s']:.3f} s = "
+              f"{(m['stall_s'] - m['stall_probe_off_s']) / m['copy_s']:.2f}x the plain copy (reported)")
     print(f"  background export CPU / sync export CPU: {m['background_cpu_s'] / m['sync_cpu_s']:.2f} "
           f"({m['background_cpu_s']:.2f} s vs {m['sync_cpu_s']:.2f} s; reported, no target)")
     return goals
@@ -122,8 +167,10 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--heads", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", default=None)
+    p.add_argument("--probe-off", action="store_true", help="also an async export with the probe off, each round")
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -136,18 +183,19 @@ def main(argv=None) -> int:
 
     init_single_process()
     model = tiny_llama(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                       num_attention_heads=16, num_query_groups=4, vocab_size=args.vocab, max_seq=4096,
+                       num_attention_heads=args.heads, num_query_groups=4, vocab_size=args.vocab, max_seq=4096,
                        params_dtype=torch.float32)
     randomize(model, seed=5)
     params = sum(p.numel() for p in model.parameters())
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-stall-"))
     try:
         with function_mode_paused():
-            figures = stall_rounds(model, work, args.rounds, vocab_size=args.vocab)
+            figures = stall_rounds(model, work, args.rounds, vocab_size=args.vocab, probe_off=args.probe_off)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"model: Llama-style, {params / 1e6:.0f}M parameters, float32 live weights, bf16 export (HF + "
-          f"TensorRT-LLM), one rank, CPU, torch {torch.__version__}; {args.rounds} interleaved rounds\n")
+          f"TensorRT-LLM), one rank, CPU, torch {torch.__version__}; {args.rounds} interleaved rounds; probe "
+          f"{' x '.join(map(str, figures['probe_shape']))} tokens\n")
     goals = report(figures, "CPU")
     if args.json:
         Path(args.json).write_text(json.dumps({"figures": figures, "goals": goals}, indent=2))

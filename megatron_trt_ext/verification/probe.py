@@ -9,9 +9,12 @@ later runs the same tokens through the exported HF checkpoint and compares.
 Every rank runs the same steps and the same collectives in the same order, on the export's own
 groups (`gather.Comm`):
 
-1. rank 0 picks the tokens (the calibration batches' first rows when the recipe has a real
-   calibration source, else ids drawn by a generator of its own, seeded, never the global RNG)
-   and shares them (all-gather), so every rank, every DP replica included, probes the same tokens;
+1. rank 0 sizes the probe (`spec.probe_size`: what the recipe set, else fewer tokens for larger
+   models, from the exported parameter count, which every rank's plan holds alike), picks the
+   tokens (the calibration batches' first rows when the recipe has a real calibration source, else
+   ids drawn by a generator of its own, seeded, never the global RNG) and shares them (all-gather),
+   so every rank, every DP replica included, probes the same tokens; the size and its rule go
+   into the manifest, the tokens into the probe file that `verify` reads;
 2. every rank runs the forward pass (eval mode restored, no grad, RNG restored): one chunk
    through `forward.run_forward`; pipeline stages through `stages.staged_forward`, which hands the
    activations on with point-to-point messages on the model's own device (CPU included); with the
@@ -28,6 +31,7 @@ says why (``verification.status: failed``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from contextlib import contextmanager
@@ -38,6 +42,7 @@ import torch
 
 from .. import forward
 from ..forward import is_staged
+from .spec import probe_size
 from .stages import staged_forward
 
 FILE_NAME = "verification.safetensors"
@@ -72,6 +77,14 @@ class ProbeRecord:
     @property
     def ok(self) -> bool:
         return self.data is not None
+
+
+def parameter_count(units) -> int:
+    """The exported tensors' elements: the plan's global units (the same list on every rank),
+    calibration statistics left out. What `spec.probe_size` sizes the probe by."""
+    from ..quant.stats import is_stat
+
+    return sum(unit.numel for unit in units if not is_stat(unit.name))
 
 
 def synthetic_tokens(options, vocab_size: int) -> torch.Tensor:
@@ -210,11 +223,16 @@ def rounded_to_export(chunks: list, rounding: Rounding):
 
 def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, model_dtype: str,
               calibration: Optional[list] = None, calibration_source: str = "",
-              rounding: Optional[Rounding] = None) -> Optional[ProbeRecord]:
+              rounding: Optional[Rounding] = None, parameters: Optional[int] = None,
+              max_positions: int = 0) -> Optional[ProbeRecord]:
     """Run the probe; call on every rank. Returns the record on rank 0, None elsewhere.
     ``rounding``: the export dtype and names, for a reference computed from the weights as
-    exported (`reference_kind`); None: the live weights (quantized exports, older callers)."""
+    exported (`reference_kind`); None: the live weights (quantized exports, older callers).
+    ``parameters`` (`parameter_count`) and ``max_positions`` size what ``options`` leaves unset
+    (`spec.probe_size`); only rank 0's count matters (its tokens are shared)."""
     t0 = time.perf_counter()
+    size = probe_size(options, parameters, max_positions)
+    options = dataclasses.replace(options, num_sequences=size.num_sequences, seq_len=size.seq_len)
     chosen = None
     if comm.rank == 0:
         try:
@@ -251,19 +269,19 @@ def run_probe(chunks: list, options, vocab_size: int, padded_vocab: int, comm, m
     if not errors and len(kinds) > 1:  # one reference must not mix rounded and live stages
         errors = [f"the ranks disagree on the reference ({sorted(kinds)}): their parameters differ in dtype"]
     if errors:
-        return _failed(options, errors[0], t0)
+        return _failed(options, errors[0], t0, size)
     try:
         values, ids = merge_candidates([part for _, parts, _ in gathered for part in parts], vocab_size,
                                        options.top_k)
     except Exception as exc:  # noqa: BLE001
-        return _failed(options, f"{type(exc).__name__}: {exc}", t0)
+        return _failed(options, f"{type(exc).__name__}: {exc}", t0, size)
     reference = {"reference": kind, "reference_dtype": str(rounding.dtype).replace("torch.", "")
-                 if kind == AS_EXPORTED else model_dtype}
+                 if kind == AS_EXPORTED else model_dtype, "size": size.record()}
     return _record(options, tokens, origin, values, ids, vocab_size, model_dtype, t0, reference)
 
 
-def _failed(options, error: str, t0: float) -> ProbeRecord:
-    return ProbeRecord(meta={"status": "failed", "error": error, **options.to_dict()},
+def _failed(options, error: str, t0: float, size) -> ProbeRecord:
+    return ProbeRecord(meta={"status": "failed", "error": error, **options.to_dict(), "size": size.record()},
                        seconds=time.perf_counter() - t0)
 
 

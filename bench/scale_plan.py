@@ -16,6 +16,13 @@ exporter does). Reported per layout and inference TP:
 * the projected export time at a stated per-rank disk and network bandwidth;
 * planning time and gathered bytes as DP grows (same units, more ranks): O(units), not O(ranks).
 
+Each layout is planned under three split policies (`plan.SplitPolicy`, default threshold: 1.5x
+the mean bytes per rank): ``none`` (every unit written whole by one rank), ``vocab`` (the vocabulary
+tables written by row ranges) and ``rows`` (every matrix `row_split` admits for these families:
+vocabulary tables, QKV, gated fc1, row-parallel linears, MLA projections; stacked experts stay
+whole, their group shares one writer). A split unit's ranges count its written bytes by their
+share of rows.
+
     python -m bench.scale_plan [--disk-gbps 2] [--net-gbps 25] [--json out.json]
 """
 
@@ -30,7 +37,7 @@ import tracemalloc
 
 from bench.goals import goal_line
 from bench.scale_shapes import Layout, by_position, deepseek_v3_671b, llama3_405b, rank_locals, written_bytes
-from megatron_trt_ext.plan import describe, expert_group, group_ranks, main_mask, plan_units
+from megatron_trt_ext.plan import SplitPolicy, describe, expert_group, group_ranks, main_mask, plan_units
 
 GB = 1e9
 
@@ -51,17 +58,28 @@ def gathered_bytes(descriptions: list, classes: list) -> tuple:
     return now, before
 
 
-def plan(classes: list, group_key=expert_group) -> tuple:
+def split_policy(name: str, by_name: dict):
+    """The `plan.SplitPolicy` of a policy name (see the module docstring); None for ``none``."""
+    if name == "none":
+        return None
+    if name == "vocab":
+        return SplitPolicy(lambda n: by_name[n].kind == "vocab")
+    if name == "rows":
+        return SplitPolicy(lambda n: len(by_name[n].shape) == 2)  # experts: grouped, never cut
+    raise ValueError(f"unknown split policy {name!r}")
+
+
+def plan(classes: list, group_key=expert_group, split=None) -> tuple:
     """(units, seconds, peak bytes) of one rank's planning: the median of three timed runs, then
     once more under tracemalloc (which slows allocation) for the memory."""
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        units = plan_units(classes, group_key=group_key)
+        units = plan_units(classes, group_key=group_key, split=split)
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     tracemalloc.start()
-    plan_units(classes, group_key=group_key)
+    plan_units(classes, group_key=group_key, split=split)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return units, seconds, peak
@@ -90,9 +108,13 @@ def traffic(units: list, by_name: dict, info: dict, world: int, inference_tp: in
                 send[piece.rank] += nbytes
                 recv[unit.writer] += nbytes
                 messages += 1
-        written = written_bytes(by_name[unit.name], info, inference_tp)
-        write[unit.writer] += written
+        tensor = by_name[unit.name]
+        written = written_bytes(tensor, info, inference_tp)
         key = group_key(unit.name)
+        if unit.rows is not None:  # a range of a split unit: its share of the rows, a group of its own
+            written = written * (unit.rows[1] - unit.rows[0]) // tensor.shape[0]
+            key = (unit.name, unit.rows)
+        write[unit.writer] += written
         groups[key] = groups.get(key, 0) + written
     mean = statistics.mean(write)
     return {"send": send, "recv": recv, "write": write, "messages": messages,
@@ -100,7 +122,8 @@ def traffic(units: list, by_name: dict, info: dict, world: int, inference_tp: in
             "writers": sum(1 for w in write if w)}
 
 
-def scenario(label: str, model, layout: Layout, inference_tps: list, disk: float, net: float) -> list:
+def scenario(label: str, model, layout: Layout, inference_tps: list, disk: float, net: float,
+             policies: tuple = ("none", "vocab", "rows")) -> list:
     tensors, info = model()
     by_name = {t.name: t for t in tensors}
     t0 = time.perf_counter()
@@ -109,12 +132,13 @@ def scenario(label: str, model, layout: Layout, inference_tps: list, disk: float
     classes = group_ranks(descriptions)
     now, before = gathered_bytes(descriptions, classes)
     rows = []
-    for tp in inference_tps:
+    for tp, policy in ((tp, policy) for tp in inference_tps for policy in policies):
         group_key = group_key_for(info, tp)
-        units, plan_s, plan_peak = plan(classes, group_key)
+        units, plan_s, plan_peak = plan(classes, group_key, split_policy(policy, by_name))
         t = traffic(units, by_name, info, layout.world, tp, group_key)
         projected = max(w / (disk * GB) + r / (net * GB) for w, r in zip(t["write"], t["recv"]))
-        rows.append({"model": label, "layout": layout.describe(), "inference_tp": tp, "units": len(units),
+        rows.append({"model": label, "layout": layout.describe(), "inference_tp": tp, "split": policy,
+                     "units": len(units),
                      "classes": len(classes), "plan_s": plan_s, "plan_peak_mib": plan_peak / 2**20,
                      "describe_all_ranks_s": describe_s,
                      "gathered_mib": now / 2**20, "gathered_before_mib": before / 2**20,
@@ -154,12 +178,13 @@ def main(argv=None) -> int:
                      args.disk_gbps, args.net_gbps)
     print(f"Plan at scale (real plan.plan_units on shape-only descriptions); writes = HF + TensorRT-LLM, bf16; "
           f"projection at {args.disk_gbps:g} GB/s disk and {args.net_gbps:g} GB/s network per rank\n")
-    head = (f"{'model':<17} {'layout':<46} {'iTP':>3} {'units':>6} {'plan s':>7} {'plan MiB':>8} "
+    head = (f"{'model':<17} {'layout':<46} {'iTP':>3} {'split':>5} {'units':>6} {'plan s':>7} {'plan MiB':>8} "
             f"{'gathered MiB (before)':>21} {'send max/mean GB':>16} {'recv max/mean GB':>16} "
             f"{'write max/mean GB':>17} {'p2p msgs':>8} {'imbal.':>6} {'floor':>5} {'proj. s':>7}")
     print(head)
     for r in rows:
-        print(f"{r['model']:<17} {r['layout']:<46} {r['inference_tp']:>3} {r['units']:>6} {r['plan_s']:>7.2f} "
+        print(f"{r['model']:<17} {r['layout']:<46} {r['inference_tp']:>3} {r['split']:>5} {r['units']:>6} "
+              f"{r['plan_s']:>7.2f} "
               f"{r['plan_peak_mib']:>8.1f} {r['gathered_mib']:>9.2f} ({r['gathered_before_mib']:>8.1f}) "
               f"{r['send_max_gb']:>7.2f}/{r['send_mean_gb']:<8.2f} {r['recv_max_gb']:>7.2f}/{r['recv_mean_gb']:<8.2f} "
               f"{r['write_max_gb']:>8.2f}/{r['write_mean_gb']:<8.2f} {r['messages']:>8} {r['imbalance']:>6.2f} "
@@ -171,8 +196,8 @@ def main(argv=None) -> int:
         print(f"{s['dp']:>3} {s['ranks']:>6} {s['plan_s']:>7.3f} {s['plan_peak_mib']:>8.1f} {s['gathered_mib']:>12.2f} "
               f"{s['gathered_before_mib']:>10.1f}")
     print("\nGoal 4:")
-    goals = [goal_line(f"writer imbalance {r['model']} {r['layout'].split(';')[0]} iTP{r['inference_tp']}",
-                       r["imbalance"], 1.5) for r in rows]
+    goals = [goal_line(f"writer imbalance {r['model']} {r['layout'].split(';')[0]} iTP{r['inference_tp']} "
+                       f"split {r['split']}", r["imbalance"], 1.5) for r in rows]
     first, last = scaling[0], scaling[-1]
     goals.append(goal_line(f"plan time at {last['ranks']} / {first['ranks']} ranks (same units)",
                            last["plan_s"] / first["plan_s"], 2.0))

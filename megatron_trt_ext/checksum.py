@@ -9,6 +9,10 @@ a damaged tensor as unlikely as sha256's.
 The manifest lists each file's checksums under the algorithm's name, ``{"xxh3_128": {tensor:
 hex}}``; manifests of schema 1 hold ``{"sha256": {...}}``. Readers go through `read_entry`, so
 both verify.
+
+A tensor that several ranks write, a row range each (`plan.SplitPolicy`), has one checksum per
+range, under ``range_key`` (``"name@rows 0:4096"``): XXH3 states cannot be combined, and each
+range is hashed by the rank that writes it. `verify` hashes the same rows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,33 @@ import xxhash
 
 ALGORITHM = "xxh3_128"
 _HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+_ROWS = "@rows "
+
+
+def range_key(name: str, first: int, stop: int) -> str:
+    """The manifest key of rows ``first:stop`` of tensor ``name``."""
+    return f"{name}{_ROWS}{first}:{stop}"
+
+
+def parse_key(key: str) -> tuple:
+    """(tensor name, (first, stop) or None for the whole tensor) of a manifest key."""
+    name, sep, rows = key.rpartition(_ROWS)
+    if not sep:
+        return key, None
+    first, _, stop = rows.partition(":")
+    return name, (int(first), int(stop))
+
+
+def rows_problem(ranges: list, rows: int) -> str:
+    """Why row ranges do not cover ``rows`` rows exactly once, or ""."""
+    at = 0
+    for first, stop in sorted(ranges):
+        if first != at or stop <= first:
+            return f"rows {at}:{first} missing" if first > at else f"rows {first}:{stop} overlap or are empty"
+        at = stop
+    return "" if at == rows else f"rows {at}:{rows} missing"
 
 
 def new(algorithm: str = ALGORITHM):

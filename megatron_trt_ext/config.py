@@ -87,10 +87,10 @@ class ExportConfig:
         every_n_saves: export at every Nth checkpoint save seen by the hook.
         family: ``"auto"`` detects the architecture family from the model's config.
         max_shard_size: largest Hugging Face safetensors shard (e.g. ``"5GB"``).
-        split_rows_over: units larger than this (a size such as ``"2GB"``, or ``"auto"``: twice
+        split_rows_over: units larger than this (a size such as ``"2GB"``, or ``"auto"``: 1.5x
             the mean bytes each rank writes) are written by several ranks, a range of rows each,
             into the same files, where their conversion keeps rows whole (vocabulary tables,
-            plain renames; `megatron_trt_ext.row_split`). Their checksums and fingerprints are
+            linears; not stacked experts; `megatron_trt_ext.row_split`). Their checksums and fingerprints are
             then listed per range. Unset: every unit is written whole by one rank. Not with
             quantization or a live refit.
         tokenizer_dir: the training tokenizer's directory (as saved by transformers'

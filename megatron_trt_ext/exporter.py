@@ -29,6 +29,7 @@ from .job import ExportJob
 from .result import ExportResult
 from .model_info import drop_mtp_layers, merge_module_facts, module_facts, read_model_info, unwrap_chunks
 from .plan import describe, expert_group, local_shards, plan_units
+from .row_split import split_for_export
 
 logger = logging.getLogger("megatron_trt_ext")
 
@@ -164,10 +165,12 @@ class Exporter:
 
         units = plan_units(classes, group_key=self._group_key(weight_of))
         check_sources(self.spec, self.info, [u.name for u in units if not is_stat(u.name)])
+        units, row_maps = split_for_export(config, self.spec, self.info, self.vocab_size, self.moe_tp, self.moe_ep,
+                                           classes, self._group_key(weight_of), units)
         self.job = ExportJob(config=config, info=self.info, family=self.spec.name, units=units,
                              vocab_size=self.vocab_size, moe_tp=self.moe_tp, moe_ep=self.moe_ep,
                              rank=self.rank, world_size=self.world_size, root=self.root, mode=self.mode,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, row_maps=row_maps)
         self.saves_seen = 0
         self.last_result: Optional[ExportResult] = None
         self.results: list = []
@@ -259,7 +262,7 @@ class Exporter:
         if not self.probe_enabled:
             return None
         from .plan import torch_dtype
-        from .verification.probe import Rounding, run_probe
+        from .verification.probe import Rounding, parameter_count, run_probe
 
         source = self.quant.calibration.source if self.quant is not None else ""
         real_data = batches if source in ("iterator", "jsonl") else None
@@ -268,7 +271,8 @@ class Exporter:
         rounding = None if self.quant is not None else Rounding(torch_dtype(self.config.dtype), self.rename,
                                                                 self.job.keep_source)
         record = run_probe(self.chunks, self.probe_options, self.vocab_size, self.info.padded_vocab_size,
-                           self.comm, str(dtype).replace("torch.", ""), real_data, source, rounding)
+                           self.comm, str(dtype).replace("torch.", ""), real_data, source, rounding,
+                           parameters=parameter_count(self.units), max_positions=self.info.max_position_embeddings)
         if record is not None and not record.ok:
             logger.warning("verification probe failed, the export goes on without reference logits: %s",
                            record.meta.get("error"))

@@ -195,16 +195,22 @@ def gather_classes(comm: Comm, description: Optional[tuple], error) -> tuple:
     return [], classes
 
 
-def _local_piece(local: dict, unit: Unit, offset: tuple, shape: tuple) -> torch.Tensor:
-    for piece in local.get(unit.name, ()):
-        if piece.offset == offset and tuple(piece.tensor.shape) == shape:
-            return piece.tensor.detach()
+def _local_piece(local: dict, unit: Unit, piece) -> torch.Tensor:
+    """This rank's memory of ``piece``: its slice, or the rows of it that a split unit's range
+    takes (a view either way)."""
+    offset, shape = piece.key
+    for held in local.get(unit.name, ()):
+        if held.offset == offset and tuple(held.tensor.shape) == shape:
+            tensor = held.tensor.detach()
+            if piece.src is not None:  # rows of the slice: the range's first row is unit.rows[0]
+                tensor = tensor.narrow(0, unit.rows[0] + piece.offset[0] - offset[0], piece.shape[0])
+            return tensor
     raise KeyError(f"tensor {unit.name!r}: this rank holds no slice at offset {offset}")
 
 
 def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-    """Run this rank's part of one unit's transfer. Returns the full tensor on the writer, in
-    host memory.
+    """Run this rank's part of one unit's transfer. Returns the full tensor (a split unit: its
+    rows ``unit.rows``) on the writer, in host memory.
 
     ``cast_to``: the dtype the writer casts the whole unit to next (see `Conversion.unit`):
     slices are then cast as they are placed, so the unit is assembled and cast in one pass, at
@@ -219,9 +225,9 @@ def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype]
     rank = comm.rank
     if rank == unit.writer:
         if len(unit.pieces) == 1 and unit.local_to_writer(unit.pieces[0]):
-            return _local_piece(local, unit, unit.pieces[0].offset, unit.pieces[0].shape).to(HOST)
+            return _local_piece(local, unit, unit.pieces[0]).to(HOST)
         dtype = torch_dtype(unit.dtype)
-        local_parts = [(p, _local_piece(local, unit, p.offset, p.shape))
+        local_parts = [(p, _local_piece(local, unit, p))
                        for p in unit.pieces if unit.local_to_writer(p)]
         remote = [(tag, p) for tag, p in enumerate(unit.pieces) if not unit.local_to_writer(p)]
         if not remote:
@@ -253,7 +259,7 @@ def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype]
     sends = []
     for tag, piece in enumerate(unit.pieces):
         if piece.rank == rank and not unit.local_to_writer(piece):
-            sends.append(comm.send(_local_piece(local, unit, piece.offset, piece.shape), unit.writer, tag))
+            sends.append(comm.send(_local_piece(local, unit, piece), unit.writer, tag))
     for _, work in sends:
         work.wait()
     return None
@@ -283,6 +289,11 @@ def _index(piece) -> tuple:
 
 
 def iter_meta(units: list) -> Iterator[tuple]:
-    """Shape-only stand-ins with the same names, for planning the output files."""
-    for unit in units:
-        yield unit.name, torch.empty(unit.shape, dtype=torch_dtype(unit.dtype), device="meta")
+    """Shape-only stand-ins with the same names, for planning the output files: one per tensor,
+    whole (the row ranges of a split unit follow each other in the plan, the last one ends at
+    its last row)."""
+    for i, unit in enumerate(units):
+        if unit.rows is None:
+            yield unit.name, torch.empty(unit.shape, dtype=torch_dtype(unit.dtype), device="meta")
+        elif i + 1 == len(units) or units[i + 1].name != unit.name:
+            yield unit.name, torch.empty((unit.rows[1], *unit.shape[1:]), dtype=torch_dtype(unit.dtype), device="meta")

@@ -44,6 +44,7 @@ from .quant.export_config import (check_quantizes_something, hf_quant_config_fil
                                   trtllm_quantization)
 from .quant.stage import QuantStage
 from .result import ExportResult
+from .row_split import export_range
 from .serve.sink import RefitSink
 from .verification import fingerprint as fingerprints
 from .verification.exact import MODEL_INFO, info_record
@@ -70,6 +71,7 @@ class ExportJob:
     out_specs: dict = field(default_factory=dict)
     keep_source: frozenset = frozenset()  # units with an output in a dtype other than the export's
     tokenizer: Optional[object] = None  # `tokenizer.TokenizerFacts`: files and ids for the HF export
+    row_maps: dict = field(default_factory=dict)  # units cut into row ranges: their outputs (`row_split`)
 
     def __post_init__(self):
         if not self.out_specs:
@@ -141,13 +143,13 @@ class ExportJob:
         """(unit name, offset, shape) of the local slices this rank reads in an export: what a
         snapshot must copy. A rank sends main slices its writer lacks and writes from its own."""
         needs = []
-        for unit in self.units:
+        for unit in self.units:  # a slice that several row ranges read (`row_split`): once
             if unit.writer == self.rank:
-                needs += [(unit.name, p.offset, p.shape) for p in unit.pieces if unit.local_to_writer(p)]
+                needs += [(unit.name, *p.key) for p in unit.pieces if unit.local_to_writer(p)]
             else:
-                needs += [(unit.name, p.offset, p.shape) for p in unit.pieces
+                needs += [(unit.name, *p.key) for p in unit.pieces
                           if p.rank == self.rank and not unit.local_to_writer(p)]
-        return needs
+        return list(dict.fromkeys(needs))
 
     def manifest_base(self, iteration: int) -> dict:
         c = self.config
@@ -235,7 +237,7 @@ class ExportJob:
         conversion = self.new_conversion()
         dtype = conversion.dtype
         recorder = fingerprints.Recorder(self.spec, self.ctx, dtype, self.quant_stage, self.keep_source, run.pool) \
-            if "hf" in self.config.formats else None  # `verify` reads them back from hf/
+            if {"hf", "trtllm_checkpoint"} & set(self.config.formats) else None  # `verify` reads both back
         size = dtype.itemsize
         for unit in self.units:
             if unit.writer == self.rank:  # waits while earlier units' writes hold the memory budget
@@ -251,7 +253,10 @@ class ExportJob:
             if full is None or error is not None:
                 continue
             try:
-                self._export_unit(unit, full, conversion, hf, trt, timings, run.sink, recorder)
+                if unit.rows is not None:  # rows of a unit several ranks write (`row_split`)
+                    export_range(unit, full, self.row_maps[unit.name], dtype, hf, trt, recorder, timings)
+                else:
+                    self._export_unit(unit, full, conversion, hf, trt, timings, run.sink, recorder)
             except Exception as exc:  # noqa: BLE001
                 error = f"tensor {unit.name!r}: {type(exc).__name__}: {exc}"
                 local_exc = exc

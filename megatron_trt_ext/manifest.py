@@ -294,13 +294,27 @@ def verify_export(export: Path) -> list:
         if not path.is_file():
             problems.append(f"{rel}: missing")
             continue
+        ranges: dict = {}  # tensor -> [(rows or None, key)]: tensors written by several ranks have a sum per range
+        for key in sums:
+            name, rows = checksum.parse_key(key)
+            ranges.setdefault(name, []).append((rows, key))
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            if names != set(sums):
+            if names != set(ranges):
                 problems.append(f"{rel}: tensors differ from the manifest")
-            for name in sorted(names & set(sums)):
-                if checksum.hexdigest([tensor_bytes(f.get_tensor(name))], algorithm) != sums[name]:
-                    problems.append(f"{rel}: {name} checksum mismatch ({algorithm})")
+            for name in sorted(names & set(ranges)):
+                parts = ranges[name]
+                if any(rows is not None for rows, _ in parts):
+                    rows_total = f.get_slice(name).get_shape()[0]
+                    gap = checksum.rows_problem([r for r, _ in parts if r is not None], rows_total) \
+                        if all(r is not None for r, _ in parts) else "listed whole and by rows"
+                    if gap:
+                        problems.append(f"{rel}: {name} checksums by rows: {gap}")
+                        continue
+                for rows, key in sorted(parts, key=lambda p: p[0] or (0, 0)):
+                    tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+                    if checksum.hexdigest([tensor_bytes(tensor)], algorithm) != sums[key]:
+                        problems.append(f"{rel}: {key} checksum mismatch ({algorithm})")
     return problems
 
 

@@ -34,12 +34,13 @@ class FileSet:
             self.abort()
             raise
 
-    def write(self, name: str, tensor, fname: str | None = None) -> None:
-        """Write ``name``; ``fname`` picks the file when names repeat across files (rank files)."""
+    def write(self, name: str, tensor, fname: str | None = None, rows: tuple | None = None) -> None:
+        """Write ``name``; ``fname`` picks the file when names repeat across files (rank files);
+        ``rows``: ``tensor`` is only rows (first, stop) of it (`SafetensorsFileWriter.write`)."""
         fname = fname or self.route.get(name)
         if fname not in self.writers:
             raise KeyError(f"{self.directory}: tensor {name!r} is not in the planned files")
-        self.writers[fname].write(name, tensor)
+        self.writers[fname].write(name, tensor, rows=rows)
 
     def close(self) -> dict:
         """Close this process's handles; returns {file: {tensor: checksum}} of what it wrote."""

@@ -39,8 +39,8 @@ class HFWriter:
         self.files = plan_shards(specs, max_shard_bytes)
         self.fileset = FileSet(self.directory, self.files, metadata={"format": "pt"}, create=create, pool=pool)
 
-    def write(self, name: str, tensor) -> None:
-        self.fileset.write(name, tensor)
+    def write(self, name: str, tensor, rows: tuple | None = None) -> None:
+        self.fileset.write(name, tensor, rows=rows)
 
     def close(self) -> dict:
         return self.fileset.close()

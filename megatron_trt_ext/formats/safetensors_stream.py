@@ -5,6 +5,11 @@ plan is computed on shape-only tensors first. So one process creates the file (h
 full size), and every process that owns some tensors opens it and writes them at their offsets,
 in any order. Memory stays at one tensor, and several ranks can fill one file without talking to
 each other. The result is a standard safetensors file (readable by `safetensors.safe_open`).
+Several ranks can also fill one tensor, a range of rows each (``write(..., rows=(first, stop))``,
+for the large units the plan splits, `plan.SplitPolicy`): rows are contiguous in the file, so a
+range is one positional write at its own offset, with a checksum of its own
+(`checksum.range_key`). The creating rank sizes the file before any other opens it (the export
+agrees on the files' creation before any writes), so no writer truncates or extends it.
 
 Each tensor is written in one pass over its bytes, in chunks of about `CHUNK_BYTES` (whole rows):
 per chunk the NaN/Inf check, the unit's verification fingerprint where this tensor holds the
@@ -142,25 +147,42 @@ class SafetensorsFileWriter:
         self.total_bytes = self._data_start + offset
         self._fd: Optional[int] = None
         self.checksums: dict = {}
+        self._rows: dict = {}  # tensor -> row ranges this process wrote (a whole tensor: all its rows)
         if create:
             with os.fdopen(open_new(path), "wb") as f:
                 f.write(self._header)
                 f.truncate(self.total_bytes)
 
-    def write(self, name: str, tensor) -> Optional[str]:
+    def write(self, name: str, tensor, rows: Optional[tuple] = None) -> Optional[str]:
         """Write one planned tensor (or `layouts.RowBlocks`); returns its checksum, or None when
-        a pool writes it (then `close` returns it)."""
+        a pool writes it (then `close` returns it). ``rows``: ``tensor`` is rows (first, stop)
+        of the planned tensor (other processes may write the other rows); its checksum is then
+        listed under `checksum.range_key`."""
         if name not in self._layout:
             raise KeyError(f"{self.path}: tensor {name!r} is not in this file's plan")
-        if name in self.checksums:
-            raise ValueError(f"{self.path}: tensor {name!r} written twice")
         dtype, shape, offset, nbytes = self._layout[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, "
-                             f"planned {dtype}{shape}")
+        key, planned = name, shape
+        whole = (0, shape[0] if shape else 1)
+        if rows is not None:
+            first, stop = rows
+            if not shape or not 0 <= first < stop <= shape[0]:
+                raise ValueError(f"{self.path}: rows {first}:{stop} of tensor {name!r} lie outside its shape {shape}")
+            row_bytes = nbytes // shape[0]
+            offset, nbytes = offset + first * row_bytes, (stop - first) * row_bytes
+            key, planned = checksum.range_key(name, first, stop), (stop - first, *shape[1:])
+        done = self._rows.setdefault(name, [])
+        span = rows or whole
+        if any(a < span[1] and span[0] < b for a, b in done):
+            raise ValueError(f"{self.path}: tensor {name!r} written twice" +
+                             (f" (rows {span[0]}:{span[1]})" if rows is not None else ""))
+        if tensor.dtype != dtype or tuple(tensor.shape) != planned:
+            raise ValueError(f"{self.path}: tensor {key!r} is {tensor.dtype}{tuple(tensor.shape)}, "
+                             f"planned {dtype}{planned}")
+        done.append(span)
         if self._fd is None:
             self._fd = open_existing(self.path)
-        self.checksums[name] = None
+        self.checksums[key] = None
+        name = key
         if self.pool is None:
             return self._write_chunks(name, tensor, self._data_start + offset, nbytes)
         if tensor.device.type != "cpu":
@@ -223,8 +245,19 @@ class SafetensorsFileWriter:
         return dict(self.checksums)
 
     def missing(self, written: set) -> list:
-        """Planned tensors not in ``written`` (the union over all writing processes)."""
-        return sorted(set(self._layout) - set(written))
+        """Planned tensors not in ``written`` (the union over all writing processes' checksum
+        keys; a tensor written by rows counts when its ranges cover it exactly once)."""
+        ranges: dict = {}
+        for key in written:
+            name, rows = checksum.parse_key(key)
+            ranges.setdefault(name, []).append(rows)
+        out = []
+        for name, (_, shape, _, _) in self._layout.items():
+            parts = ranges.get(name)
+            by_rows = parts is not None and parts != [None]
+            if parts is None or (by_rows and (None in parts or not shape or checksum.rows_problem(parts, shape[0]))):
+                out.append(name)
+        return sorted(out)
 
     def abort(self) -> None:
         if self.pool is not None:

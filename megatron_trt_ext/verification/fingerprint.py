@@ -58,13 +58,19 @@ class Accumulator:
     computes it in the same pass over the bytes as the finite check, the checksum and the write
     (`formats.safetensors_stream`). Chunks of a multiple of `step` rows give the very blocks
     `fingerprint` uses, so the same numbers. ``cast``: each block is cast to it first (a unit
-    recorded in the export dtype from its source values, without a whole-tensor copy)."""
+    recorded in the export dtype from its source values, without a whole-tensor copy).
+    ``rows``: (first, stop) of a tensor of ``shape`` that several ranks write by row ranges; it
+    is fed those rows only and gives their row entries and their part of the column sums
+    (`merge_ranges` joins the parts)."""
 
-    def __init__(self, name: str, shape, cast: Optional[torch.dtype] = None):
+    def __init__(self, name: str, shape, cast: Optional[torch.dtype] = None, rows: Optional[tuple] = None):
         shape = tuple(shape)
-        self.rows = shape[0] if shape else 1
-        self.cols = int(torch.Size(shape).numel()) // max(self.rows, 1) if shape else 1
-        self.r, self.c = _vectors(name, self.rows, self.cols)
+        total = shape[0] if shape else 1
+        self.cols = int(torch.Size(shape).numel()) // max(total, 1) if shape else 1
+        self.r, self.c = _vectors(name, total, self.cols)
+        if rows is not None:
+            self.r = self.r[rows[0]:rows[1]]
+        self.rows = self.r.numel()
         self.by_row = torch.empty(self.rows, dtype=torch.float64)
         self.by_col = torch.zeros(self.cols, dtype=torch.float64)
         self.step = max(1, _BLOCK // max(self.cols, 1))
@@ -141,6 +147,30 @@ class Recorder:
         if timings is not None:
             timings["fingerprint_s"] = timings.get("fingerprint_s", 0.0) + time.perf_counter() - t0
 
+    def add_rows(self, name: str, tensor: torch.Tensor, rows: tuple, total_rows: int,
+                 timings: Optional[dict] = None) -> None:
+        """Record rows ``rows`` = (first, stop) of a unit several ranks write by row ranges
+        (`row_split`; ``tensor``: those rows, as exported): their row entries and their part of
+        the column sums, under `checksum.range_key` (joined at publish: `merge_ranges`).
+        ``total_rows``: the rows of the whole tensor the HF file holds (a vocabulary table's real
+        rows, as `vocab_rows`); the pseudo-random vectors depend on it."""
+        from ..checksum import range_key
+
+        t0 = time.perf_counter()
+        canonical = canonical_name(self.spec, name)
+        transform, _ = find_transform(self.spec, canonical)
+        first, stop = rows[0], min(rows[1], total_rows)
+        if stop > first and transform is not None and not isinstance(transform, Drop) and tensor.is_floating_point():
+            part = tensor[: stop - first]
+            job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop),
+                       rows=(first, stop), shape=(total_rows, *tensor.shape[1:]))
+            if self.pool is not None and part.device.type == "cpu":
+                self.pool.want_fingerprint(part, job)
+            else:
+                job.run()
+        if timings is not None:
+            timings["fingerprint_s"] = timings.get("fingerprint_s", 0.0) + time.perf_counter() - t0
+
     def _prepare(self, name: str, tensor):
         """(canonical name, the tensor to fingerprint, dtype to cast it to or None), or None when
         the unit has no fingerprint (then maybe a reason in ``entries``)."""
@@ -171,14 +201,19 @@ class _Job:
     """One unit's fingerprint waiting in the write pool: `accumulator` when a write of the same
     bytes computes it, `run` when none does; `finish` stores it."""
 
-    def __init__(self, recorder: Recorder, name: str, tensor: torch.Tensor, cast, timings):
+    def __init__(self, recorder: Recorder, name: str, tensor: torch.Tensor, cast, timings,
+                 key: Optional[str] = None, rows: Optional[tuple] = None, shape: Optional[tuple] = None):
         self.recorder, self.name, self.tensor, self.cast, self.timings = recorder, name, tensor, cast, timings
+        # a row range (`Recorder.add_rows`): its entries key, its rows and the whole tensor's shape
+        self.key, self.rows, self.shape = key or name, rows, shape
 
     def accumulator(self) -> Accumulator:
-        return Accumulator(self.name, self.tensor.shape, self.cast)
+        if self.rows is None:
+            return Accumulator(self.name, self.tensor.shape, self.cast)
+        return Accumulator(self.name, self.shape, self.cast, rows=self.rows)
 
     def finish(self, acc: Accumulator) -> None:
-        self.recorder.entries[self.name] = acc.result()
+        self.recorder.entries[self.key] = acc.result()
         self.tensor = None
         if self.timings is not None:
             self.timings["fingerprint_s"] = self.timings.get("fingerprint_s", 0.0) + acc.seconds
@@ -195,15 +230,46 @@ def vocab_rows(spec, ctx, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[: ctx.vocab_size] if isinstance(transform, Vocab) else tensor
 
 
+def merge_ranges(entries: dict) -> dict:
+    """Entries of units written by row ranges (keys `checksum.range_key`, each an `Accumulator`
+    of ``rows``) joined into one per unit: row entries side by side, column sums added in row
+    order. The sum differs from one pass over the whole tensor only in the order of float64
+    additions, far inside `EXACT_REL` of the magnitudes `compare` allows. Other entries pass."""
+    from .. import checksum
+
+    out, parts = {}, {}
+    for key, value in entries.items():
+        name, rows = checksum.parse_key(key)
+        if rows is None:
+            out[key] = value
+        else:
+            parts.setdefault(name, []).append((rows, value))
+    for name, ranges in parts.items():
+        ranges.sort(key=lambda part: part[0])
+        reason = next((v for _, v in ranges if isinstance(v, str)), None)
+        if reason is not None:
+            out[name] = reason
+            continue
+        gap = checksum.rows_problem([rows for rows, _ in ranges], ranges[-1][0][1])  # a lost tail: `compare`'s shape
+        if gap:
+            raise ValueError(f"fingerprint of {name!r} by row ranges: {gap}")
+        by_col = ranges[0][1][1].clone()
+        for _, (_, cols) in ranges[1:]:
+            by_col += cols
+        out[name] = (torch.cat([rows_part for _, (rows_part, _) in ranges]), by_col)
+    return out
+
+
 def save(entries: dict) -> tuple:
-    """(safetensors bytes, {tensor: checksum}, skipped {name: why}) of every rank's entries."""
+    """(safetensors bytes, {tensor: checksum}, skipped {name: why}) of every rank's entries
+    (those of row ranges joined first: `merge_ranges`)."""
     from safetensors.torch import save
 
     from .. import checksum
     from ..formats.safetensors_stream import tensor_bytes
 
     tensors, skipped = {}, {}
-    for name, value in sorted(entries.items()):
+    for name, value in sorted(merge_ranges(entries).items()):
         if isinstance(value, str):
             skipped[name] = value
             continue

@@ -195,7 +195,8 @@ def test_verify_passes_on_good_exports(megatron_world, tmp_path, case):
     result = export(sharp(build, seed=63), tmp_path, dtype=dtype, formats=["hf", "trtllm_checkpoint"])
     report = verify(result.path)
     assert report.passed, report.lines()
-    assert [c["name"] for c in report.data["checks"]] == ["checksums", "config", "weights", "vocabulary", "logits"]
+    assert [c["name"] for c in report.data["checks"]] == ["checksums", "config", "weights", "trtllm weights",
+                                                          "vocabulary", "logits"]
     assert all(c["ok"] for c in report.data["checks"]), report.lines()  # the exact checks ran, and passed
     assert report.data["thresholds"]["for"] == dtype
     assert mf.read_manifest(result.path)["verify"]["status"] == "pass"

@@ -9,7 +9,8 @@ Five checks, each reported with the thing that failed:
    the export recorded, key by key (`verification.exact`);
 3. weights (exact; within the rounding for quantized exports): every Megatron tensor rebuilt from
    hf/ through the inverse tables against its fingerprint recorded at export, per tensor
-   (`verification.fingerprint`);
+   (`verification.fingerprint`); "trtllm weights" the same for trtllm_checkpoint/'s rank files
+   (`verification.trtllm_read`);
 4. loading: ``hf/`` loads with transformers in float32 (quantized exports dequantized with their
    own scales, `quant.dequant.load_dequantized`), with the vocabulary the export recorded;
 5. logits (statistical): the probe's tokens through the loaded model, compared with the

@@ -3,6 +3,8 @@
 * weights: every Megatron source tensor, rebuilt from ``hf/`` through the family's inverse table
   (`arch.inverse.hf_to_megatron`; quantized linears dequantized with their own scales), against
   the fingerprint recorded at export (`verification.fingerprint`), per tensor;
+* trtllm weights: the same for ``trtllm_checkpoint/``, read back through the inverse of each
+  TensorRT-LLM layout first (`verification.trtllm_read`);
 * config: ``hf/config.json`` against the config the family derives from the Megatron facts the
   export recorded (``model_info`` in the manifest: rope base and scaling, norm kind and eps,
   window, activation, tied embeddings, MoE routing ...), key by key.
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from ..tokenizer import manifest_ids
 from . import fingerprint as fp
+from .trtllm_read import CHECK as TRT_CHECK
+from .trtllm_read import TRT_DIR, check_trtllm_weights
 
 MODEL_INFO = "model_info"
 _NO_VALUE = object()
@@ -96,8 +100,10 @@ def check_config(report, export: Path, manifest: dict) -> None:
 
 # ---------------------------------------------------------------------- weights
 class _Dequantized(Mapping):
-    """The HF tensors with quantized linears dequantized (times their pre-quant scale) and the
-    scale tensors hidden; ``algos`` collects the quant_algo of every linear read."""
+    """The HF tensors with quantized linears dequantized and the scale tensors hidden; ``algos``
+    collects the quant_algo of every linear read. Not times their pre-quant scale: SmoothQuant/AWQ
+    export the weights of the calibration replica ModelOpt rescaled, which the fingerprints
+    describe (the pre-quant scale undoes the rescaling on the input side at run time)."""
 
     def __init__(self, hf: Mapping, quant: dict):
         from ..quant.dequant import SCALES
@@ -115,8 +121,6 @@ class _Dequantized(Mapping):
         algo = _algo_of(self.quant, module)
         parts = {k: self.hf[k] for k in (name, f"{module}.weight_scale", f"{module}.weight_scale_2") if k in self.hf}
         weight = dequantize_weight(algo, parts, module)
-        if f"{module}.pre_quant_scale" in self.hf:
-            weight = weight * self.hf[f"{module}.pre_quant_scale"].float()
         self.algos.append(algo)
         return weight
 
@@ -131,20 +135,30 @@ class _Dequantized(Mapping):
 
 
 def check_weights(report, export: Path, manifest: dict) -> None:
+    """The "weights" check of hf/ and the "trtllm weights" check of trtllm_checkpoint/ (each
+    where the export has it)."""
+    entry = manifest.get("fingerprints") or {}
+    found = _family(manifest)
+    trt = (export / TRT_DIR).is_dir()
+    if not entry or found is None:
+        for name in ("weights", TRT_CHECK) if trt else ("weights",):
+            report.check(name, None, "not checked: no fingerprints recorded (an export made before they were)")
+        return
+    spec, ctx = found
+    recorded = fp.load(export / entry.get("file", fp.FILE_NAME))
+    if (export / "hf").is_dir():
+        _check_hf_weights(report, export, entry, recorded, spec, ctx)
+    else:
+        report.check("weights", None, f"not checked: the export has no hf/ (formats: {manifest.get('formats')})")
+    if trt:  # the TensorRT-LLM checkpoint, read back through its own inverse layouts (`trtllm_read`)
+        check_trtllm_weights(report, export, manifest, recorded, spec, ctx)
+
+
+def _check_hf_weights(report, export: Path, entry: dict, recorded: dict, spec, ctx) -> None:
     from ..arch.inverse import hf_to_megatron
     from ..errors import ExportError
     from ..importer import SafetensorsDir
 
-    entry = manifest.get("fingerprints") or {}
-    found = _family(manifest)
-    if not entry or found is None:
-        report.check("weights", None, "not checked: no fingerprints recorded (an export made before they were)")
-        return
-    if not (export / "hf").is_dir():
-        report.check("weights", None, f"not checked: the export has no hf/ (formats: {manifest.get('formats')})")
-        return
-    spec, ctx = found
-    recorded = fp.load(export / entry.get("file", fp.FILE_NAME))
     hf = SafetensorsDir(export / "hf")
     config = json.loads((export / "hf" / "config.json").read_text())
     quant = config.get("quantization_config")

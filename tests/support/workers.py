@@ -111,7 +111,7 @@ def _inject(rank: int, inject: dict) -> None:
     from megatron_trt_ext import job as job_mod
 
     if inject.get("disk_full_rank") == rank:
-        def full(self, name, tensor):
+        def full(self, name, tensor, **kwargs):  # kwargs: a row range (`split_rows_over`)
             raise OSError(errno.ENOSPC, "No space left on device (injected)", self.path)
         safetensors_stream.SafetensorsFileWriter.write = full
     if inject.get("die_rank") == rank:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from megatron_trt_ext import manifest as mf
 from megatron_trt_ext.verification import fingerprint as fp
 from megatron_trt_ext.verification.check import verify
+from tests.support import corrupt
 from tests.support.models import randomize, tiny_gpt, tiny_llama
 from tests.test_verify import edit_hf_config, export, rewrite_hf_tensors
 
@@ -145,12 +146,7 @@ def test_fingerprints_are_listed_and_checksummed(megatron_world, tmp_path):
 
 def test_old_exports_without_fingerprints_verify_as_before(megatron_world, tmp_path):
     path = good_export("llama", "bfloat16", tmp_path)
-    manifest = mf.read_manifest(path)
-    for key in ("fingerprints", "model_info"):
-        manifest.pop(key)
-    manifest["files"].pop(fp.FILE_NAME)
-    (path / fp.FILE_NAME).unlink()
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    corrupt.drop_fingerprints(path)
     report = verify(path, record=False)
     assert report.passed, report.lines()
     assert check(report, "weights")["ok"] is None and "no fingerprints recorded" in check(report, "weights")["detail"]

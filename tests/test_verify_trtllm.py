@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from megatron_trt_ext import checksum
 from megatron_trt_ext import manifest as mf
 from megatron_trt_ext.formats.safetensors_stream import tensor_bytes
-from megatron_trt_ext.verification import fingerprint as fp
 from megatron_trt_ext.verification.check import verify
+from tests.support import corrupt
 from tests.support.models import randomize, tiny_gpt, tiny_llama
 from tests.test_verify import export
 
@@ -114,12 +114,7 @@ def test_a_correct_trtllm_export_passes_exactly(megatron_world, tmp_path, case):
 
 def test_old_exports_without_fingerprints_verify_as_before(megatron_world, tmp_path):
     path, _ = good_export("llama_gqa_tp2", tmp_path)
-    manifest = mf.read_manifest(path)
-    for key in ("fingerprints", "model_info"):
-        manifest.pop(key)
-    manifest["files"].pop(fp.FILE_NAME)
-    (path / fp.FILE_NAME).unlink()
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    corrupt.drop_fingerprints(path)
     report = verify(path, record=False)
     assert report.passed, report.lines()
     assert check(report)["ok"] is None and "no fingerprints recorded" in check(report)["detail"]

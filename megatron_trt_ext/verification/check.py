@@ -169,25 +169,34 @@ def verify(export_dir, device: str = "cpu", record: bool = True, progress=None, 
     return report
 
 
-def _check_logits(report: Report, export: Path, manifest: dict, device: str, progress) -> None:
+def read_reference(report: Report, export: Path, manifest: dict) -> Optional[tuple]:
+    """(probe record, tokens, top-k values, top-k ids) for a logits check on any engine, or None
+    once the report says why there is nothing to check (no hf/, no probe, an unreadable file)."""
     probe = manifest.get("verification") or {}
     if not (export / "hf").is_dir():
         report.check("logits", None, "the export has no hf/ (formats: "
                      f"{manifest.get('formats')}); nothing to load")
-        return
+        return None
     if probe.get("status") != "recorded" or not (export / FILE_NAME).is_file():
         why = probe.get("error") or ("the probe was off (verification.enabled: false)" if probe.get("status") == "off"
                                      else "no reference logits in this export (made before they were recorded?)")
         report.check("logits", None, f"not checked: {why}")
-        return
+        return None
     from safetensors.torch import load_file
 
     try:
         reference = load_file(str(export / FILE_NAME))
-        tokens, values, ids = reference["tokens"], reference["topk_values"], reference["topk_ids"]
+        return probe, reference["tokens"], reference["topk_values"], reference["topk_ids"]
     except Exception as exc:  # noqa: BLE001 - a damaged probe file is a failed check, not a crash
         report.check("logits", False, f"{FILE_NAME} unreadable: {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+
+
+def _check_logits(report: Report, export: Path, manifest: dict, device: str, progress) -> None:
+    read = read_reference(report, export, manifest)
+    if read is None:
         return
+    probe, tokens, values, ids = read
     try:
         model = load_hf_model(export / "hf", device)
     except Exception as exc:  # noqa: BLE001 - a broken export is a failed check, not a crash

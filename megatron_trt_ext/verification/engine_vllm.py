@@ -48,8 +48,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .check import logit_metrics
-from .probe import FILE_NAME
+from .check import logit_metrics, read_reference
 from .thresholds import thresholds_for
 
 ENGINES = ("transformers", "vllm")
@@ -153,23 +152,10 @@ def aligned_logits(steps: list, values: torch.Tensor, ids: torch.Tensor, vocab: 
 
 def check_logits(report, export: Path, manifest: dict, progress) -> None:
     """The logits check of `check.verify` with vLLM as the engine (see the module docstring)."""
-    probe = manifest.get("verification") or {}
-    if not (export / "hf").is_dir():
-        report.check("logits", None, f"the export has no hf/ (formats: {manifest.get('formats')}); nothing to load")
+    read = read_reference(report, export, manifest)
+    if read is None:
         return
-    if probe.get("status") != "recorded" or not (export / FILE_NAME).is_file():
-        why = probe.get("error") or ("the probe was off (verification.enabled: false)" if probe.get("status") == "off"
-                                     else "no reference logits in this export (made before they were recorded?)")
-        report.check("logits", None, f"not checked: {why}")
-        return
-    from safetensors.torch import load_file
-
-    try:
-        reference = load_file(str(export / FILE_NAME))
-        tokens, values, ids = reference["tokens"], reference["topk_values"], reference["topk_ids"]
-    except Exception as exc:  # noqa: BLE001 - a damaged probe file is a failed check, not a crash
-        report.check("logits", False, f"{FILE_NAME} unreadable: {type(exc).__name__}: {str(exc)[:300]}")
-        return
+    probe, tokens, values, ids = read
     hf_vocab = _config_vocab(export / "hf")
     recorded = int(probe.get("vocab_size", manifest.get("vocab_size", hf_vocab or 0)))
     if hf_vocab is not None and int(max(tokens.max(), ids.max())) >= hf_vocab:

@@ -109,3 +109,15 @@ def logits_only(monkeypatch) -> None:
 
     monkeypatch.setattr(check, "check_config", lambda *a, **k: None)
     monkeypatch.setattr(check, "check_weights", lambda *a, **k: None)
+
+
+def drop_fingerprints(export_dir: Path) -> None:
+    """Make ``export_dir`` look like an export from before fingerprints were recorded."""
+    from megatron_trt_ext.verification import fingerprint as fp
+
+    manifest = mf.read_manifest(export_dir)
+    for key in ("fingerprints", "model_info"):
+        manifest.pop(key)
+    manifest["files"].pop(fp.FILE_NAME)
+    (export_dir / fp.FILE_NAME).unlink()
+    (export_dir / "manifest.json").write_text(json.dumps(manifest))

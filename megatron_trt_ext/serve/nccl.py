@@ -165,6 +165,31 @@ def relay(addresses: list, token: str, order: InOrder, send: Callable, timeout: 
     return totals
 
 
+def _beside(server: VLLMServer, path: str, body: dict) -> tuple:
+    """POST ``path`` in a thread of its own: the server's side of an NCCL rendezvous or broadcast
+    blocks until this side joins. Returns (thread, failures) for `_joined`."""
+    failure: list = []
+
+    def run():
+        try:
+            server.call("POST", path, body, server.stream_timeout)
+        except ConnectionError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"mte-serve-nccl{path.replace('/', '-')}", daemon=True)
+    thread.start()
+    return thread, failure
+
+
+def _joined(server: VLLMServer, thread: threading.Thread, failure: list, path: str) -> None:
+    """The call `_beside` started has returned, successfully; else its error (or a timeout) is raised."""
+    thread.join(server.stream_timeout)
+    if failure:
+        raise failure[0]
+    if thread.is_alive():
+        raise ConnectionError(f"{path} did not return within {server.stream_timeout} s")
+
+
 def _group(server: VLLMServer, host: str, port: int):
     """The trainer end of the server's NCCL group: joined once per server (both sides rendezvous
     at once, so the HTTP call runs beside the trainer's join)."""
@@ -175,20 +200,9 @@ def _group(server: VLLMServer, host: str, port: int):
 
     workers = server.world_size()
     worker_info, trainer_info = init_info(host, port, workers)
-    failure: list = []
-
-    def init_workers():
-        try:
-            server.call("POST", "/init_weight_transfer_engine", {"init_info": worker_info}, server.stream_timeout)
-        except ConnectionError as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=init_workers, name="mte-serve-nccl-init", daemon=True)
-    thread.start()
+    thread, failure = _beside(server, "/init_weight_transfer_engine", {"init_info": worker_info})
     group = trainer_init(trainer_info, rank=0)
-    thread.join(server.stream_timeout)
-    if failure:
-        raise failure[0]
+    _joined(server, thread, failure, "/init_weight_transfer_engine")
     _GROUPS[server.url] = (group, workers)
     return _GROUPS[server.url]
 
@@ -229,31 +243,20 @@ def refit(server: VLLMServer, addresses: list, token: str, version: str, specs: 
               f"{INCOMPLETE}: refit to {version} under way (last complete: {previous})")
         group, _ = timed("init_weight_transfer_engine", _group, server, host, master_port or free_port())
         timed("start_weight_update", server.call, "POST", "/start_weight_update")
-        failure: list = []
-
-        def update():
-            try:
-                server.call("POST", "/update_weights", {"update_info": info}, server.stream_timeout)
-            except ConnectionError as exc:
-                failure.append(exc)
-
         def send(name, tensor):
             if failure:
                 raise ConnectionError(f"/update_weights failed while {name!r} was due: {failure[0]}")
             group.broadcast(tensor.to(device).contiguous(), src=0, stream=torch.cuda.current_stream())
 
-        thread = threading.Thread(target=update, name="mte-serve-nccl-update", daemon=True)
         step, t0 = "update_weights", time.perf_counter()
-        thread.start()
+        thread, failure = _beside(server, "/update_weights", {"update_info": info})
         try:
             totals = relay(addresses, token, InOrder(specs), send, server.stream_timeout)
         except (ValueError, OSError, RuntimeError) as exc:
             _GROUPS.pop(server.url, None)  # the group is mid-collective: never reused
             raise ConnectionError(f"relay into NCCL broke: {exc}") from None
         torch.cuda.current_stream().synchronize()
-        thread.join(server.stream_timeout)
-        if failure or thread.is_alive():
-            raise failure[0] if failure else ConnectionError("/update_weights did not return")
+        _joined(server, thread, failure, "/update_weights")
         steps["update_weights"] = round(time.perf_counter() - t0, 4)
         timed("finish_weight_update", server.call, "POST", "/finish_weight_update", {"weight_version": version})
         timed("resume", server.call, "POST", "/resume")

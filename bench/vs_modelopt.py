@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from bench.goals import fsync_tree, goal_line, median, raw_write
+from bench.probe_cost import probe_under_shim
 
 
 def _tensors(directory: Path) -> dict:
@@ -66,6 +67,9 @@ class Candidates:
             "ours_trt": Exporter(model, ExportConfig(output_dir=str(work / "ours_trt"), formats=["trtllm_checkpoint"],
                                                      **off, **common)),
         }
+        # the probe's forward needs the CPU shim's function mode, paused around the timed runs
+        probe_under_shim(self.ours["ours_hf_probe"])
+        refuse_failed_probe(self.ours["ours_hf_probe"])
         self.hf_config_dir = work / "hf_config"
         self.modelopt_hf_error = None
         self.iteration = 0
@@ -129,6 +133,20 @@ class Candidates:
         except Exception as exc:  # noqa: BLE001 - reported, the comparison is left out
             self.modelopt_hf_error = f"{type(exc).__name__}: {str(exc)[:200]}"
         return identical
+
+
+def refuse_failed_probe(exporter) -> None:
+    """A failed probe is logged and the export goes on without it (cheaper): here it is an error,
+    or "probe on" would time an export that ran no probe."""
+    original = exporter._probe
+
+    def probe(batches):
+        record = original(batches)
+        if record is None or not record.ok:
+            raise RuntimeError(f"the verification probe did not run: {record and record.meta.get('error')}")
+        return record
+
+    exporter._probe = probe
 
 
 def same_tensors(a: Path, b: Path) -> bool:

@@ -166,6 +166,35 @@ def test_fingerprints_see_one_ulp_and_ignore_summation_order():
     assert fp.compare("other name", recorded, t) is not None  # the vectors depend on the name
 
 
+def test_block_hashes_see_one_bit_anywhere_and_name_the_rows():
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(1500, 700, generator=gen).to(torch.bfloat16)  # 2 MiB: blocks of 748 rows, 3 blocks
+    recorded = fp.block_hashes("w", t)
+    step = fp.block_rows(700, torch.bfloat16)
+    assert step == (1 << 20) // 1400 and recorded.digests.numel() == -(-1500 // step)
+    assert fp.compare("w", recorded, t.clone()) is None
+    assert fp.compare("w", recorded, t.float()) is None  # a float32 read-back of the same values
+    for row in (0, step - 1, step, 1499):
+        flipped = t.clone()
+        flipped.view(torch.int16)[row, 123] ^= 1  # the lowest bit of one element
+        problem = fp.compare("w", recorded, flipped)
+        first = row // step * step
+        assert problem is not None and f"first rows {first}:{min(first + step, 1500)}" in problem, problem
+    swapped = t.clone()
+    swapped[:, [3, 4]] = swapped[:, [4, 3]]
+    assert "3 of 3 row blocks differ" in fp.compare("w", recorded, swapped)  # every row changed
+    assert "shape" in fp.compare("w", recorded, t[:, :699])
+
+
+def test_unquantized_exports_record_hashes_and_vectors_where_hashes_cannot_be_exact(megatron_world, tmp_path):
+    path = good_export("llama", "bfloat16", tmp_path)
+    recorded = fp.load(path / fp.FILE_NAME)
+    kinds = {name: isinstance(value, fp.Hashes) for name, value in recorded.items()}
+    assert kinds["decoder.layers.0.self_attention.linear_qkv.weight"] and kinds["embedding.word_embeddings.weight"]
+    assert not kinds["decoder.final_layernorm.weight"]  # 1-D: vectors (TensorRT-LLM may store w + 1)
+    assert mf.read_manifest(path)["fingerprints"]["version"] == fp.VERSION == 2
+
+
 # ---------------------------------------------------------------------- config
 @pytest.mark.parametrize("family,field,value", [
     ("llama", "rope_theta", 20000.0), ("llama", "rms_norm_eps", 1e-6), ("starcoder2_window", "sliding_window", 7),

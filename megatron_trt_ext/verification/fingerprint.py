@@ -13,22 +13,37 @@ float64, in fixed row blocks, so identical bytes give identical numbers up to th
 the BLAS library sums one row (a relative 1e-12 of the row's absolute sum is allowed; one bf16
 ulp of one element moves an entry by ~1e-4 of it). Quantized tensors are compared after
 dequantization within the format's rounding (`compare`).
+
+Unquantized exports record most tensors more cheaply and just as exactly (version 2): a tensor of
+two or more dimensions gets `BlockHashes`, an XXH3-64 of each block of whole rows (about
+`HASH_BLOCK_BYTES`) of its bytes as exported, in Megatron's layout. Read back through the inverse
+table, the same bytes give the same hashes; a flipped bit, a swapped row or column, a wrong
+split, transpose or scale changes the hash of every block it touches, and the first such block
+says which rows. The vectors cost ~0.9 CPU s per GiB (the float64 conversion and two
+matrix-vector products), most of an export's CPU time; the hashes ~0.05, in the same pass over
+the bytes as the write. Vectors stay where the read-back is not bit for bit: quantized exports
+(dequantized within their rounding), 1-D tensors (TensorRT-LLM stores some norms as w + 1) and
+the row ranges of a unit several ranks write (their column sums add up; hashes of ranges would not).
+Files of version 1 hold vectors only and verify as before.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import zlib
 from typing import Optional
 
 import torch
+import xxhash
 
 from ..arch.convert import canonical_name, find_transform
 from ..arch.spec import Drop, Vocab
 
 FILE_NAME = "fingerprints.safetensors"
-VERSION = 1
+VERSION = 2
+HASH_BLOCK_BYTES = 1 << 20  # as the write pass's chunks (`safetensors_stream.CHUNK_BYTES`)
 _BLOCK = 1 << 16  # elements converted to float64 at a time: 512 KiB, cache-resident (3x faster than 8 MiB)
 EXACT_REL = 1e-12
 # a bound on the rms rounding error of a quantized weight relative to its values, per HF
@@ -97,6 +112,70 @@ class Accumulator:
         return self.by_row, self.by_col
 
 
+class Hashes:
+    """A recorded `BlockHashes` result: ``digests`` (int64 view of the XXH3-64 of each block),
+    the ``dtype`` whose bytes were hashed, the tensor's ``shape``."""
+
+    __slots__ = ("digests", "dtype", "shape")
+
+    def __init__(self, digests: torch.Tensor, dtype: torch.dtype, shape: tuple):
+        self.digests, self.dtype, self.shape = digests, dtype, tuple(shape)
+
+
+def block_rows(cols: int, dtype: torch.dtype) -> int:
+    """Rows per hashed block of a [rows, cols] tensor of ``dtype``."""
+    return max(1, HASH_BLOCK_BYTES // max(1, cols * dtype.itemsize))
+
+
+class BlockHashes:
+    """The exact fingerprint of a tensor fed in row order (the interface of `Accumulator`, so
+    the write pass computes either): XXH3-64 of each block of `step` rows of its bytes, after
+    ``cast`` when given (a block at a time). Chunks of a multiple of `step` rows (the last one:
+    what is left) give the blocks of `block_hashes`."""
+
+    def __init__(self, name: str, shape, dtype: torch.dtype, cast: Optional[torch.dtype] = None):
+        self.name, self.shape = name, tuple(shape)
+        self.rows = self.shape[0] if self.shape else 1
+        cols = int(torch.Size(self.shape).numel()) // max(self.rows, 1) if self.shape else 1
+        self.dtype = cast or dtype
+        self.step = block_rows(cols, self.dtype)
+        self.cast, self.done_rows, self.seconds = cast, 0, 0.0
+        self.digests: list = []
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """The next rows, as a [rows, cols] matrix."""
+        t0 = time.perf_counter()
+        n = chunk.shape[0]
+        for j in range(0, n, self.step):
+            block = chunk[j:j + self.step]
+            if self.cast is not None:
+                block = block.to(self.cast)
+            data = memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+            self.digests.append(xxhash.xxh3_64_intdigest(data))
+        self.done_rows += n
+        self.seconds += time.perf_counter() - t0
+
+    def result(self) -> Hashes:
+        if self.done_rows != self.rows:
+            raise RuntimeError(f"fingerprint fed {self.done_rows} of {self.rows} rows")
+        import numpy as np
+
+        digests = torch.from_numpy(np.array(self.digests, dtype=np.uint64).view(np.int64))
+        return Hashes(digests, self.dtype, self.shape)
+
+
+def hashed(tensor: torch.Tensor, quantized: bool) -> bool:
+    """Whether a unit's fingerprint is `BlockHashes` (else vectors): module docstring. A unit
+    on a GPU keeps the vectors, computed there (hashes would read its bytes to the host twice)."""
+    return not quantized and tensor.dim() >= 2 and tensor.device.type == "cpu"
+
+
+def block_hashes(name: str, tensor: torch.Tensor) -> Hashes:
+    acc = BlockHashes(name, tensor.shape, tensor.dtype)
+    acc.update(_matrix(tensor.detach()))
+    return acc.result()
+
+
 def fingerprint(name: str, tensor: torch.Tensor) -> tuple:
     """(T @ c, r @ T) of ``tensor`` in float64, ``r``/``c`` seeded by ``name`` (module docstring)."""
     acc = Accumulator(name, tensor.shape)
@@ -143,7 +222,7 @@ class Recorder:
             if self.pool is not None and tensor.device.type == "cpu":
                 self.pool.want_fingerprint(tensor, _Job(self, canonical, tensor, cast, timings))
             else:  # a device tensor: read in this thread, in the stream order of its kernels
-                self.entries[canonical] = fingerprint(canonical, tensor if cast is None else tensor.to(cast))
+                _Job(self, canonical, tensor, cast, None).run()
         if timings is not None:
             timings["fingerprint_s"] = timings.get("fingerprint_s", 0.0) + time.perf_counter() - t0
 
@@ -207,8 +286,10 @@ class _Job:
         # a row range (`Recorder.add_rows`): its entries key, its rows and the whole tensor's shape
         self.key, self.rows, self.shape = key or name, rows, shape
 
-    def accumulator(self) -> Accumulator:
+    def accumulator(self):
         if self.rows is None:
+            if hashed(self.tensor, self.recorder.quant is not None):
+                return BlockHashes(self.name, self.tensor.shape, self.tensor.dtype, self.cast)
             return Accumulator(self.name, self.tensor.shape, self.cast)
         return Accumulator(self.name, self.shape, self.cast, rows=self.rows)
 
@@ -240,7 +321,7 @@ def merge_ranges(entries: dict) -> dict:
     out, parts = {}, {}
     for key, value in entries.items():
         name, rows = checksum.parse_key(key)
-        if rows is None:
+        if rows is None or isinstance(value, Hashes):
             out[key] = value
         else:
             parts.setdefault(name, []).append((rows, value))
@@ -268,26 +349,40 @@ def save(entries: dict) -> tuple:
     from .. import checksum
     from ..formats.safetensors_stream import tensor_bytes
 
-    tensors, skipped = {}, {}
+    tensors, skipped, hashes = {}, {}, {}
     for name, value in sorted(merge_ranges(entries).items()):
         if isinstance(value, str):
             skipped[name] = value
-            continue
-        tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
+        elif isinstance(value, Hashes):
+            tensors[f"{name}::xxh3_64"] = value.digests
+            hashes[name] = [str(value.dtype).replace("torch.", ""), list(value.shape)]
+        else:
+            tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
     sums = {k: checksum.hexdigest([tensor_bytes(v)]) for k, v in tensors.items()}
-    return save(tensors, metadata={"version": str(VERSION)}), sums, skipped
+    metadata = {"version": str(VERSION), "hash_block_bytes": str(HASH_BLOCK_BYTES), "hashed": json.dumps(hashes)}
+    return save(tensors, metadata=metadata), sums, skipped
 
 
 def load(path) -> dict:
-    """{Megatron name: (by_row, by_col)} of a fingerprints file."""
-    from safetensors.torch import load_file
+    """{Megatron name: (by_row, by_col) or `Hashes`} of a fingerprints file (version 1 or 2)."""
+    from safetensors import safe_open
 
-    raw = load_file(str(path))
     out: dict = {}
-    for key, value in raw.items():
-        name, _, which = key.rpartition("::")
-        out.setdefault(name, [None, None])[0 if which == "rows" else 1] = value
-    return {k: tuple(v) for k, v in out.items()}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        block = int(meta.get("hash_block_bytes", HASH_BLOCK_BYTES))
+        if block != HASH_BLOCK_BYTES:
+            raise ValueError(f"{path}: hashed in blocks of {block} bytes; this version hashes {HASH_BLOCK_BYTES}")
+        hashed_meta = json.loads(meta.get("hashed", "{}"))
+        for key in f.keys():
+            name, _, which = key.rpartition("::")
+            value = f.get_tensor(key)
+            if which == "xxh3_64":
+                dtype, shape = hashed_meta[name]
+                out[name] = Hashes(value, getattr(torch, dtype), tuple(shape))
+            else:
+                out.setdefault(name, [None, None])[0 if which == "rows" else 1] = value
+    return {k: v if isinstance(v, Hashes) else tuple(v) for k, v in out.items()}
 
 
 def quant_bound(algos) -> tuple:
@@ -306,6 +401,8 @@ def compare(name: str, recorded: tuple, tensor: torch.Tensor, quant_rel: Optiona
     ``quant_rel``: the tensor was dequantized; each entry may differ by SIGMAS x quant_rel of its
     rounding-noise scale, and the tensor's gain (the least-squares factor between the recorded
     and the recomputed entries) by SIGMAS x quant_rel / sqrt(entries)."""
+    if isinstance(recorded, Hashes):
+        return _compare_hashes(name, recorded, tensor)
     rows, cols = recorded
     if tuple(_matrix(tensor).shape) != (rows.numel(), cols.numel()):
         return f"shape {tuple(tensor.shape)} does not give the recorded {rows.numel()} rows x {cols.numel()} columns"
@@ -329,3 +426,21 @@ def compare(name: str, recorded: tuple, tensor: torch.Tensor, quant_rel: Optiona
             if abs(gain - 1.0) > limit:
                 return f"scaled by {gain:.4f} against the exported values (allowed 1 +- {limit:.2g}): a wrong scale"
     return None
+
+
+def _compare_hashes(name: str, recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:
+    """`compare` of a `BlockHashes` record: the read-back tensor in the recorded dtype (a reader
+    that returns float32 for values stored in the export dtype converts exactly), block by block."""
+    if tuple(tensor.shape) != recorded.shape:
+        return f"shape {tuple(tensor.shape)}, recorded {recorded.shape}"
+    got = block_hashes(name, tensor.detach().cpu().to(recorded.dtype)).digests
+    if got.numel() != recorded.digests.numel():
+        return f"{got.numel()} row blocks, recorded {recorded.digests.numel()}"
+    bad = (got != recorded.digests).nonzero().flatten()
+    if not bad.numel():
+        return None
+    step = block_rows(int(torch.Size(recorded.shape[1:]).numel()), recorded.dtype)
+    first = int(bad[0]) * step
+    rows = recorded.shape[0] if recorded.shape else 1
+    return (f"{bad.numel()} of {got.numel()} row blocks differ from the exported bytes, first rows "
+            f"{first}:{min(first + step, rows)} (exact hash of each block of {step} rows)")

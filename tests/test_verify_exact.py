@@ -186,6 +186,25 @@ def test_block_hashes_see_one_bit_anywhere_and_name_the_rows():
     assert "shape" in fp.compare("w", recorded, t[:, :699])
 
 
+def test_the_fingerprints_file_is_the_same_bytes_every_time_and_version_1_files_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(6)
+    t = torch.randn(40, 24, generator=gen).bfloat16()
+    entries = {"a.weight": fp.block_hashes("a.weight", t), "b.weight": fp.fingerprint("b.weight", t[0]),
+               "c.weight": "why not"}
+    # safetensors writes a metadata map in no fixed order: the layouts of one model must give one file
+    assert len({fp.save(entries)[0] for _ in range(8)}) == 1
+    (tmp_path / "v2.safetensors").write_bytes(fp.save(entries)[0])
+    loaded = fp.load(tmp_path / "v2.safetensors")
+    assert sorted(loaded) == ["a.weight", "b.weight"] and fp.compare("a.weight", loaded["a.weight"], t) is None
+    assert fp.compare("b.weight", loaded["b.weight"], t[0]) is None
+    rows, cols = fp.fingerprint("w", t)  # a file written before block hashes: vectors, {"version": "1"}
+    save_file({"w::rows": rows, "w::cols": cols}, str(tmp_path / "v1.safetensors"), metadata={"version": "1"})
+    old = fp.load(tmp_path / "v1.safetensors")
+    assert fp.compare("w", old["w"], t) is None and "row 3" in fp.compare("w", old["w"], t.index_fill(0, torch.tensor([3]), 0))
+
+
 def test_unquantized_exports_record_hashes_and_vectors_where_hashes_cannot_be_exact(megatron_world, tmp_path):
     path = good_export("llama", "bfloat16", tmp_path)
     recorded = fp.load(path / fp.FILE_NAME)

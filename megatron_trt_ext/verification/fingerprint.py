@@ -359,8 +359,10 @@ def save(entries: dict) -> tuple:
         else:
             tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
     sums = {k: checksum.hexdigest([tensor_bytes(v)]) for k, v in tensors.items()}
-    metadata = {"version": str(VERSION), "hash_block_bytes": str(HASH_BLOCK_BYTES), "hashed": json.dumps(hashes)}
-    return save(tensors, metadata=metadata), sums, skipped
+    # one metadata key: safetensors writes a map of several in no fixed order, and the file must
+    # be the same bytes from any layout of the same model
+    layout = {"version": VERSION, "hash_block_bytes": HASH_BLOCK_BYTES, "hashed": hashes}
+    return save(tensors, metadata={"fingerprints": json.dumps(layout, sort_keys=True)}), sums, skipped
 
 
 def load(path) -> dict:
@@ -369,11 +371,11 @@ def load(path) -> dict:
 
     out: dict = {}
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        block = int(meta.get("hash_block_bytes", HASH_BLOCK_BYTES))
+        layout = json.loads((f.metadata() or {}).get("fingerprints", "{}"))  # version 1: {"version": "1"}
+        block = int(layout.get("hash_block_bytes", HASH_BLOCK_BYTES))
         if block != HASH_BLOCK_BYTES:
             raise ValueError(f"{path}: hashed in blocks of {block} bytes; this version hashes {HASH_BLOCK_BYTES}")
-        hashed_meta = json.loads(meta.get("hashed", "{}"))
+        hashed_meta = layout.get("hashed", {})
         for key in f.keys():
             name, _, which = key.rpartition("::")
             value = f.get_tensor(key)

@@ -56,3 +56,62 @@ def goal_line(label: str, value: float, target: float, lower_is_better: bool = T
     print(f"  {label:<58} {value:7.2f}{unit}   target {sign} {target:.2f}{unit}   "
           f"{'holds' if holds else 'DOES NOT HOLD'}")
     return {"goal": label, "value": value, "target": f"{sign} {target}", "holds": holds}
+
+
+# The Llama-style models the export benches compare on: name -> (layers, hidden, ffn, heads,
+# query groups); vocabulary from the command line (32768 by default), GQA.
+LLAMA_SIZES = {
+    "125m": (12, 768, 2048, 12, 4),
+    "350m": (24, 1024, 3072, 16, 4),
+    "debug": (2, 256, 512, 4, 2),  # for trying a bench out, not for figures
+}
+
+
+def llama_model(size: str, vocab: int):
+    """(model, parameter count) of a `LLAMA_SIZES` model with float32 weights, randomized (seed 3)."""
+    import torch
+
+    from tests.support.models import randomize, tiny_llama
+
+    layers, hidden, ffn, heads, groups = LLAMA_SIZES[size]
+    model = tiny_llama(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+                       num_query_groups=groups, vocab_size=vocab, max_seq=4096, params_dtype=torch.float32)
+    randomize(model, seed=3)
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (the kernel's writeback threads are not counted)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def interleaved(names: list, rounds: int, run_one) -> tuple:
+    """``rounds`` rounds of ``run_one(name) -> seconds`` over ``names``, in a different shuffled
+    order every round (seeded); returns ({name: [seconds]}, {name: [CPU seconds]})."""
+    import random
+
+    times: dict = {}
+    cpu: dict = {}
+    rng = random.Random(0)
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        for name in order:
+            c0 = cpu_seconds()
+            seconds = run_one(name)
+            cpu.setdefault(name, []).append(cpu_seconds() - c0)
+            times.setdefault(name, []).append(seconds)
+    return times, cpu
+
+
+def safetensors_dir(directory: Path) -> dict:
+    """Every tensor of every safetensors file under ``directory``."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out

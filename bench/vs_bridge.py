@@ -28,42 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from bench.goals import fsync_tree, goal_line, median
-
-SIZES = {  # name: (layers, hidden, ffn, heads, query groups); as bench/vs_modelopt.py, plus a debug size
-    "125m": (12, 768, 2048, 12, 4),
-    "350m": (24, 1024, 3072, 16, 4),
-    "debug": (2, 256, 512, 4, 2),
-}
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process, all threads (the kernel's writeback threads are not counted)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _tensors(directory: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for path in sorted(directory.rglob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
+from bench.goals import LLAMA_SIZES as SIZES
+from bench.goals import fsync_tree, goal_line, interleaved, llama_model, median, safetensors_dir
 
 def compare(ours: Path, bridge: Path) -> dict:
     """Bit-for-bit comparison of two safetensors directories, tensor by tensor under HF names."""
     import torch
 
-    a, b = _tensors(ours), _tensors(bridge)
+    a, b = safetensors_dir(ours), safetensors_dir(bridge)
     differ = sorted(k for k in set(a) & set(b)
                     if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
     only_ours, only_bridge = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -141,18 +118,9 @@ class Candidates:
 
 def run_size(size: str, args) -> dict:
     """Build one model, run the interleaved rounds; its figures as a dict (printed as it goes)."""
-    import torch
-
-    from tests.support.models import randomize, tiny_llama
-
     layers, hidden, ffn, heads, groups = SIZES[size]
-    model = tiny_llama(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-                       num_query_groups=groups, vocab_size=args.vocab, max_seq=4096, params_dtype=torch.float32)
-    randomize(model, seed=3)
-    params = sum(p.numel() for p in model.parameters())
+    model, params = llama_model(size, args.vocab)
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-vs-bridge-"))
-    times: dict = {}
-    cpu: dict = {}
     try:
         c = Candidates(model, work, vocab=args.vocab)
         same = c.warm_up()
@@ -163,16 +131,13 @@ def run_size(size: str, args) -> dict:
                 print(f"  {key}: {', '.join(same[key])}")
         print(f"  files: ours {same['files']['ours_hf']}; Bridge {same['files']['bridge_hf']}")
         names = ["ours_hf", "bridge_hf"]
-        rng = random.Random(0)
-        for _ in range(args.rounds):
-            order = names[:]
-            rng.shuffle(order)  # interleaved, in a different order every round
-            for name in order:
-                c0 = cpu_seconds()
-                seconds = c.run(name)
-                cpu.setdefault(name, []).append(cpu_seconds() - c0)
-                times.setdefault(name, []).append(seconds)
-                c.cleanup()
+
+        def run_one(name):
+            seconds = c.run(name)
+            c.cleanup()
+            return seconds
+
+        times, cpu = interleaved(names, args.rounds, run_one)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

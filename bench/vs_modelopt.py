@@ -25,30 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from bench.goals import fsync_tree, goal_line, median, raw_write
+from bench.goals import (LLAMA_SIZES, fsync_tree, goal_line, interleaved, llama_model, median, raw_write,
+                         safetensors_dir)
 from bench.probe_cost import probe_under_shim
-
-
-def _tensors(directory: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for path in sorted(directory.rglob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process, all threads (the kernel's writeback threads are not counted)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class Candidates:
@@ -152,50 +136,33 @@ def refuse_failed_probe(exporter) -> None:
 def same_tensors(a: Path, b: Path) -> bool:
     import torch
 
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = safetensors_dir(a), safetensors_dir(b)
     return sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-SIZES = {  # name: (layers, hidden, ffn, heads, query groups); vocabulary 32768, GQA
-    "125m": (12, 768, 2048, 12, 4),
-    "350m": (24, 1024, 3072, 16, 4),
-}
+SIZES = LLAMA_SIZES
 
 
 def run_size(size: str, args) -> dict:
     """Build one model, run the interleaved rounds; its figures as a dict (printed as it goes)."""
-    import torch
-
-    from tests.support.models import randomize, tiny_llama
-
     layers, hidden, ffn, heads, groups = SIZES[size]
-    model = tiny_llama(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-                       num_query_groups=groups, vocab_size=args.vocab, max_seq=4096, params_dtype=torch.float32)
-    randomize(model, seed=3)
-    params = sum(p.numel() for p in model.parameters())
+    model, params = llama_model(size, args.vocab)
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-vs-modelopt-"))
-    times: dict = {}
-    cpu: dict = {}
     try:
         c = Candidates(model, work, vocab=args.vocab)
         identical = c.warm_up()
         tools = ["modelopt_trt"] + (["modelopt_hf"] if c.modelopt_hf_error is None else [])
         names = ["ours_hf", "ours_hf_probe", "ours_trt", "raw_hf", "raw_trt"]
         names += [f"{tool}@{n}" for tool in tools for n in args.modelopt_threads]
-        rng = random.Random(0)
-        for _ in range(args.rounds):
-            order = names[:]
-            rng.shuffle(order)  # interleaved, in a different order every round
-            for name in order:
-                c0 = cpu_seconds()
-                if name.startswith("raw_"):
-                    seconds = raw_write(work, c.bytes["ours_" + name[4:]])
-                else:
-                    seconds = c.run(name)
-                cpu.setdefault(name, []).append(cpu_seconds() - c0)
-                if not name.startswith("raw_"):
-                    c.cleanup()
-                times.setdefault(name, []).append(seconds)
+
+        def run_one(name):
+            if name.startswith("raw_"):
+                return raw_write(work, c.bytes["ours_" + name[4:]])
+            seconds = c.run(name)
+            c.cleanup()
+            return seconds
+
+        times, cpu = interleaved(names, args.rounds, run_one)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -236,7 +203,7 @@ def run_size(size: str, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=lambda v: v.split(","), default=list(SIZES), help=f"of {sorted(SIZES)}")
+    p.add_argument("--sizes", type=lambda v: v.split(","), default=["125m", "350m"], help=f"of {sorted(SIZES)}")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")

@@ -115,3 +115,35 @@ def safetensors_dir(directory: Path) -> dict:
     for path in sorted(Path(directory).rglob("*.safetensors")):
         out.update(load_file(str(path)))
     return out
+
+
+def llama_heading(size: str, params: int, rounds: int) -> str:
+    """The line that opens a `LLAMA_SIZES` model's figures."""
+    layers, hidden, ffn, heads, groups = LLAMA_SIZES[size]
+    return (f"== {size}: Llama-style, {params / 1e6:.0f}M parameters ({layers} layers, hidden {hidden}, FFN {ffn}, "
+            f"GQA {heads}/{groups}), float32 live weights, bfloat16 export; {rounds} interleaved rounds, medians, "
+            "fsync included for every candidate")
+
+
+def run_sizes(args, run_size, versions: str = "") -> int:
+    """Every ``args.sizes`` through ``run_size(size, args)`` with the CPU shim's function mode
+    paused (its per-call overhead stays out of the timings), between a line on the machine and
+    one on its load at the end; the figures also to ``args.json`` when given."""
+    import json
+
+    import megatron.core
+    import torch
+
+    from examples.cpu_shim import function_mode_paused
+
+    print(f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the start); torch {torch.__version__}, megatron-core "
+          f"{megatron.core.__version__.split('+')[0]}{versions}")
+    figures = {}
+    with function_mode_paused():
+        for size in args.sizes:
+            figures[size] = run_size(size, args)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0

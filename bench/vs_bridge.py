@@ -26,15 +26,14 @@ D's disk (default: a temp dir), ``--json F`` also writes the figures to F, ``--s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from bench.goals import LLAMA_SIZES as SIZES
-from bench.goals import fsync_tree, goal_line, interleaved, llama_model, median, safetensors_dir
+from bench.goals import (fsync_tree, goal_line, interleaved, llama_heading, llama_model, median, run_sizes,
+                         safetensors_dir)
 
 def compare(ours: Path, bridge: Path) -> dict:
     """Bit-for-bit comparison of two safetensors directories, tensor by tensor under HF names."""
@@ -118,7 +117,6 @@ class Candidates:
 
 def run_size(size: str, args) -> dict:
     """Build one model, run the interleaved rounds; its figures as a dict (printed as it goes)."""
-    layers, hidden, ffn, heads, groups = SIZES[size]
     model, params = llama_model(size, args.vocab)
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-vs-bridge-"))
     try:
@@ -144,9 +142,7 @@ def run_size(size: str, args) -> dict:
     med = {k: median(v) for k, v in times.items()}
     med_cpu = {k: median(v) for k, v in cpu.items()}
     mib = 2 ** 20
-    print(f"\n== {size}: Llama-style, {params / 1e6:.0f}M parameters ({layers} layers, hidden {hidden}, FFN {ffn}, "
-          f"GQA {heads}/{groups}), float32 live weights, bfloat16 export; {args.rounds} interleaved rounds, medians, "
-          "fsync included for both\n")
+    print(f"\n{llama_heading(size, params, args.rounds)}\n")
     print(f"{'candidate':<12} {'wall s':>7} {'CPU s':>6}  {'MiB':>5}  {'rounds wall (s) / CPU (s)':<40}")
     for name in names:
         print(f"{name:<12} {med[name]:7.3f} {med_cpu[name]:6.2f}  {c.bytes[name] / mib:5.0f}  "
@@ -172,13 +168,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
 
-    import torch
+    from examples.cpu_shim import stub_triton_only_modules
 
-    from examples.cpu_shim import function_mode_paused, stub_triton_only_modules
-
-    stub_triton_only_modules()
-    import megatron.core
-
+    stub_triton_only_modules()  # before megatron.core is imported
     from tests.support.bridge_shim import install as install_bridge_shim
     from tests.support.models import init_single_process
 
@@ -186,18 +178,7 @@ def main(argv=None) -> int:
     init_single_process()
     from megatron.bridge.package_info import __version__ as bridge_version
 
-    print(f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the start); torch {torch.__version__}, megatron-core "
-          f"{megatron.core.__version__.split('+')[0]}, Megatron-Bridge {bridge_version.split('+')[0]}")
-    figures = {}
-    with function_mode_paused():
-        for size in args.sizes:
-            figures[size] = run_size(size, args)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    return 0
-
+    return run_sizes(args, run_size, f", Megatron-Bridge {bridge_version.split('+')[0]}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

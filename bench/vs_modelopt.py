@@ -23,15 +23,13 @@ Medians over the rounds; ratios of medians, with issue 22's targets beside each 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from bench.goals import (LLAMA_SIZES, fsync_tree, goal_line, interleaved, llama_model, median, raw_write,
-                         safetensors_dir)
+from bench.goals import (LLAMA_SIZES, fsync_tree, goal_line, interleaved, llama_heading, llama_model, median,
+                         raw_write, run_sizes, safetensors_dir)
 from bench.probe_cost import probe_under_shim
 
 
@@ -145,7 +143,6 @@ SIZES = LLAMA_SIZES
 
 def run_size(size: str, args) -> dict:
     """Build one model, run the interleaved rounds; its figures as a dict (printed as it goes)."""
-    layers, hidden, ffn, heads, groups = SIZES[size]
     model, params = llama_model(size, args.vocab)
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-vs-modelopt-"))
     try:
@@ -168,9 +165,7 @@ def run_size(size: str, args) -> dict:
 
     med = {k: median(v) for k, v in times.items()}
     mib = 2 ** 20
-    print(f"\n== {size}: Llama-style, {params / 1e6:.0f}M parameters ({layers} layers, hidden {hidden}, FFN {ffn}, "
-          f"GQA {heads}/{groups}), float32 live weights, bfloat16 export; {args.rounds} interleaved rounds, medians, "
-          "fsync included for all\n")
+    print(f"\n{llama_heading(size, params, args.rounds)}\n")
     print(f"{'candidate':<22} {'median s':>9} {'CPU s':>6}  {'rounds (s)':<40}")
     for name in sorted(med):
         print(f"{name:<22} {med[name]:9.3f} {median(cpu[name]):6.2f}  {' '.join(f'{t:.2f}' for t in times[name])}")
@@ -215,28 +210,13 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
 
-    import torch
+    from examples.cpu_shim import stub_triton_only_modules
 
-    from examples.cpu_shim import function_mode_paused, stub_triton_only_modules
-
-    stub_triton_only_modules()
-    import megatron.core
-
+    stub_triton_only_modules()  # before megatron.core is imported
     from tests.support.models import init_single_process
 
     init_single_process()
-    print(f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the start); torch {torch.__version__}, megatron-core "
-          f"{megatron.core.__version__.split('+')[0]}")
-    figures = {}
-    with function_mode_paused():
-        for size in args.sizes:
-            figures[size] = run_size(size, args)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    return 0
-
+    return run_sizes(args, run_size)
 
 if __name__ == "__main__":
     raise SystemExit(main())

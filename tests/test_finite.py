@@ -1,4 +1,4 @@
-"""The fused finite check (one aminmax reduction) against the boolean definition."""
+"""The fused finite check (a sum, or one aminmax reduction) against the boolean definition."""
 
 import pytest
 import torch
@@ -61,3 +61,16 @@ def test_row_blocks_are_checked_block_by_block():
     bad = good.clone()
     bad[1, 2] = float("inf")
     assert not is_finite(RowBlocks([good, bad]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_values_whose_sum_overflows_pass_and_a_nan_beside_them_fails(dtype):
+    huge = torch.full((64,), torch.finfo(dtype).max / 4, dtype=dtype)
+    assert not torch.isfinite(huge.sum())  # the sum is Inf: the exact check decides
+    assert is_finite(huge) and is_finite(torch.cat([huge, -huge]))
+    for special in SPECIALS:
+        bad = huge.clone()
+        bad[5] = special
+        assert not is_finite(bad), special
+    inf_pair = torch.tensor([float("inf"), float("-inf"), 1.0], dtype=dtype)  # the sum is NaN, not finite
+    assert not is_finite(inf_pair)

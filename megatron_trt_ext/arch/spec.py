@@ -11,6 +11,7 @@ each table reads an HF checkpoint back (`arch.inverse`) and is round-trip tested
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -36,6 +37,7 @@ class Context:
     vocab_size: int
 
 
+@functools.lru_cache(maxsize=None)  # a few hundred templates; asked for thousands of times per export
 def _pattern(template: str, parts: tuple = ()) -> re.Pattern:
     """``{L}`` matches a layer number, ``{E}`` an expert number, ``{P}`` one of ``parts``."""
     body = re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")

@@ -3,6 +3,7 @@ line per goal with its target beside it, so every bench reports the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -88,9 +89,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def interleaved(names: list, rounds: int, run_one) -> tuple:
+def interleaved(names: list, rounds: int, run_one, after=None) -> tuple:
     """``rounds`` rounds of ``run_one(name) -> seconds`` over ``names``, in a different shuffled
-    order every round (seeded); returns ({name: [seconds]}, {name: [CPU seconds]})."""
+    order every round (seeded), ``after(name)`` (not counted) behind each; returns
+    ({name: [seconds]}, {name: [CPU seconds]})."""
     import random
 
     times: dict = {}
@@ -104,7 +106,36 @@ def interleaved(names: list, rounds: int, run_one) -> tuple:
             seconds = run_one(name)
             cpu.setdefault(name, []).append(cpu_seconds() - c0)
             times.setdefault(name, []).append(seconds)
+            if after is not None:
+                after(name)
     return times, cpu
+
+
+def compare_dirs(ours: Path, theirs: Path) -> dict:
+    """Two safetensors directories compared bit for bit, tensor by tensor under their names:
+    ``identical``, the tensor count, names that ``differ`` (dtype, shape or bytes), names found
+    only in one (``only_ours``, ``only_theirs``) and the dtypes ``theirs`` wrote."""
+    import torch
+
+    a, b = safetensors_dir(ours), safetensors_dir(theirs)
+    differ = sorted(k for k in set(a) & set(b)
+                    if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
+    only_ours, only_theirs = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    return {"identical": not (differ or only_ours or only_theirs), "tensors": len(a), "differ": differ,
+            "only_ours": only_ours, "only_theirs": only_theirs, "dtypes": sorted({str(t.dtype) for t in b.values()})}
+
+
+@contextlib.contextmanager
+def scratch_dir(parent, prefix: str):
+    """A fresh directory under ``parent`` (None: the system's temp dir), removed afterwards."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def safetensors_dir(directory: Path) -> dict:
@@ -147,3 +178,30 @@ def run_sizes(args, run_size, versions: str = "") -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def llama_bench_parser(doc: str):
+    """The options every `LLAMA_SIZES` bench takes (--sizes, --vocab, --rounds, --dir, --json);
+    parse with `parse_llama_args`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=lambda v: v.split(","), default=["125m", "350m"], help=f"of {sorted(LLAMA_SIZES)}")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p
+
+
+def parse_llama_args(p, argv):
+    """``p``'s arguments, refusing sizes `LLAMA_SIZES` does not have; then the CPU stand-in for
+    Megatron-Core's Triton-only modules, which must come before ``megatron.core`` is imported."""
+    args = p.parse_args(argv)
+    unknown = [s for s in args.sizes if s not in LLAMA_SIZES]
+    if unknown:
+        p.error(f"--sizes: unknown {unknown}; choose from {sorted(LLAMA_SIZES)}")
+    from examples.cpu_shim import stub_triton_only_modules
+
+    stub_triton_only_modules()
+    return args

@@ -25,28 +25,12 @@ D's disk (default: a temp dir), ``--json F`` also writes the figures to F, ``--s
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from bench.goals import LLAMA_SIZES as SIZES
-from bench.goals import (fsync_tree, goal_line, interleaved, llama_heading, llama_model, median, run_sizes,
-                         safetensors_dir)
-
-def compare(ours: Path, bridge: Path) -> dict:
-    """Bit-for-bit comparison of two safetensors directories, tensor by tensor under HF names."""
-    import torch
-
-    a, b = safetensors_dir(ours), safetensors_dir(bridge)
-    differ = sorted(k for k in set(a) & set(b)
-                    if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
-    only_ours, only_bridge = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    return {"identical": not (differ or only_ours or only_bridge), "tensors": len(a), "differ": differ,
-            "only_ours": only_ours, "only_bridge": only_bridge,
-            "dtypes": sorted({str(t.dtype) for t in b.values()})}
-
+from bench.goals import (compare_dirs, fsync_tree, goal_line, interleaved, llama_bench_parser, llama_heading, llama_model,
+                         median, parse_llama_args, run_sizes, scratch_dir)
 
 def llama_config(model, vocab: int):
     """The transformers LlamaConfig of the Megatron model (what Bridge's Llama mapping reads)."""
@@ -108,7 +92,7 @@ class Candidates:
         self.run("ours_hf")
         ours_dir, ours_files = self.hf_dir, sorted(p.name for p in self.hf_dir.iterdir())
         self.run("bridge_hf")
-        same = compare(ours_dir, self.hf_dir)
+        same = compare_dirs(ours_dir, self.hf_dir)
         same["files"] = {"ours_hf": ours_files, "bridge_hf": sorted(p.name for p in self.hf_dir.iterdir())}
         self.cleanup()
         shutil.rmtree(ours_dir.parent, ignore_errors=True)
@@ -118,26 +102,17 @@ class Candidates:
 def run_size(size: str, args) -> dict:
     """Build one model, run the interleaved rounds; its figures as a dict (printed as it goes)."""
     model, params = llama_model(size, args.vocab)
-    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-vs-bridge-"))
-    try:
+    with scratch_dir(args.dir, "mte-vs-bridge-") as work:
         c = Candidates(model, work, vocab=args.vocab)
         same = c.warm_up()
         print(f"\n{size}: Bridge's tensors vs ours ({same['tensors']} tensors, Bridge wrote {same['dtypes']}): "
               f"{'identical, bit for bit' if same['identical'] else 'DIFFERENT'}")
-        for key in ("differ", "only_ours", "only_bridge"):
+        for key in ("differ", "only_ours", "only_theirs"):
             if same[key]:
                 print(f"  {key}: {', '.join(same[key])}")
         print(f"  files: ours {same['files']['ours_hf']}; Bridge {same['files']['bridge_hf']}")
         names = ["ours_hf", "bridge_hf"]
-
-        def run_one(name):
-            seconds = c.run(name)
-            c.cleanup()
-            return seconds
-
-        times, cpu = interleaved(names, args.rounds, run_one)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        times, cpu = interleaved(names, args.rounds, c.run, after=lambda name: c.cleanup())
 
     med = {k: median(v) for k, v in times.items()}
     med_cpu = {k: median(v) for k, v in cpu.items()}
@@ -157,20 +132,9 @@ def run_size(size: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=lambda v: v.split(","), default=["125m", "350m"], help=f"of {sorted(SIZES)}")
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
-    p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args(argv)
-    unknown = [s for s in args.sizes if s not in SIZES]
-    if unknown:
-        p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
+    p = llama_bench_parser(__doc__)
+    args = parse_llama_args(p, argv)
 
-    from examples.cpu_shim import stub_triton_only_modules
-
-    stub_triton_only_modules()  # before megatron.core is imported
     from tests.support.bridge_shim import install as install_bridge_shim
     from tests.support.models import init_single_process
 
@@ -179,6 +143,7 @@ def main(argv=None) -> int:
     from megatron.bridge.package_info import __version__ as bridge_version
 
     return run_sizes(args, run_size, f", Megatron-Bridge {bridge_version.split('+')[0]}")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -22,14 +22,12 @@ Medians over the rounds; ratios of medians, with issue 22's targets beside each 
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from bench.goals import (LLAMA_SIZES, fsync_tree, goal_line, interleaved, llama_heading, llama_model, median,
-                         raw_write, run_sizes, safetensors_dir)
+from bench.goals import (compare_dirs, fsync_tree, goal_line, interleaved, llama_bench_parser, llama_heading, llama_model,
+                         median, parse_llama_args, raw_write, run_sizes, scratch_dir)
 from bench.probe_cost import probe_under_shim
 
 
@@ -106,11 +104,11 @@ class Candidates:
         ours_trt = self.last_path / "trtllm_checkpoint"
         self.run("ours_hf_probe")
         self.run("modelopt_trt@1")
-        identical["modelopt_trt"] = same_tensors(ours_trt, self.last_path)
+        identical["modelopt_trt"] = compare_dirs(ours_trt, self.last_path)["identical"]
         self.cleanup()
         try:
             self.run("modelopt_hf@1")
-            identical["modelopt_hf"] = same_tensors(ours_hf, self.last_path)
+            identical["modelopt_hf"] = compare_dirs(ours_hf, self.last_path)["identical"]
             self.cleanup()
         except Exception as exc:  # noqa: BLE001 - reported, the comparison is left out
             self.modelopt_hf_error = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -131,21 +129,10 @@ def refuse_failed_probe(exporter) -> None:
     exporter._probe = probe
 
 
-def same_tensors(a: Path, b: Path) -> bool:
-    import torch
-
-    ta, tb = safetensors_dir(a), safetensors_dir(b)
-    return sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
-SIZES = LLAMA_SIZES
-
-
 def run_size(size: str, args) -> dict:
     """Build one model, run the interleaved rounds; its figures as a dict (printed as it goes)."""
     model, params = llama_model(size, args.vocab)
-    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="mte-vs-modelopt-"))
-    try:
+    with scratch_dir(args.dir, "mte-vs-modelopt-") as work:
         c = Candidates(model, work, vocab=args.vocab)
         identical = c.warm_up()
         tools = ["modelopt_trt"] + (["modelopt_hf"] if c.modelopt_hf_error is None else [])
@@ -153,15 +140,12 @@ def run_size(size: str, args) -> dict:
         names += [f"{tool}@{n}" for tool in tools for n in args.modelopt_threads]
 
         def run_one(name):
-            if name.startswith("raw_"):
+            if name.startswith("raw_"):  # as many bytes as our export of that format wrote
                 return raw_write(work, c.bytes["ours_" + name[4:]])
-            seconds = c.run(name)
-            c.cleanup()
-            return seconds
+            return c.run(name)
 
-        times, cpu = interleaved(names, args.rounds, run_one)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        times, cpu = interleaved(names, args.rounds, run_one,
+                                 after=lambda name: None if name.startswith("raw_") else c.cleanup())
 
     med = {k: median(v) for k, v in times.items()}
     mib = 2 ** 20
@@ -197,26 +181,16 @@ def run_size(size: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=lambda v: v.split(","), default=["125m", "350m"], help=f"of {sorted(SIZES)}")
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
+    p = llama_bench_parser(__doc__)
     p.add_argument("--modelopt-threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                    help="torch thread counts to run ModelOpt with (its best median is the reference)")
-    p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args(argv)
-    unknown = [s for s in args.sizes if s not in SIZES]
-    if unknown:
-        p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
+    args = parse_llama_args(p, argv)
 
-    from examples.cpu_shim import stub_triton_only_modules
-
-    stub_triton_only_modules()  # before megatron.core is imported
     from tests.support.models import init_single_process
 
     init_single_process()
     return run_sizes(args, run_size)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

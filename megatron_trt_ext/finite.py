@@ -5,9 +5,10 @@ it took most of an export's time. ``torch.aminmax`` reads ``t`` once and propaga
 anywhere makes both results NaN), and an Inf anywhere is one of the two extremes, so the tensor
 is finite exactly when its minimum and maximum are. Cheaper still, for bfloat16 and float32: a
 NaN or an Inf anywhere makes the sum NaN or Inf, so a finite sum proves the tensor finite; only
-a sum that is not finite (a NaN or Inf, or a sum that overflowed) is checked again with `aminmax`. The check runs on the tensor *as written*
-(after the cast to the export dtype), so a value that is finite in the live dtype but overflows
-the export dtype (70000.0 as float16) shows up as Inf and is caught.
+a sum that is not finite (a NaN or Inf, or a sum that overflowed) is checked again with `aminmax`.
+The check runs on the tensor *as written* (after the cast to the export dtype), so a value that
+is finite in the live dtype but overflows the export dtype (70000.0 as float16) shows up as Inf
+and is caught.
 """
 
 from __future__ import annotations

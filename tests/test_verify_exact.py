@@ -169,7 +169,7 @@ def test_fingerprints_see_one_ulp_and_ignore_summation_order():
 def test_block_hashes_see_one_bit_anywhere_and_name_the_rows():
     gen = torch.Generator().manual_seed(4)
     t = torch.randn(1500, 700, generator=gen).to(torch.bfloat16)  # 2 MiB: blocks of 748 rows, 3 blocks
-    recorded = fp.block_hashes("w", t)
+    recorded = fp.block_hashes(t)
     step = fp.block_rows(700, torch.bfloat16)
     assert step == (1 << 20) // 1400 and recorded.digests.numel() == -(-1500 // step)
     assert fp.compare("w", recorded, t.clone()) is None
@@ -191,7 +191,7 @@ def test_the_fingerprints_file_is_the_same_bytes_every_time_and_version_1_files_
 
     gen = torch.Generator().manual_seed(6)
     t = torch.randn(40, 24, generator=gen).bfloat16()
-    entries = {"a.weight": fp.block_hashes("a.weight", t), "b.weight": fp.fingerprint("b.weight", t[0]),
+    entries = {"a.weight": fp.block_hashes(t), "b.weight": fp.fingerprint("b.weight", t[0]),
                "c.weight": "why not"}
     # safetensors writes a metadata map in no fixed order: the layouts of one model must give one file
     assert len({fp.save(entries)[0] for _ in range(8)}) == 1

@@ -133,8 +133,8 @@ class BlockHashes:
     ``cast`` when given (a block at a time). Chunks of a multiple of `step` rows (the last one:
     what is left) give the blocks of `block_hashes`."""
 
-    def __init__(self, name: str, shape, dtype: torch.dtype, cast: Optional[torch.dtype] = None):
-        self.name, self.shape = name, tuple(shape)
+    def __init__(self, shape, dtype: torch.dtype, cast: Optional[torch.dtype] = None):
+        self.shape = tuple(shape)
         self.rows = self.shape[0] if self.shape else 1
         cols = int(torch.Size(self.shape).numel()) // max(self.rows, 1) if self.shape else 1
         self.dtype = cast or dtype
@@ -170,8 +170,9 @@ def hashed(tensor: torch.Tensor, quantized: bool) -> bool:
     return not quantized and tensor.dim() >= 2 and tensor.device.type == "cpu"
 
 
-def block_hashes(name: str, tensor: torch.Tensor) -> Hashes:
-    acc = BlockHashes(name, tensor.shape, tensor.dtype)
+def block_hashes(tensor: torch.Tensor) -> Hashes:
+    """The `BlockHashes` of a whole tensor (unlike the vectors, they do not depend on its name)."""
+    acc = BlockHashes(tensor.shape, tensor.dtype)
     acc.update(_matrix(tensor.detach()))
     return acc.result()
 
@@ -289,7 +290,7 @@ class _Job:
     def accumulator(self):
         if self.rows is None:
             if hashed(self.tensor, self.recorder.quant is not None):
-                return BlockHashes(self.name, self.tensor.shape, self.tensor.dtype, self.cast)
+                return BlockHashes(self.tensor.shape, self.tensor.dtype, self.cast)
             return Accumulator(self.name, self.tensor.shape, self.cast)
         return Accumulator(self.name, self.shape, self.cast, rows=self.rows)
 
@@ -396,15 +397,15 @@ def quant_bound(algos) -> tuple:
     return rel, all(a in QUANT_REL for a in algos)
 
 
-def compare(name: str, recorded: tuple, tensor: torch.Tensor, quant_rel: Optional[float] = None,
+def compare(name: str, recorded, tensor: torch.Tensor, quant_rel: Optional[float] = None,
             check_gain: bool = True) -> Optional[str]:
-    """None when ``tensor`` (read back) has the recorded fingerprint, else what differs.
+    """None when ``tensor`` (read back) has the recorded fingerprint (vectors or `Hashes`), else what differs.
 
     ``quant_rel``: the tensor was dequantized; each entry may differ by SIGMAS x quant_rel of its
     rounding-noise scale, and the tensor's gain (the least-squares factor between the recorded
     and the recomputed entries) by SIGMAS x quant_rel / sqrt(entries)."""
     if isinstance(recorded, Hashes):
-        return _compare_hashes(name, recorded, tensor)
+        return _compare_hashes(recorded, tensor)
     rows, cols = recorded
     if tuple(_matrix(tensor).shape) != (rows.numel(), cols.numel()):
         return f"shape {tuple(tensor.shape)} does not give the recorded {rows.numel()} rows x {cols.numel()} columns"
@@ -430,12 +431,12 @@ def compare(name: str, recorded: tuple, tensor: torch.Tensor, quant_rel: Optiona
     return None
 
 
-def _compare_hashes(name: str, recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:
+def _compare_hashes(recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:
     """`compare` of a `BlockHashes` record: the read-back tensor in the recorded dtype (a reader
     that returns float32 for values stored in the export dtype converts exactly), block by block."""
     if tuple(tensor.shape) != recorded.shape:
         return f"shape {tuple(tensor.shape)}, recorded {recorded.shape}"
-    got = block_hashes(name, tensor.detach().cpu().to(recorded.dtype)).digests
+    got = block_hashes(tensor.detach().cpu().to(recorded.dtype)).digests
     if got.numel() != recorded.digests.numel():
         return f"{got.numel()} row blocks, recorded {recorded.digests.numel()}"
     bad = (got != recorded.digests).nonzero().flatten()

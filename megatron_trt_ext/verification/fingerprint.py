@@ -417,11 +417,9 @@ def compare(name: str, recorded, tensor: torch.Tensor, quant_rel: Optional[float
         mag_rows, mag_cols = _magnitudes(name, tensor, weights_sq=True)
         tol_rows, tol_cols = SIGMAS * quant_rel * mag_rows + 1e-30, SIGMAS * quant_rel * mag_cols + 1e-30
     for label, want, got, tol in (("row", rows, got_rows, tol_rows), ("column", cols, got_cols, tol_cols)):
-        bad = ((want - got).abs() > tol).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            return (f"{bad.numel()} {label}(s) differ from the exported values, first {label} {i} "
-                    f"(projection {float(got[i]):.6g}, recorded {float(want[i]):.6g}, allowed diff {float(tol[i]):.2g})")
+        problem = entries_differ(label, want, got, tol)
+        if problem:
+            return problem
         if quant_rel is not None and check_gain and want.numel() > 1:
             energy = float((got * got).sum())
             gain = float((want * got).sum()) / energy if energy > 0 else 1.0
@@ -429,6 +427,17 @@ def compare(name: str, recorded, tensor: torch.Tensor, quant_rel: Optional[float
             if abs(gain - 1.0) > limit:
                 return f"scaled by {gain:.4f} against the exported values (allowed 1 +- {limit:.2g}): a wrong scale"
     return None
+
+
+def entries_differ(label: str, want: torch.Tensor, got: torch.Tensor, tol: torch.Tensor, beyond: str = "") -> str:
+    """What differs between recorded (``want``) and recomputed (``got``) row or column entries by
+    more than ``tol``, naming the first; "" when none does. ``beyond``: the allowance, in words."""
+    bad = ((want - got).abs() > tol).nonzero().flatten()
+    if not bad.numel():
+        return ""
+    i = int(bad[0])
+    return (f"{bad.numel()} {label}(s) differ from the exported values{beyond}, first {label} {i} "
+            f"(projection {float(got[i]):.6g}, recorded {float(want[i]):.6g}, allowed diff {float(tol[i]):.2g})")
 
 
 def _compare_hashes(recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:

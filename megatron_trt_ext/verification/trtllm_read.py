@@ -183,13 +183,9 @@ def _within_rounding(name: str, recorded: tuple, tensor: torch.Tensor, dtype: to
     got_rows, got_cols = fp.fingerprint(name, tensor)
     mag_rows, mag_cols = fp._magnitudes(name, tensor.double().abs() + 1.0, weights_sq=False)
     for label, want, got, mag in (("row", rows, got_rows, mag_rows), ("column", cols, got_cols, mag_cols)):
-        tol = (2 * u + fp.EXACT_REL) * mag
-        bad = ((want - got).abs() > tol).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            return (f"{bad.numel()} {label}(s) differ from the exported values beyond the {dtype} rounding of "
-                    f"w + 1, first {label} {i} (projection {float(got[i]):.6g}, recorded {float(want[i]):.6g}, "
-                    f"allowed diff {float(tol[i]):.2g})")
+        problem = fp.entries_differ(label, want, got, (2 * u + fp.EXACT_REL) * mag, f" beyond the {dtype} rounding of w + 1")
+        if problem:
+            return problem
     return None
 
 

@@ -13,13 +13,7 @@ from safetensors.torch import load_file
 
 from megatron_trt_ext import ExportConfig, Exporter, attach
 from megatron_trt_ext import manifest as mf
-from tests.support.models import randomize, tiny_llama
-
-
-def medium_llama():
-    """~10M parameters: an export takes long enough that a second save finds it still running."""
-    return tiny_llama(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
-                      ffn_hidden_size=1024, vocab_size=4096)
+from tests.support.models import medium_llama, randomize, tiny_llama
 
 
 def test_async_export_matches_sync_and_reports_stall(megatron_world, tmp_path):

@@ -20,16 +20,10 @@ import torch
 
 from megatron_trt_ext import ConfigError, ExportConfig, ExportError, Exporter, attach
 from megatron_trt_ext import manifest as mf
-from tests.support.models import randomize, tiny_llama
+from tests.support.models import medium_llama, randomize, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-
-
-def medium_llama():
-    """~10M parameters: an export takes long enough to be caught in the middle."""
-    return tiny_llama(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
-                      ffn_hidden_size=1024, vocab_size=4096)
 
 
 def assert_root_is_consistent(root: Path):

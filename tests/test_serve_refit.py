@@ -19,7 +19,7 @@ from megatron_trt_ext.metrics import log_line
 from megatron_trt_ext.serve.options import ServeOptions
 from tests.support.distributed import run_ranks
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.models import randomize, tiny_llama
+from tests.support.models import medium_llama, randomize, tiny_llama
 
 # Sockets, writer threads and a fake server: nothing here depends on the megatron-core version
 # beyond what test_exporter covers on both; pinned version only (the CI time budget).
@@ -215,9 +215,9 @@ def test_a_due_refit_is_not_lost_with_a_replaced_save(megatron_world, tmp_path, 
 
     from megatron_trt_ext import attach
 
-    model = tiny_llama()
+    model = medium_llama()  # a tiny model's export can end before the worker is stopped
     randomize(model, seed=48)
-    handle = attach(model, ExportConfig(output_dir=str(tmp_path), vocab_size=120, formats=["hf"], timeout_s=60,
+    handle = attach(model, ExportConfig(output_dir=str(tmp_path), vocab_size=4000, formats=["hf"], timeout_s=60,
                                         serve={"url": server.url, "every_n_saves": 2, "timeout_s": 30}))
     try:
         for iteration in (1, 2, 3):
@@ -230,6 +230,8 @@ def test_a_due_refit_is_not_lost_with_a_replaced_save(megatron_world, tmp_path, 
                     time.sleep(0.01)
                 worker = background.proc
                 os.kill(worker.pid, signal.SIGSTOP)
+                background.poll()  # a Done sent before the stop would be here
+                assert background.running == 1, "export 1 ended before the worker was stopped: nothing held"
         os.kill(worker.pid, signal.SIGCONT)
     finally:
         handle.detach()

@@ -10,6 +10,13 @@ from examples.tiny_model import _config, init_single_process, tiny_llama  # noqa
 from megatron_trt_ext.utils import free_port  # noqa: F401  (re-exported for the test helpers)
 
 
+def medium_llama():
+    """~10M parameters: an export takes long enough that a test can catch it running (a save
+    arriving meanwhile, a worker stopped in the middle)."""
+    return tiny_llama(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                      ffn_hidden_size=1024, vocab_size=4096)
+
+
 def tiny_gpt(vocab_size: int = 128, max_seq: int = 64, tied: bool = True, model_kwargs=None, **config_kw):
     """GPT-2 style: LayerNorm with bias, learned positions, GeLU, biases, MHA."""
     from megatron.core.models.gpt import GPTModel

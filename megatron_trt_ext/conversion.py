@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from . import host_memory
 from .arch.convert import megatron_to_hf
 from .arch.spec import ArchSpec, Context
 from .errors import ExportError
@@ -81,7 +82,7 @@ class Conversion:
         quantizer = quant.quantizer(name, tensor, state.stats) if quant is not None else None
         fold = quant.take_fold(name, state.stats) if quant is not None else None
         if cast_first and quantizer is None and fold is None and self.casts_first(name):
-            tensor = tensor.to(self.dtype)
+            tensor = host_memory.cast(tensor, self.dtype)
         native = quantizer.native_scale if isinstance(quantizer, LinearQuantizer) else None
         # FP8-trained weights: their multipliers go through the same row transforms as the bytes
         native_parts = dict(megatron_to_hf(self.spec, self.ctx, [(name, native)], {})) if native is not None else {}

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import host_memory
 from .plan import Unit, torch_dtype
 
 # Where the writer assembles units: host memory, whatever device the slices travel through.
@@ -234,7 +235,7 @@ def exchange(unit: Unit, local: dict, comm: Comm, cast_to: Optional[torch.dtype]
             whole = _one_view(unit, local_parts)
             if whole is not None:
                 return whole.to(HOST)
-        full = torch.empty(unit.shape, dtype=cast_to or dtype, device=HOST)
+        full = host_memory.empty(unit.shape, cast_to or dtype)
         pending = []
         if comm.data_device.type == HOST.type:  # every slice in flight at once, landing in place
             for tag, piece in remote:

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from . import host_memory
 from . import manifest as mf
 from . import publish
 from .arch import FAMILIES
@@ -318,7 +319,7 @@ class ExportJob:
             # a unit `exchange` returned uncast (a local view): cast once here, as `Conversion.unit`
             # would, so the fingerprint is computed in the write pass of the bytes it describes
             c0 = time.perf_counter()
-            full = full.to(conversion.dtype)
+            full = host_memory.cast(full, conversion.dtype)
             timings["convert_s"] += time.perf_counter() - c0
         if recorder is not None:  # of the unit as exported, for `verify` (`verification.fingerprint`)
             recorder.add(unit.name, full, timings)

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from . import host_memory
 from .arch.convert import canonical_name, find_transform, megatron_to_hf
 from .arch.spec import Concat, Drop, StackExperts
 from .errors import ExportError
@@ -224,7 +225,7 @@ def split_for_export(config, spec, info, vocab_size: int, moe_tp: int, moe_ep: i
 def export_range(unit, tensor, outputs: tuple, dtype: torch.dtype, hf, trt, recorder=None, timings=None) -> None:
     """Write one range of a cut unit (rows ``unit.rows``, assembled on this rank) into every
     output at its rows; its fingerprint part to ``recorder``."""
-    t = tensor if tensor.dtype == dtype else tensor.to(dtype)
+    t = tensor if tensor.dtype == dtype else host_memory.cast(tensor, dtype)
     if recorder is not None:  # of the rows the HF tensor holds (a vocabulary table: its real rows)
         hf_rows = max((s0 + o1 - o0 for o in outputs if o.fmt == "hf" for o0, o1, s0 in o.runs if s0 is not None),
                       default=0)

@@ -166,10 +166,11 @@ def test_fingerprints_see_one_ulp_and_ignore_summation_order():
     assert fp.compare("other name", recorded, t) is not None  # the vectors depend on the name
 
 
-def test_block_hashes_see_one_bit_anywhere_and_name_the_rows():
+@pytest.mark.parametrize("algorithm", [fp.PREFIX, fp.BLOCKS])
+def test_block_hashes_see_one_bit_anywhere_and_name_the_rows(algorithm):
     gen = torch.Generator().manual_seed(4)
     t = torch.randn(1500, 700, generator=gen).to(torch.bfloat16)  # 2 MiB: blocks of 748 rows, 3 blocks
-    recorded = fp.block_hashes(t)
+    recorded = fp.block_hashes(t, algorithm)
     step = fp.block_rows(700, torch.bfloat16)
     assert step == (1 << 20) // 1400 and recorded.digests.numel() == -(-1500 // step)
     assert fp.compare("w", recorded, t.clone()) is None
@@ -182,11 +183,52 @@ def test_block_hashes_see_one_bit_anywhere_and_name_the_rows():
         assert problem is not None and f"first rows {first}:{min(first + step, 1500)}" in problem, problem
     swapped = t.clone()
     swapped[:, [3, 4]] = swapped[:, [4, 3]]
-    assert "3 of 3 row blocks differ" in fp.compare("w", recorded, swapped)  # every row changed
+    want = "3 of 3 row blocks differ" if algorithm == fp.BLOCKS else "differ from row block 0 of 3 on"
+    assert want in fp.compare("w", recorded, swapped)  # every row changed
     assert "shape" in fp.compare("w", recorded, t[:, :699])
 
 
-def test_the_fingerprints_file_is_the_same_bytes_every_time_and_version_1_files_still_load(tmp_path):
+def _raw(t):
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_prefix_hashes_are_the_xxh3_128_of_each_prefix_and_the_last_is_the_checksum():
+    import xxhash
+
+    from megatron_trt_ext import checksum
+    from megatron_trt_ext.formats.safetensors_stream import checksum_of
+
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(1000, 1100, generator=gen).to(torch.bfloat16)  # blocks of 476 rows: 3, the last short
+    step, raw = fp.block_rows(1100, torch.bfloat16), _raw(t)
+    ends = [min(k + step, 1000) * 2200 for k in range(0, 1000, step)]
+    oracle = [xxhash.xxh3_128_intdigest(raw[:end]) & (2 ** 64 - 1) for end in ends]
+    got = [int(d) & (2 ** 64 - 1) for d in fp.block_hashes(t).digests]
+    assert got == oracle and len(got) == 3
+    assert checksum.ALGORITHM == "xxh3_128" and int(checksum_of(t), 16) & (2 ** 64 - 1) == oracle[-1]
+
+
+@pytest.mark.parametrize("shape", [(1000, 1100), (3, 600000), (5000, 3)])  # short last block; rows over a block; tiny rows
+def test_hashes_taken_from_a_write_checksum_state_equal_their_own_pass(shape):
+    from megatron_trt_ext import checksum
+    from megatron_trt_ext.formats.safetensors_stream import checksum_of, chunks
+
+    gen = torch.Generator().manual_seed(7)
+    t = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    own = fp.block_hashes(t)
+    acc = fp.BlockHashes(t.shape, t.dtype)
+    assert acc.can_follow(checksum.ALGORITHM) and not fp.BlockHashes(t.shape, torch.float32, torch.bfloat16).can_follow(
+        checksum.ALGORITHM) and not fp.BlockHashes(t.shape, t.dtype, algorithm=fp.BLOCKS).can_follow(checksum.ALGORITHM)
+    state = checksum.new()
+    for _, data in chunks(t, acc.step):  # as the writer feeds it
+        acc.follow(state, data)
+    followed = acc.result()
+    assert torch.equal(followed.digests, own.digests) and followed.algorithm == fp.PREFIX
+    assert state.hexdigest() == checksum_of(t)  # and the checksum is the one written to the manifest
+
+
+def test_the_fingerprints_file_is_the_same_bytes_every_time_and_version_1_and_2_files_still_load(tmp_path):
+    import xxhash
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(6)
@@ -195,10 +237,24 @@ def test_the_fingerprints_file_is_the_same_bytes_every_time_and_version_1_files_
                "c.weight": "why not"}
     # safetensors writes a metadata map in no fixed order: the layouts of one model must give one file
     assert len({fp.save(entries)[0] for _ in range(8)}) == 1
-    (tmp_path / "v2.safetensors").write_bytes(fp.save(entries)[0])
-    loaded = fp.load(tmp_path / "v2.safetensors")
+    (tmp_path / "v3.safetensors").write_bytes(fp.save(entries)[0])
+    loaded = fp.load(tmp_path / "v3.safetensors")
     assert sorted(loaded) == ["a.weight", "b.weight"] and fp.compare("a.weight", loaded["a.weight"], t) is None
+    assert loaded["a.weight"].algorithm == fp.PREFIX
     assert fp.compare("b.weight", loaded["b.weight"], t[0]) is None
+    # a file of version 2: an XXH3-64 of each block alone (one block here), as 0.x wrote it
+    digest = torch.tensor([xxhash.xxh3_64_intdigest(_raw(t))], dtype=torch.uint64).view(torch.int64)
+    layout = {"version": 2, "hash_block_bytes": 1 << 20, "hashed": {"a.weight": ["bfloat16", [40, 24]]}}
+    save_file({"a.weight::xxh3_64": digest}, str(tmp_path / "v2.safetensors"),
+              metadata={"fingerprints": json.dumps(layout, sort_keys=True)})
+    v2 = fp.load(tmp_path / "v2.safetensors")
+    assert v2["a.weight"].algorithm == fp.BLOCKS and fp.compare("a.weight", v2["a.weight"], t) is None
+    assert "1 of 1 row blocks differ" in fp.compare("a.weight", v2["a.weight"], t.index_fill(0, torch.tensor([3]), 0))
+    newer = {**layout, "version": fp.VERSION + 1}  # a newer megatron-trt-ext's file: refused, naming the fix
+    save_file({"a.weight::xxh3_64": digest}, str(tmp_path / "v9.safetensors"),
+              metadata={"fingerprints": json.dumps(newer, sort_keys=True)})
+    with pytest.raises(ValueError, match="upgrade"):
+        fp.load(tmp_path / "v9.safetensors")
     rows, cols = fp.fingerprint("w", t)  # a file written before block hashes: vectors, {"version": "1"}
     save_file({"w::rows": rows, "w::cols": cols}, str(tmp_path / "v1.safetensors"), metadata={"version": "1"})
     old = fp.load(tmp_path / "v1.safetensors")
@@ -211,7 +267,15 @@ def test_unquantized_exports_record_hashes_and_vectors_where_hashes_cannot_be_ex
     kinds = {name: isinstance(value, fp.Hashes) for name, value in recorded.items()}
     assert kinds["decoder.layers.0.self_attention.linear_qkv.weight"] and kinds["embedding.word_embeddings.weight"]
     assert not kinds["decoder.final_layernorm.weight"]  # 1-D: vectors (TensorRT-LLM may store w + 1)
-    assert mf.read_manifest(path)["fingerprints"]["version"] == fp.VERSION == 2
+    assert mf.read_manifest(path)["fingerprints"]["version"] == fp.VERSION == 3
+    # the embedding's HF tensor holds its very bytes: its hashes came off the write's checksum state,
+    # so the last one is the manifest's checksum of that tensor (low 64 bits)
+    embed = recorded["embedding.word_embeddings.weight"]
+    assert embed.algorithm == fp.PREFIX
+    sums = {}
+    for entry in mf.read_manifest(path)["files"].values():
+        sums.update(entry.get("xxh3_128", {}))
+    assert int(sums["model.embed_tokens.weight"], 16) & (2 ** 64 - 1) == int(embed.digests[-1]) & (2 ** 64 - 1)
 
 
 # ---------------------------------------------------------------------- config

@@ -13,7 +13,8 @@ agrees on the files' creation before any writes), so no writer truncates or exte
 
 Each tensor is written in one pass over its bytes, in chunks of about `CHUNK_BYTES` (whole rows):
 per chunk the NaN/Inf check, the unit's verification fingerprint where this tensor holds the
-unit's bytes, the checksum and the ``pwrite``, while the chunk is in the CPU cache. A strided
+unit's bytes (its block hashes taken from the checksum's state, `fingerprint.BlockHashes.follow`),
+the checksum and the ``pwrite``, while the chunk is in the CPU cache. A strided
 tensor is made contiguous a chunk at a time, never whole.
 """
 
@@ -204,6 +205,9 @@ class SafetensorsFileWriter:
         digest = checksum.new() if first else None
         check = first and pool is not None and pool.check_finite
         acc = job.accumulator() if job is not None else None
+        # the fingerprint's block hashes read off the checksum's own state: one hash pass, not two
+        follow = acc is not None and digest is not None and getattr(acc, "can_follow", None) is not None \
+            and acc.can_follow(checksum.ALGORITHM)
         value = None
         try:
             if tensor.device.type != "cpu":  # no pool: this thread, the caller's stream order
@@ -212,10 +216,12 @@ class SafetensorsFileWriter:
             for rows, data in chunks(tensor, acc.step if acc is not None else 1):
                 if check and rows is not None:
                     check_finite(name, rows)
-                if acc is not None:
+                if acc is not None and not follow:
                     acc.update(rows.reshape(rows.shape[0], -1))
                 pwrite_all(self._fd, data, offset)
-                if digest is not None:
+                if follow:
+                    acc.follow(digest, data)
+                elif digest is not None:
                     digest.update(data)
                 offset += len(data)
             if offset - start != nbytes:

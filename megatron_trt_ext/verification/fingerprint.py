@@ -14,17 +14,22 @@ the BLAS library sums one row (a relative 1e-12 of the row's absolute sum is all
 ulp of one element moves an entry by ~1e-4 of it). Quantized tensors are compared after
 dequantization within the format's rounding (`compare`).
 
-Unquantized exports record most tensors more cheaply and just as exactly (version 2): a tensor of
-two or more dimensions gets `BlockHashes`, an XXH3-64 of each block of whole rows (about
-`HASH_BLOCK_BYTES`) of its bytes as exported, in Megatron's layout. Read back through the inverse
-table, the same bytes give the same hashes; a flipped bit, a swapped row or column, a wrong
-split, transpose or scale changes the hash of every block it touches, and the first such block
-says which rows. The vectors cost ~0.9 CPU s per GiB (the float64 conversion and two
-matrix-vector products), most of an export's CPU time; the hashes ~0.05, in the same pass over
-the bytes as the write. Vectors stay where the read-back is not bit for bit: quantized exports
-(dequantized within their rounding), 1-D tensors (TensorRT-LLM stores some norms as w + 1) and
-the row ranges of a unit several ranks write (their column sums add up; hashes of ranges would not).
-Files of version 1 hold vectors only and verify as before.
+Unquantized exports record most tensors more cheaply and just as exactly: a tensor of two or
+more dimensions gets `BlockHashes` of its bytes as exported, in Megatron's layout, one 64-bit
+hash per block of whole rows (about `HASH_BLOCK_BYTES`). Version 3 hashes are *prefix* hashes
+(`PREFIX`): block k's is the XXH3-128 of the tensor's bytes up to the end of block k (its low 64
+bits). Where the tensor an HF file holds is the unit's very bytes (most units), that is the
+state of the write's own checksum (`checksum.ALGORITHM`, the same XXH3-128) at each block's end:
+the fingerprint then costs no pass of its own over the bytes (`BlockHashes.follow`). Read back
+through the inverse table, the same bytes give the same hashes; a flipped bit, a swapped row or
+column, a wrong split, transpose or scale changes the hash of the first block it touches and of
+every block after it, so the first differing block says which rows. Version 2 files hold an
+XXH3-64 of each block on its own (`BLOCKS`) and verify as before. The vectors cost ~0.9 CPU s per
+GiB (the float64 conversion and two matrix-vector products), most of an export's CPU time; the
+hashes ~0.05 where they need a pass of their own. Vectors stay where the read-back is not bit for
+bit: quantized exports (dequantized within their rounding), 1-D tensors (TensorRT-LLM stores some
+norms as w + 1) and the row ranges of a unit several ranks write (their column sums add up; hashes
+of ranges would not). Files of version 1 hold vectors only and verify as before.
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ from ..arch.convert import canonical_name, find_transform
 from ..arch.spec import Drop, Vocab
 
 FILE_NAME = "fingerprints.safetensors"
-VERSION = 2
+VERSION = 3
 HASH_BLOCK_BYTES = 1 << 20  # as the write pass's chunks (`safetensors_stream.CHUNK_BYTES`)
+PREFIX = "xxh3_128_prefix"  # version 3: the XXH3-128 of the bytes up to each block's end, low 64 bits
+BLOCKS = "xxh3_64"  # version 2: the XXH3-64 of each block alone
+_LOW64 = (1 << 64) - 1
 _BLOCK = 1 << 16  # elements converted to float64 at a time: 512 KiB, cache-resident (3x faster than 8 MiB)
 EXACT_REL = 1e-12
 # a bound on the rms rounding error of a quantized weight relative to its values, per HF
@@ -113,13 +121,14 @@ class Accumulator:
 
 
 class Hashes:
-    """A recorded `BlockHashes` result: ``digests`` (int64 view of the XXH3-64 of each block),
-    the ``dtype`` whose bytes were hashed, the tensor's ``shape``."""
+    """A recorded `BlockHashes` result: ``digests`` (int64 view of each block's 64-bit hash),
+    the ``dtype`` whose bytes were hashed, the tensor's ``shape`` and the ``algorithm`` (`PREFIX`
+    or `BLOCKS`)."""
 
-    __slots__ = ("digests", "dtype", "shape")
+    __slots__ = ("digests", "dtype", "shape", "algorithm")
 
-    def __init__(self, digests: torch.Tensor, dtype: torch.dtype, shape: tuple):
-        self.digests, self.dtype, self.shape = digests, dtype, tuple(shape)
+    def __init__(self, digests: torch.Tensor, dtype: torch.dtype, shape: tuple, algorithm: str = PREFIX):
+        self.digests, self.dtype, self.shape, self.algorithm = digests, dtype, tuple(shape), algorithm
 
 
 def block_rows(cols: int, dtype: torch.dtype) -> int:
@@ -129,17 +138,22 @@ def block_rows(cols: int, dtype: torch.dtype) -> int:
 
 class BlockHashes:
     """The exact fingerprint of a tensor fed in row order (the interface of `Accumulator`, so
-    the write pass computes either): XXH3-64 of each block of `step` rows of its bytes, after
-    ``cast`` when given (a block at a time). Chunks of a multiple of `step` rows (the last one:
-    what is left) give the blocks of `block_hashes`."""
+    the write pass computes either): a 64-bit hash of each block of `step` rows of its bytes,
+    after ``cast`` when given (a block at a time), by ``algorithm`` (module docstring). Chunks of
+    a multiple of `step` rows (the last one: what is left) give the blocks of `block_hashes`.
+    `follow` takes the hashes from a checksum state that is fed the same bytes instead."""
 
-    def __init__(self, shape, dtype: torch.dtype, cast: Optional[torch.dtype] = None):
+    def __init__(self, shape, dtype: torch.dtype, cast: Optional[torch.dtype] = None, algorithm: str = PREFIX):
+        if algorithm not in (PREFIX, BLOCKS):
+            raise ValueError(f"unknown block hash {algorithm!r} (known: {PREFIX}, {BLOCKS})")
         self.shape = tuple(shape)
         self.rows = self.shape[0] if self.shape else 1
         cols = int(torch.Size(self.shape).numel()) // max(self.rows, 1) if self.shape else 1
         self.dtype = cast or dtype
         self.step = block_rows(cols, self.dtype)
-        self.cast, self.done_rows, self.seconds = cast, 0, 0.0
+        self.row_bytes = cols * self.dtype.itemsize
+        self.cast, self.algorithm, self.done_rows, self.seconds = cast, algorithm, 0, 0.0
+        self._state = xxhash.xxh3_128() if algorithm == PREFIX else None
         self.digests: list = []
 
     def update(self, chunk: torch.Tensor) -> None:
@@ -151,8 +165,30 @@ class BlockHashes:
             if self.cast is not None:
                 block = block.to(self.cast)
             data = memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy())
-            self.digests.append(xxhash.xxh3_64_intdigest(data))
+            if self._state is not None:
+                self._state.update(data)
+                self.digests.append(self._state.intdigest() & _LOW64)
+            else:
+                self.digests.append(xxhash.xxh3_64_intdigest(data))
         self.done_rows += n
+        self.seconds += time.perf_counter() - t0
+
+    def can_follow(self, checksum_algorithm: str) -> bool:
+        """Whether a write's checksum state of ``checksum_algorithm``, fed this tensor's bytes as
+        they are (no cast), gives these hashes (`follow`)."""
+        return self.algorithm == PREFIX and self.cast is None and checksum_algorithm == "xxh3_128"
+
+    def follow(self, digest, data) -> None:
+        """Feed ``data`` (the next whole rows' bytes) to ``digest`` (a write's XXH3-128 state
+        that has had exactly the rows before them) a block at a time, taking each block's hash
+        from its state: the checksum and the fingerprint in one pass."""
+        t0 = time.perf_counter()
+        view = memoryview(data).cast("B")
+        block = self.step * self.row_bytes
+        for j in range(0, len(view), block):
+            digest.update(view[j:j + block])
+            self.digests.append(digest.intdigest() & _LOW64)
+        self.done_rows += len(view) // self.row_bytes
         self.seconds += time.perf_counter() - t0
 
     def result(self) -> Hashes:
@@ -161,7 +197,7 @@ class BlockHashes:
         import numpy as np
 
         digests = torch.from_numpy(np.array(self.digests, dtype=np.uint64).view(np.int64))
-        return Hashes(digests, self.dtype, self.shape)
+        return Hashes(digests, self.dtype, self.shape, self.algorithm)
 
 
 def hashed(tensor: torch.Tensor, quantized: bool) -> bool:
@@ -170,9 +206,9 @@ def hashed(tensor: torch.Tensor, quantized: bool) -> bool:
     return not quantized and tensor.dim() >= 2 and tensor.device.type == "cpu"
 
 
-def block_hashes(tensor: torch.Tensor) -> Hashes:
+def block_hashes(tensor: torch.Tensor, algorithm: str = PREFIX) -> Hashes:
     """The `BlockHashes` of a whole tensor (unlike the vectors, they do not depend on its name)."""
-    acc = BlockHashes(tensor.shape, tensor.dtype)
+    acc = BlockHashes(tensor.shape, tensor.dtype, algorithm=algorithm)
     acc.update(_matrix(tensor.detach()))
     return acc.result()
 
@@ -355,7 +391,7 @@ def save(entries: dict) -> tuple:
         if isinstance(value, str):
             skipped[name] = value
         elif isinstance(value, Hashes):
-            tensors[f"{name}::xxh3_64"] = value.digests
+            tensors[f"{name}::{value.algorithm}"] = value.digests
             hashes[name] = [str(value.dtype).replace("torch.", ""), list(value.shape)]
         else:
             tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
@@ -367,12 +403,16 @@ def save(entries: dict) -> tuple:
 
 
 def load(path) -> dict:
-    """{Megatron name: (by_row, by_col) or `Hashes`} of a fingerprints file (version 1 or 2)."""
+    """{Megatron name: (by_row, by_col) or `Hashes`} of a fingerprints file (version 1, 2 or 3)."""
     from safetensors import safe_open
 
     out: dict = {}
     with safe_open(str(path), framework="pt") as f:
         layout = json.loads((f.metadata() or {}).get("fingerprints", "{}"))  # version 1: {"version": "1"}
+        version = int(layout.get("version", 1))
+        if version > VERSION:
+            raise ValueError(f"{path}: fingerprints of version {version}; this megatron-trt-ext reads up to "
+                             f"{VERSION} (upgrade it to verify this export)")
         block = int(layout.get("hash_block_bytes", HASH_BLOCK_BYTES))
         if block != HASH_BLOCK_BYTES:
             raise ValueError(f"{path}: hashed in blocks of {block} bytes; this version hashes {HASH_BLOCK_BYTES}")
@@ -380,9 +420,11 @@ def load(path) -> dict:
         for key in f.keys():
             name, _, which = key.rpartition("::")
             value = f.get_tensor(key)
-            if which == "xxh3_64":
+            if which in (PREFIX, BLOCKS):
                 dtype, shape = hashed_meta[name]
-                out[name] = Hashes(value, getattr(torch, dtype), tuple(shape))
+                out[name] = Hashes(value, getattr(torch, dtype), tuple(shape), which)
+            elif which not in ("rows", "cols"):
+                raise ValueError(f"{path}: fingerprint {key!r} of a kind this version does not know")
             else:
                 out.setdefault(name, [None, None])[0 if which == "rows" else 1] = value
     return {k: v if isinstance(v, Hashes) else tuple(v) for k, v in out.items()}
@@ -445,7 +487,7 @@ def _compare_hashes(recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:
     that returns float32 for values stored in the export dtype converts exactly), block by block."""
     if tuple(tensor.shape) != recorded.shape:
         return f"shape {tuple(tensor.shape)}, recorded {recorded.shape}"
-    got = block_hashes(tensor.detach().cpu().to(recorded.dtype)).digests
+    got = block_hashes(tensor.detach().cpu().to(recorded.dtype), recorded.algorithm).digests
     if got.numel() != recorded.digests.numel():
         return f"{got.numel()} row blocks, recorded {recorded.digests.numel()}"
     bad = (got != recorded.digests).nonzero().flatten()
@@ -454,5 +496,9 @@ def _compare_hashes(recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:
     step = block_rows(int(torch.Size(recorded.shape[1:]).numel()), recorded.dtype)
     first = int(bad[0]) * step
     rows = recorded.shape[0] if recorded.shape else 1
-    return (f"{bad.numel()} of {got.numel()} row blocks differ from the exported bytes, first rows "
-            f"{first}:{min(first + step, rows)} (exact hash of each block of {step} rows)")
+    where = f"first rows {first}:{min(first + step, rows)}"
+    if recorded.algorithm == PREFIX:  # a prefix hash differs from the first bad block on
+        return (f"the exported bytes differ from row block {int(bad[0])} of {got.numel()} on, {where} "
+                f"(exact hash of the bytes up to each block of {step} rows)")
+    return (f"{bad.numel()} of {got.numel()} row blocks differ from the exported bytes, {where} "
+            f"(exact hash of each block of {step} rows)")

@@ -276,6 +276,12 @@ def test_unquantized_exports_record_hashes_and_vectors_where_hashes_cannot_be_ex
     for entry in mf.read_manifest(path)["files"].values():
         sums.update(entry.get("xxh3_128", {}))
     assert int(sums["model.embed_tokens.weight"], 16) & (2 ** 64 - 1) == int(embed.digests[-1]) & (2 ** 64 - 1)
+    # the gated fc1 is written as gate_proj and up_proj, two runs of its rows: hashed as two runs by their writes
+    fc1 = recorded["decoder.layers.0.mlp.linear_fc1.weight"]
+    half = fc1.shape[0] // 2
+    assert fc1.starts == (0, half)
+    assert int(sums["model.layers.0.mlp.up_proj.weight"], 16) & (2 ** 64 - 1) == int(fc1.digests[-1]) & (2 ** 64 - 1)
+    assert recorded["decoder.layers.0.self_attention.linear_qkv.weight"].starts == (0,)  # regrouped: hashed alone
 
 
 # ---------------------------------------------------------------------- config

@@ -141,6 +141,14 @@ class _FingerprintJob:
         self.name, self.tensor, self.cast, self.result, self.ran_alone = name, tensor, cast, None, False
         self._acc = Accumulator
 
+    def claim(self, tensor):  # a write of the very memory computes it (as `fingerprint._Job`)
+        same = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype) == \
+            (self.tensor.data_ptr(), self.tensor.shape, self.tensor.stride(), self.tensor.dtype)
+        if same and self.result is None:
+            self.taken = True
+            return self
+        return None
+
     def accumulator(self):
         return self._acc(self.name, self.tensor.shape, self.cast)
 
@@ -148,6 +156,8 @@ class _FingerprintJob:
         self.result = acc.result()
 
     def run(self):
+        if getattr(self, "taken", False):
+            return
         self.ran_alone = True
         acc = self.accumulator()
         acc.update(self.tensor.reshape(self.tensor.shape[0], -1))
@@ -183,6 +193,51 @@ def test_the_write_pass_computes_the_units_fingerprint_exactly_and_alone_when_no
         assert torch.equal(got, want)
     stored = load_file(str(tmp_path / "f.safetensors"))
     assert torch.equal(stored["big"], big) and sums["big"] == xxhash.xxh3_128(tensor_bytes(big)).hexdigest()
+
+
+class _Recorder:  # what `fingerprint._Job` reads of its recorder
+    quant = None
+
+    def __init__(self):
+        self.entries = {}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_writes_of_runs_of_a_units_rows_hash_them_and_the_rest_is_hashed_at_its_end(tmp_path, threads):
+    """A gated fc1 is written as two HF tensors, each a run of the unit's rows: each write's
+    checksum state gives the hashes of its run; rows no write held (here: a copy was written)
+    are hashed at the unit's end; a later write of rows already taken takes nothing."""
+    from megatron_trt_ext.verification import fingerprint as fp
+
+    gen = torch.Generator().manual_seed(8)
+    unit = torch.randn(3000, 600, generator=gen).bfloat16()  # 3.4 MiB: runs of several blocks
+    gate, up, tail = unit[:1200], unit[1200:2500], unit[2500:].clone()  # the tail: other memory
+    specs = [("gate", unit.dtype, tuple(gate.shape)), ("up", unit.dtype, tuple(up.shape)),
+             ("tail", unit.dtype, tuple(tail.shape)), ("whole", unit.dtype, tuple(unit.shape))]
+    pool = WritePool(threads=threads, budget_bytes=1 << 30)
+    writer = SafetensorsFileWriter(str(tmp_path / "f.safetensors"), specs, pool=pool)
+    recorder = _Recorder()
+    pool.begin(unit.numel() * 2)
+    pool.want_fingerprint(unit, fp._Job(recorder, "w", unit, None, None))
+    for name, t in (("gate", gate), ("up", up), ("tail", tail), ("whole", unit)):
+        writer.write(name, t)
+    pool.end()
+    sums = writer.close()
+    pool.close()
+    got = recorder.entries["w"]
+    assert isinstance(got, fp.Hashes) and got.starts == (0, 1200, 2500)
+    want = fp.block_hashes(unit, starts=(0, 1200, 2500))
+    assert torch.equal(got.digests, want.digests) and fp.compare("w", got, unit) is None
+    # each run's last hash is its write's checksum (low 64 bits): the write's own state gave them
+    step = fp.block_rows(600, torch.bfloat16)
+    last = [len(range(0, 1200, step)) - 1, len(range(0, 1200, step)) + len(range(0, 1300, step)) - 1]
+    for name, i in zip(("gate", "up"), last):
+        assert int(sums[name], 16) & (2 ** 64 - 1) == int(got.digests[i]) & (2 ** 64 - 1)
+    flipped = unit.clone()
+    flipped.view(torch.int16)[1300, 5] ^= 1
+    assert "first rows 1200:" in fp.compare("w", got, flipped)
+    stored = load_file(str(tmp_path / "f.safetensors"))
+    assert torch.equal(stored["whole"], unit) and torch.equal(stored["up"], up)
 
 
 def test_the_write_pass_refuses_nan_or_inf_anywhere_and_names_the_tensor(tmp_path):

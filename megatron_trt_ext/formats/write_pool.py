@@ -49,7 +49,7 @@ class _Unit:
     def __init__(self, nbytes: int):
         self.nbytes, self.tasks, self.sealed = nbytes, 0, False
         self.digests: dict = {}
-        self.fingerprints: dict = {}  # memory key -> fingerprint job no write has taken yet
+        self.fingerprints: list = []  # fingerprint jobs of the unit (`verification.fingerprint._Job`)
 
 
 class _Digest:
@@ -110,7 +110,7 @@ class WritePool:
             unit = self._unit
             if unit.sealed:
                 return
-            left, unit.fingerprints = list(unit.fingerprints.values()), {}
+            left, unit.fingerprints = unit.fingerprints, []
         if self._error is None:  # after a failure the export is lost: nothing more to compute
             for job in left:
                 self._submit(unit, job.run)
@@ -174,18 +174,23 @@ class WritePool:
             return entry, True
 
     def want_fingerprint(self, tensor, job) -> None:
-        """A unit's verification fingerprint of ``tensor`` (`verification.fingerprint._Job`): the
-        write of the same bytes computes it in its pass (`take_fingerprint`), else it runs alone
-        at `end`."""
+        """A unit's verification fingerprint of ``tensor`` (`verification.fingerprint._Job`):
+        writes of its memory compute it, or runs of its rows, in their pass (`take_fingerprint`);
+        what none took runs alone at `end`."""
         with self._cond:
-            self._unit.fingerprints[self._key(tensor)] = job
+            self._unit.fingerprints.append(job)
 
     def take_fingerprint(self, tensor):
-        """At submit: the fingerprint job a write of ``tensor`` computes, or None."""
+        """At submit: what of the unit's fingerprints a write of ``tensor`` computes (its
+        accumulator and finish), or None."""
         if not isinstance(tensor, torch.Tensor):
             return None
         with self._cond:
-            return self._unit.fingerprints.pop(self._key(tensor), None)
+            for job in self._unit.fingerprints:
+                part = job.claim(tensor)
+                if part is not None:
+                    return part
+        return None
 
     @staticmethod
     def publish_digest(entry, value) -> None:

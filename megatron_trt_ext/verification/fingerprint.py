@@ -20,7 +20,9 @@ hash per block of whole rows (about `HASH_BLOCK_BYTES`). Version 3 hashes are *p
 (`PREFIX`): block k's is the XXH3-128 of the tensor's bytes up to the end of block k (its low 64
 bits). Where the tensor an HF file holds is the unit's very bytes (most units), that is the
 state of the write's own checksum (`checksum.ALGORITHM`, the same XXH3-128) at each block's end:
-the fingerprint then costs no pass of its own over the bytes (`BlockHashes.follow`). Read back
+the fingerprint then costs no pass of its own over the bytes (`BlockHashes.follow`). An HF tensor
+that is a run of the unit's rows (the gate and up halves of a gated fc1) gives the hashes of that
+run the same way: the hashes start again at each such run (`Hashes.starts`, `_Job`). Read back
 through the inverse table, the same bytes give the same hashes; a flipped bit, a swapped row or
 column, a wrong split, transpose or scale changes the hash of the first block it touches and of
 every block after it, so the first differing block says which rows. Version 2 files hold an
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import zlib
 from typing import Optional
@@ -122,13 +125,16 @@ class Accumulator:
 
 class Hashes:
     """A recorded `BlockHashes` result: ``digests`` (int64 view of each block's 64-bit hash),
-    the ``dtype`` whose bytes were hashed, the tensor's ``shape`` and the ``algorithm`` (`PREFIX`
-    or `BLOCKS`)."""
+    the ``dtype`` whose bytes were hashed, the tensor's ``shape``, the ``algorithm`` (`PREFIX`
+    or `BLOCKS`) and ``starts``: the rows where a run of blocks begins (`PREFIX` hashes start
+    again from nothing at each; (0,): one run, the whole tensor)."""
 
-    __slots__ = ("digests", "dtype", "shape", "algorithm")
+    __slots__ = ("digests", "dtype", "shape", "algorithm", "starts")
 
-    def __init__(self, digests: torch.Tensor, dtype: torch.dtype, shape: tuple, algorithm: str = PREFIX):
+    def __init__(self, digests: torch.Tensor, dtype: torch.dtype, shape: tuple, algorithm: str = PREFIX,
+                 starts: tuple = (0,)):
         self.digests, self.dtype, self.shape, self.algorithm = digests, dtype, tuple(shape), algorithm
+        self.starts = tuple(int(r) for r in starts)
 
 
 def block_rows(cols: int, dtype: torch.dtype) -> int:
@@ -206,11 +212,26 @@ def hashed(tensor: torch.Tensor, quantized: bool) -> bool:
     return not quantized and tensor.dim() >= 2 and tensor.device.type == "cpu"
 
 
-def block_hashes(tensor: torch.Tensor, algorithm: str = PREFIX) -> Hashes:
-    """The `BlockHashes` of a whole tensor (unlike the vectors, they do not depend on its name)."""
-    acc = BlockHashes(tensor.shape, tensor.dtype, algorithm=algorithm)
-    acc.update(_matrix(tensor.detach()))
-    return acc.result()
+def block_hashes(tensor: torch.Tensor, algorithm: str = PREFIX, starts: tuple = (0,)) -> Hashes:
+    """The `BlockHashes` of a whole tensor (unlike the vectors, they do not depend on its name),
+    one run of blocks from each row of ``starts`` (`Hashes`)."""
+    m = _matrix(tensor.detach())
+    if algorithm == BLOCKS and tuple(starts) != (0,):
+        raise ValueError(f"{BLOCKS} hashes have one run of blocks (starts {starts})")
+    digests = []
+    for a, b in zip(starts, (*starts[1:], m.shape[0])):
+        acc = BlockHashes((b - a, *tensor.shape[1:]), tensor.dtype, algorithm=algorithm)
+        acc.update(m[a:b])
+        digests.append(acc.result().digests)
+    return Hashes(torch.cat(digests), tensor.dtype, tensor.shape, algorithm, starts)
+
+
+def _blocks(recorded: Hashes) -> list:
+    """(first row, stop) of each block of a `Hashes`, in digest order."""
+    rows = recorded.shape[0] if recorded.shape else 1
+    step = block_rows(int(torch.Size(recorded.shape[1:]).numel()), recorded.dtype)
+    starts = recorded.starts
+    return [(r, min(r + step, b)) for a, b in zip(starts, (*starts[1:], rows)) for r in range(a, b, step)]
 
 
 def fingerprint(name: str, tensor: torch.Tensor) -> tuple:
@@ -314,14 +335,52 @@ class Recorder:
 
 
 class _Job:
-    """One unit's fingerprint waiting in the write pool: `accumulator` when a write of the same
-    bytes computes it, `run` when none does; `finish` stores it."""
+    """One unit's fingerprint waiting in the write pool (`formats.write_pool.WritePool`).
+
+    A write whose tensor is the unit's very memory takes it whole (`claim`: `accumulator` and
+    `finish` in its pass over the bytes). With `PREFIX` block hashes a write of a run of the
+    unit's rows takes those rows (the halves of a gated fc1 are two HF tensors, each a run of the
+    unit's rows): each run is one run of blocks (`Hashes.starts`), hashed by the write's own
+    checksum state (`BlockHashes.follow`). `run`, at the unit's end, computes what no write took
+    (the whole unit, or the rows between the runs that writes took); the last part to finish
+    stores the unit's entry. Identity of memory, not the conversion, decides what a write
+    takes, so a wrong conversion cannot change what is recorded."""
 
     def __init__(self, recorder: Recorder, name: str, tensor: torch.Tensor, cast, timings,
                  key: Optional[str] = None, rows: Optional[tuple] = None, shape: Optional[tuple] = None):
         self.recorder, self.name, self.tensor, self.cast, self.timings = recorder, name, tensor, cast, timings
         # a row range (`Recorder.add_rows`): its entries key, its rows and the whole tensor's shape
         self.key, self.rows, self.shape = key or name, rows, shape
+        self.taken = False  # a write took the whole fingerprint (`accumulator`/`finish`)
+        # runs of rows (`PREFIX` hashes of a tensor on the host, no cast): first row -> digests
+        self.by_runs = rows is None and cast is None and tensor.is_contiguous() and \
+            hashed(tensor, recorder.quant is not None)
+        self._lock = threading.Lock()
+        self._claimed: list = []   # (first, stop) of the runs writes took
+        self._runs: dict = {}      # first row -> digests of a finished run
+        self._open = 1             # runs still being hashed, and the unit's end (`run`)
+        self._seconds = 0.0
+
+    # ------------------------------------------------------------------ taken by a write
+    def claim(self, tensor):
+        """What a write of ``tensor`` computes of this fingerprint in its pass: this job (the
+        whole of it, `accumulator`/`finish`), a `_Run` of rows, or None."""
+        mine = self.tensor
+        if self.taken or not isinstance(tensor, torch.Tensor) or tensor.dtype != mine.dtype \
+                or tensor.device != mine.device:
+            return None
+        if not self.by_runs:
+            if not self._claimed and _same_memory(tensor, mine):
+                self.taken = True
+                return self
+            return None
+        rows = _rows_of(tensor, mine)
+        with self._lock:
+            if rows is None or any(a < rows[1] and rows[0] < b for a, b in self._claimed):
+                return None
+            self._claimed.append(rows)
+            self._open += 1
+        return _Run(self, *rows)
 
     def accumulator(self):
         if self.rows is None:
@@ -336,10 +395,82 @@ class _Job:
         if self.timings is not None:
             self.timings["fingerprint_s"] = self.timings.get("fingerprint_s", 0.0) + acc.seconds
 
+    # ------------------------------------------------------------------ the unit's end
     def run(self) -> None:
-        acc = self.accumulator()
-        acc.update(_matrix(self.tensor.detach()))
-        self.finish(acc)
+        """At the unit's end: compute what no write took."""
+        if self.taken:
+            return
+        if not self.by_runs:
+            acc = self.accumulator()
+            acc.update(_matrix(self.tensor.detach()))
+            self.finish(acc)
+            return
+        with self._lock:
+            claimed = sorted(self._claimed)
+        at, gaps = 0, []
+        for a, b in claimed + [(self.tensor.shape[0], self.tensor.shape[0])]:
+            if a > at:
+                gaps.append((at, a))
+            at = max(at, b)
+        m = _matrix(self.tensor.detach())
+        for a, b in gaps:
+            acc = BlockHashes((b - a, *self.tensor.shape[1:]), self.tensor.dtype)
+            acc.update(m[a:b])
+            self._done(a, acc)
+        self._close()
+
+    def _done(self, first: int, acc: BlockHashes) -> None:
+        """Rows from ``first`` on hashed, a run of blocks of their own."""
+        with self._lock:
+            self._runs[first] = acc.result().digests
+            self._seconds += acc.seconds
+
+    def _close(self) -> None:
+        """A run or the unit's end is done; the last one stores the unit's entry."""
+        with self._lock:
+            self._open -= 1
+            if self._open:
+                return
+        starts = tuple(sorted(self._runs)) or (0,)
+        digests = torch.cat([self._runs[a] for a in sorted(self._runs)]) if self._runs \
+            else torch.empty(0, dtype=torch.int64)
+        self.recorder.entries[self.key] = Hashes(digests, self.tensor.dtype, self.tensor.shape, PREFIX, starts)
+        self.tensor = None
+        if self.timings is not None:
+            self.timings["fingerprint_s"] = self.timings.get("fingerprint_s", 0.0) + self._seconds
+
+
+class _Run:
+    """Rows ``first:stop`` of a `_Job`'s unit that one write hashes in its pass (`_Job.claim`)."""
+
+    def __init__(self, job: _Job, first: int, stop: int):
+        self.job, self.first, self.stop = job, first, stop
+
+    def accumulator(self) -> BlockHashes:
+        return BlockHashes((self.stop - self.first, *self.job.tensor.shape[1:]), self.job.tensor.dtype)
+
+    def finish(self, acc: BlockHashes) -> None:
+        self.job._done(self.first, acc)
+        self.job._close()
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _rows_of(tensor: torch.Tensor, whole: torch.Tensor) -> Optional[tuple]:
+    """(first, stop) when ``tensor`` is the memory of rows first:stop of the contiguous
+    ``whole`` (same dtype), else None."""
+    if whole.dim() < 2 or tensor.dim() != whole.dim() or tuple(tensor.shape[1:]) != tuple(whole.shape[1:]) \
+            or not tensor.is_contiguous() or tensor.shape[0] == 0:
+        return None
+    row_bytes = whole.stride(0) * whole.element_size()
+    offset = tensor.data_ptr() - whole.data_ptr()
+    if offset < 0 or offset % row_bytes:
+        return None
+    first = offset // row_bytes
+    stop = first + tensor.shape[0]
+    return (first, stop) if stop <= whole.shape[0] else None
 
 
 def vocab_rows(spec, ctx, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -392,7 +523,8 @@ def save(entries: dict) -> tuple:
             skipped[name] = value
         elif isinstance(value, Hashes):
             tensors[f"{name}::{value.algorithm}"] = value.digests
-            hashes[name] = [str(value.dtype).replace("torch.", ""), list(value.shape)]
+            hashes[name] = [str(value.dtype).replace("torch.", ""), list(value.shape)] + \
+                ([list(value.starts)] if value.starts != (0,) else [])
         else:
             tensors[f"{name}::rows"], tensors[f"{name}::cols"] = value
     sums = {k: checksum.hexdigest([tensor_bytes(v)]) for k, v in tensors.items()}
@@ -421,8 +553,8 @@ def load(path) -> dict:
             name, _, which = key.rpartition("::")
             value = f.get_tensor(key)
             if which in (PREFIX, BLOCKS):
-                dtype, shape = hashed_meta[name]
-                out[name] = Hashes(value, getattr(torch, dtype), tuple(shape), which)
+                dtype, shape, *starts = hashed_meta[name]
+                out[name] = Hashes(value, getattr(torch, dtype), tuple(shape), which, *starts)
             elif which not in ("rows", "cols"):
                 raise ValueError(f"{path}: fingerprint {key!r} of a kind this version does not know")
             else:
@@ -487,18 +619,18 @@ def _compare_hashes(recorded: Hashes, tensor: torch.Tensor) -> Optional[str]:
     that returns float32 for values stored in the export dtype converts exactly), block by block."""
     if tuple(tensor.shape) != recorded.shape:
         return f"shape {tuple(tensor.shape)}, recorded {recorded.shape}"
-    got = block_hashes(tensor.detach().cpu().to(recorded.dtype), recorded.algorithm).digests
-    if got.numel() != recorded.digests.numel():
-        return f"{got.numel()} row blocks, recorded {recorded.digests.numel()}"
+    blocks = _blocks(recorded)
+    if len(blocks) != recorded.digests.numel():
+        return f"{recorded.digests.numel()} row blocks recorded, {len(blocks)} in its shape and runs"
+    got = block_hashes(tensor.detach().cpu().to(recorded.dtype), recorded.algorithm, recorded.starts).digests
     bad = (got != recorded.digests).nonzero().flatten()
     if not bad.numel():
         return None
-    step = block_rows(int(torch.Size(recorded.shape[1:]).numel()), recorded.dtype)
-    first = int(bad[0]) * step
-    rows = recorded.shape[0] if recorded.shape else 1
-    where = f"first rows {first}:{min(first + step, rows)}"
-    if recorded.algorithm == PREFIX:  # a prefix hash differs from the first bad block on
+    first, stop = blocks[int(bad[0])]
+    where = f"first rows {first}:{stop}"
+    size = f"blocks of {block_rows(int(torch.Size(recorded.shape[1:]).numel()), recorded.dtype)} rows"
+    if recorded.algorithm == PREFIX:  # a prefix hash differs from the first bad block to its run's end
         return (f"the exported bytes differ from row block {int(bad[0])} of {got.numel()} on, {where} "
-                f"(exact hash of the bytes up to each block of {step} rows)")
+                f"(exact hash of the bytes up to each block, {size})")
     return (f"{bad.numel()} of {got.numel()} row blocks differ from the exported bytes, {where} "
-            f"(exact hash of each block of {step} rows)")
+            f"(exact hash of each block, {size})")

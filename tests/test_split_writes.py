@@ -286,6 +286,27 @@ def test_fingerprints_of_row_ranges_join_into_the_whole_tensors():
         fp.merge_ranges({"w@rows 0:100": whole, "w@rows 150:300": whole})
 
 
+def test_block_hashes_of_row_ranges_join_into_runs_of_the_whole_tensor():
+    from megatron_trt_ext.verification import fingerprint as fp
+
+    gen = torch.Generator().manual_seed(9)
+    t = torch.randn(3000, 700, generator=gen).bfloat16()  # 4 MiB: several blocks per range
+    cuts = ((0, 1000), (1000, 2900), (2900, 3000))
+    entries = {checksum.range_key("w", a, b): fp.block_hashes(t[a:b]) for a, b in reversed(cuts)}
+    merged = fp.merge_ranges(entries)["w"]
+    assert merged.shape == (3000, 700) and merged.starts == (0, 1000, 2900)
+    assert torch.equal(merged.digests, fp.block_hashes(t, starts=(0, 1000, 2900)).digests)
+    assert fp.compare("w", merged, t) is None
+    flipped = t.clone()
+    flipped.view(torch.int16)[2950, 1] ^= 1
+    assert "first rows 2900:3000" in fp.compare("w", merged, flipped)
+    assert fp.compare("w", fp.block_hashes(t), t) is None and fp.compare("w", merged, t[:, :699]) is not None
+    vectors = fp.Accumulator("w", t.shape, rows=(1000, 3000))
+    vectors.update(t[1000:].reshape(2000, -1))
+    with pytest.raises(ValueError, match="different kinds"):
+        fp.merge_ranges({"w@rows 0:1000": fp.block_hashes(t[:1000]), "w@rows 1000:3000": vectors.result()})
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("layout,model_kw,vocab,mode", [({"tp": 2}, {"vocab_size": 256}, 200, "sync"),
                                                         ({"pp": 2}, {"tied": True}, 120, "async")])
@@ -315,7 +336,7 @@ def test_export_with_rows_split_over_ranks_equals_single_writer(megatron_world, 
         ref_files, got_files = exported_files(ref), exported_files(got)
         assert sorted(ref_files) == sorted(got_files)
         for name in ref_files:
-            if not name.endswith("fingerprints.safetensors"):  # column sums: added in another order
+            if not name.endswith("fingerprints.safetensors"):  # the tables' hashes: a run per range
                 assert ref_files[name] == got_files[name], f"target {i}: {name} differs"
         manifest = json.loads((got / "manifest.json").read_text())
         ranged = [key for rel, entry in manifest["files"].items() if rel != PROBE
@@ -325,6 +346,10 @@ def test_export_with_rows_split_over_ranks_equals_single_writer(megatron_world, 
         if i == 0:
             report = verify(got, record=False)
             assert report.passed, report.lines()
+            from megatron_trt_ext.verification import fingerprint as fp
+
+            table = fp.load(got / fp.FILE_NAME)["embedding.word_embeddings.weight"]
+            assert isinstance(table, fp.Hashes) and len(table.starts) > 1  # exact hashes, a run per range
 
 
 def test_outputs_are_learned_as_runs_of_rows_and_ranges_write_one_run_each():

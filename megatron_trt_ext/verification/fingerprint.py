@@ -29,9 +29,9 @@ every block after it, so the first differing block says which rows. Version 2 fi
 XXH3-64 of each block on its own (`BLOCKS`) and verify as before. The vectors cost ~0.9 CPU s per
 GiB (the float64 conversion and two matrix-vector products), most of an export's CPU time; the
 hashes ~0.05 where they need a pass of their own. Vectors stay where the read-back is not bit for
-bit: quantized exports (dequantized within their rounding), 1-D tensors (TensorRT-LLM stores some
-norms as w + 1) and the row ranges of a unit several ranks write (their column sums add up; hashes
-of ranges would not). Files of version 1 hold vectors only and verify as before.
+bit: quantized exports (dequantized within their rounding) and 1-D tensors (TensorRT-LLM stores
+some norms as w + 1). The row ranges of a unit several ranks write are runs of their own, joined
+at publish (`merge_ranges`). Files of version 1 hold vectors only and verify as before.
 """
 
 from __future__ import annotations
@@ -287,10 +287,11 @@ class Recorder:
     def add_rows(self, name: str, tensor: torch.Tensor, rows: tuple, total_rows: int,
                  timings: Optional[dict] = None) -> None:
         """Record rows ``rows`` = (first, stop) of a unit several ranks write by row ranges
-        (`row_split`; ``tensor``: those rows, as exported): their row entries and their part of
-        the column sums, under `checksum.range_key` (joined at publish: `merge_ranges`).
-        ``total_rows``: the rows of the whole tensor the HF file holds (a vocabulary table's real
-        rows, as `vocab_rows`); the pseudo-random vectors depend on it."""
+        (`row_split`; ``tensor``: those rows, as exported), under `checksum.range_key` (joined at
+        publish: `merge_ranges`): their block hashes, runs of their own (as `add`), or, where a
+        unit gets vectors, their row entries and their part of the column sums. ``total_rows``:
+        the rows of the whole tensor the HF file holds (a vocabulary table's real rows, as
+        `vocab_rows`); the pseudo-random vectors depend on it."""
         from ..checksum import range_key
 
         t0 = time.perf_counter()
@@ -299,8 +300,11 @@ class Recorder:
         first, stop = rows[0], min(rows[1], total_rows)
         if stop > first and transform is not None and not isinstance(transform, Drop) and tensor.is_floating_point():
             part = tensor[: stop - first]
-            job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop),
-                       rows=(first, stop), shape=(total_rows, *tensor.shape[1:]))
+            if hashed(part, self.quant is not None) and part.is_contiguous():
+                job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop))
+            else:
+                job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop),
+                           rows=(first, stop), shape=(total_rows, *tensor.shape[1:]))
             if self.pool is not None and part.device.type == "cpu":
                 self.pool.want_fingerprint(part, job)
             else:
@@ -480,16 +484,18 @@ def vocab_rows(spec, ctx, name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def merge_ranges(entries: dict) -> dict:
-    """Entries of units written by row ranges (keys `checksum.range_key`, each an `Accumulator`
-    of ``rows``) joined into one per unit: row entries side by side, column sums added in row
-    order. The sum differs from one pass over the whole tensor only in the order of float64
-    additions, far inside `EXACT_REL` of the magnitudes `compare` allows. Other entries pass."""
+    """Entries of units written by row ranges (keys `checksum.range_key`) joined into one per
+    unit. Block hashes: each range's runs, moved to its first row, one after the other (the
+    hashes of a run do not depend on where it lies). Vectors (each an `Accumulator` of ``rows``):
+    row entries side by side, column sums added in row order, which differs from one pass over
+    the whole tensor only in the order of float64 additions, far inside `EXACT_REL` of the
+    magnitudes `compare` allows. Other entries pass."""
     from .. import checksum
 
     out, parts = {}, {}
     for key, value in entries.items():
         name, rows = checksum.parse_key(key)
-        if rows is None or isinstance(value, Hashes):
+        if rows is None:
             out[key] = value
         else:
             parts.setdefault(name, []).append((rows, value))
@@ -502,6 +508,14 @@ def merge_ranges(entries: dict) -> dict:
         gap = checksum.rows_problem([rows for rows, _ in ranges], ranges[-1][0][1])  # a lost tail: `compare`'s shape
         if gap:
             raise ValueError(f"fingerprint of {name!r} by row ranges: {gap}")
+        hashes = [v for _, v in ranges if isinstance(v, Hashes)]
+        if hashes:
+            if len(hashes) != len(ranges) or len({(h.dtype, h.shape[1:], h.algorithm) for h in hashes}) != 1:
+                raise ValueError(f"fingerprint of {name!r} by row ranges: ranges recorded in different kinds")
+            starts = tuple(first + s for (first, _), h in ranges for s in h.starts)
+            out[name] = Hashes(torch.cat([h.digests for h in hashes]), hashes[0].dtype,
+                               (ranges[-1][0][1], *hashes[0].shape[1:]), hashes[0].algorithm, starts)
+            continue
         by_col = ranges[0][1][1].clone()
         for _, (_, cols) in ranges[1:]:
             by_col += cols

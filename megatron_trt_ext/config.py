@@ -87,12 +87,13 @@ class ExportConfig:
         every_n_saves: export at every Nth checkpoint save seen by the hook.
         family: ``"auto"`` detects the architecture family from the model's config.
         max_shard_size: largest Hugging Face safetensors shard (e.g. ``"5GB"``).
-        split_rows_over: units larger than this (a size such as ``"2GB"``, or ``"auto"``: 1.5x
-            the mean bytes each rank writes) are written by several ranks, a range of rows each,
-            into the same files, where their conversion keeps rows whole (vocabulary tables,
-            linears; not stacked experts; `megatron_trt_ext.row_split`). Their checksums and fingerprints are
-            then listed per range. Unset: every unit is written whole by one rank. Not with
-            quantization or a live refit.
+        split_rows_over: units larger than this (a size such as ``"2GB"``, or ``"auto"``, the
+            default: 1.5x the mean bytes each rank writes) are written by several ranks, a range
+            of rows each, into the same files, where their conversion keeps rows whole (vocabulary
+            tables, linears; not stacked experts; `megatron_trt_ext.row_split`). The files are the
+            same bytes as one writer's; their checksums are then listed per range. ``None``
+            (``null``): every unit is written whole by one rank. Not with quantization or a live
+            refit. On one rank nothing is ever above 1.5x the mean.
         tokenizer_dir: the training tokenizer's directory (as saved by transformers'
             ``save_pretrained``): its files (and chat template) are copied into the HF export and
             its bos/eos/pad ids written to config.json and generation_config.json, so the export
@@ -142,7 +143,7 @@ class ExportConfig:
     every_n_saves: int = 1
     family: str = "auto"
     max_shard_size: Union[int, str] = "5GB"
-    split_rows_over: Union[int, str, None] = None
+    split_rows_over: Union[int, str, None] = "auto"
     tokenizer_dir: Optional[str] = None
     eod_token_id: Optional[int] = None
     strict: bool = False

@@ -35,6 +35,17 @@ def test_bad_values_name_the_option(kwargs, names):
         assert name in str(err.value)
 
 
+def test_row_ranges_are_on_by_default_and_null_turns_them_off(tmp_path):
+    assert ExportConfig().split_rows_over == "auto" and ExportConfig().split_rows_over_bytes is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("split_rows_over: null\n")
+    assert ExportConfig.from_yaml(recipe).split_rows_over is None
+    recipe.write_text("split_rows_over: 2GB\n")
+    assert ExportConfig.from_yaml(recipe).split_rows_over_bytes == 2 * 10**9
+    with pytest.raises(ConfigError, match="split_rows_over"):
+        ExportConfig(split_rows_over="sometimes")
+
+
 @pytest.mark.parametrize("text,value", [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1024", 1024)])
 def test_shard_size_parsing(text, value):
     assert ExportConfig(max_shard_size=text).max_shard_size_bytes == value

@@ -206,8 +206,7 @@ class SafetensorsFileWriter:
         check = first and pool is not None and pool.check_finite
         acc = job.accumulator() if job is not None else None
         # the fingerprint's block hashes read off the checksum's own state: one hash pass, not two
-        follow = acc is not None and digest is not None and getattr(acc, "can_follow", None) is not None \
-            and acc.can_follow(checksum.ALGORITHM)
+        follow = acc is not None and digest is not None and acc.can_follow(checksum.ALGORITHM)
         value = None
         try:
             if tensor.device.type != "cpu":  # no pool: this thread, the caller's stream order

@@ -305,11 +305,8 @@ class Recorder:
         first, stop = rows[0], min(rows[1], total_rows)
         if stop > first and transform is not None and not isinstance(transform, Drop) and tensor.is_floating_point():
             part = tensor[: stop - first]
-            if hashed(part, self.quant is not None) and part.is_contiguous():
-                job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop))
-            else:
-                job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop),
-                           rows=(first, stop), shape=(total_rows, *tensor.shape[1:]))
+            job = _Job(self, canonical, part, None, timings, key=range_key(canonical, first, stop),
+                       rows=(first, stop), shape=(total_rows, *tensor.shape[1:]))
             if self.pool is not None and part.device.type == "cpu":
                 self.pool.want_fingerprint(part, job)
             else:
@@ -358,12 +355,12 @@ class _Job:
     def __init__(self, recorder: Recorder, name: str, tensor: torch.Tensor, cast, timings,
                  key: Optional[str] = None, rows: Optional[tuple] = None, shape: Optional[tuple] = None):
         self.recorder, self.name, self.tensor, self.cast, self.timings = recorder, name, tensor, cast, timings
-        # a row range (`Recorder.add_rows`): its entries key, its rows and the whole tensor's shape
+        # a row range (`Recorder.add_rows`): its entries key, and for vectors its rows and the
+        # whole tensor's shape (block hashes of a range are a run of their own: `merge_ranges`)
         self.key, self.rows, self.shape = key or name, rows, shape
         self.taken = False  # a write took the whole fingerprint (`accumulator`/`finish`)
         # runs of rows (`PREFIX` hashes of a tensor on the host, no cast): first row -> digests
-        self.by_runs = rows is None and cast is None and tensor.is_contiguous() and \
-            hashed(tensor, recorder.quant is not None)
+        self.by_runs = cast is None and tensor.is_contiguous() and hashed(tensor, recorder.quant is not None)
         self._lock = threading.Lock()
         self._claimed: list = []   # (first, stop) of the runs writes took
         self._runs: dict = {}      # first row -> digests of a finished run
@@ -440,10 +437,9 @@ class _Job:
             self._open -= 1
             if self._open:
                 return
-        starts = tuple(sorted(self._runs)) or (0,)
-        digests = torch.cat([self._runs[a] for a in sorted(self._runs)]) if self._runs \
-            else torch.empty(0, dtype=torch.int64)
-        self.recorder.entries[self.key] = Hashes(digests, self.tensor.dtype, self.tensor.shape, PREFIX, starts)
+        starts = tuple(sorted(self._runs))  # none: a tensor of no rows
+        digests = torch.cat([self._runs[a] for a in starts]) if starts else torch.empty(0, dtype=torch.int64)
+        self.recorder.entries[self.key] = Hashes(digests, self.tensor.dtype, self.tensor.shape, PREFIX, starts or (0,))
         self.tensor = None
         if self.timings is not None:
             self.timings["fingerprint_s"] = self.timings.get("fingerprint_s", 0.0) + self._seconds
